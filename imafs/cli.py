@@ -1,0 +1,185 @@
+"""The ``imafs`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .control import Client, ControlError, runtime_dir, socket_path
+from .profile import ProfileError, load_profile
+from .tpm import format_pcr_file
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"imafs: {msg}", file=sys.stderr)
+    return code
+
+
+# -- mount / umount ------------------------------------------------------------
+def cmd_mount(args) -> int:
+    try:
+        profile = load_profile(args.profile, args.set)
+    except ProfileError as e:
+        return _fail(f"bad profile: {e}", 2)
+    from .daemon import MountError, check_mountpoint, run
+    if args.foreground:
+        logging.basicConfig(level=logging.INFO, format="imafs[%(process)d]: %(message)s")
+        ready_fd = args.ready_fd
+
+        def ready(error):
+            if ready_fd is not None:
+                os.write(ready_fd, (error or "ok").encode() + b"\n")
+                os.close(ready_fd)
+            elif error:
+                print(f"imafs: {error}", file=sys.stderr)
+            ready.error = error
+
+        ready.error = None
+        run(args.mountpoint, profile, ready)
+        return 1 if ready.error else 0
+    try:
+        check_mountpoint(args.mountpoint)
+    except MountError as e:
+        return _fail(str(e))
+    return _spawn_daemon(args)
+
+
+def _spawn_daemon(args) -> int:
+    """Start ``imafs mount --foreground`` in its own session; wait until it is ready."""
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "imafs", "mount", "--foreground", "--ready-fd", str(w),
+           args.mountpoint]
+    if args.profile:
+        cmd += ["--profile", args.profile]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    logfile = socket_path(args.mountpoint).with_suffix(".log")
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        answer = pipe.read().strip()
+    if answer == "ok":
+        return 0
+    proc.wait(timeout=10)
+    return _fail(answer or f"the daemon died at start (exit {proc.returncode}); see {logfile}")
+
+
+def cmd_umount(args) -> int:
+    try:
+        Client(args.mountpoint, timeout=10).call("shutdown")
+    except ControlError as e:
+        return _fail(str(e))
+    from .daemon import mounted_at
+    for _ in range(100):
+        if mounted_at(args.mountpoint) is None:
+            return 0
+        time.sleep(0.05)
+    return _fail(f"{args.mountpoint} is still mounted (busy?)")
+
+
+# -- requests to a running daemon -------------------------------------------------------
+def _client(args) -> Client:
+    return Client(args.mount)
+
+
+def cmd_record(args) -> int:
+    req = {"name": args.name, "file": args.file and os.path.abspath(args.file),
+           "digest": args.digest, "buffer_hex": args.buffer_hex, "violation": args.violation,
+           "pcr": args.pcr, "template": args.template}
+    answer = _client(args).call("record", **{k: v for k, v in req.items() if v not in (None, False)})
+    if not answer["added"]:
+        print("duplicate: already in the list (same template digest and PCR), nothing added",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    answer = _client(args).call("generate", count=args.count)
+    print(f"added {answer['added']} records; {answer['count']} in the list")
+    return 0
+
+
+def cmd_status(args) -> int:
+    answer = _client(args).call("status")
+    answer.pop("ok")
+    print(json.dumps(answer, indent=2))
+    return 0
+
+
+def cmd_pcrs(args) -> int:
+    if args.format == "evmctl" and not args.bank:
+        return _fail("--format evmctl needs --bank (evmctl reads one PCR file per bank)", 2)
+    pcrs = _client(args).call("pcrs", **({"bank": args.bank} if args.bank else {}))["pcrs"]
+    for bank, values in pcrs.items():
+        if args.format == "evmctl":
+            sys.stdout.write(format_pcr_file([bytes.fromhex(v) for v in values]))
+        else:
+            for i, v in enumerate(values):
+                print(f"{bank} {i:2d} {v}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imafs", description="Linux IMA securityfs emulator.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount the emulated IMA securityfs tree")
+    m.add_argument("mountpoint")
+    m.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one profile key (repeatable)")
+    m.add_argument("--foreground", action="store_true", help="stay in the foreground")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.set_defaults(fn=cmd_mount)
+
+    u = sub.add_parser("umount", help="stop the daemon and unmount")
+    u.add_argument("mountpoint")
+    u.set_defaults(fn=cmd_umount)
+
+    def with_mount(sp):
+        sp.add_argument("--mount", required=True, metavar="MP", help="mount point of the emulator")
+        return sp
+
+    r = with_mount(sub.add_parser("record", help="append one record, as the kernel's store step"))
+    r.add_argument("--name", required=True, help="event name (file path, or buffer event name)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", help="hash this file with the profile's hash")
+    src.add_argument("--digest", metavar="ALG:HEX", help="a file digest given directly")
+    src.add_argument("--buffer-hex", metavar="HEX", help="a buffer event (template ima-buf)")
+    src.add_argument("--violation", action="store_true", help="a violation record")
+    r.add_argument("--pcr", type=int)
+    r.add_argument("--template", metavar="NAME|FMT")
+    r.set_defaults(fn=cmd_record)
+
+    g = with_mount(sub.add_parser("generate", help="append N synthetic file records"))
+    g.add_argument("--count", type=int, required=True)
+    g.set_defaults(fn=cmd_generate)
+
+    s = with_mount(sub.add_parser("status", help="profile, counters and PCRs as JSON"))
+    s.set_defaults(fn=cmd_status)
+
+    c = with_mount(sub.add_parser("pcrs", help="PCR values"))
+    c.add_argument("--bank", metavar="ALG")
+    c.add_argument("--format", choices=("hex", "evmctl"), default="hex")
+    c.set_defaults(fn=cmd_pcrs)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ControlError as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

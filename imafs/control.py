@@ -1,0 +1,176 @@
+"""The control socket: JSON lines over a Unix socket, one per mount.
+
+Each request is one JSON object on one line, ``{"cmd": NAME, ...args}``; each
+answer is one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": MSG}``.
+A bad request never changes the list and never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import trio
+
+from .ima import Ima, RequestError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+GENERATE_BATCH = 2000
+
+
+def runtime_dir() -> Path:
+    return Path(os.environ.get("IMAFS_RUNTIME_DIR", "/run/imafs"))
+
+
+def socket_path(mountpoint: str) -> Path:
+    """Where the control socket of the mount at ``mountpoint`` lives."""
+    real = os.path.realpath(mountpoint)
+    return runtime_dir() / (hashlib.sha256(os.fsencode(real)).hexdigest()[:16] + ".sock")
+
+
+class ControlError(Exception):
+    """The daemon answered with an error, or could not be reached."""
+
+
+class Client:
+    """A blocking client, for the CLI and for tests."""
+
+    def __init__(self, mountpoint: str | None = None, path: str | os.PathLike | None = None,
+                 timeout: float = 600.0):
+        self.path = Path(path) if path else socket_path(mountpoint)
+        self.timeout = timeout
+
+    def call(self, cmd: str, **args) -> dict:
+        req = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                s.connect(str(self.path))
+                s.sendall(req)
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"no imafs daemon answers at {self.path} (is it mounted?)") from None
+        except OSError as e:
+            raise ControlError(f"control socket {self.path}: {e.strerror or e}") from None
+        if not buf:
+            raise ControlError("the daemon closed the connection without an answer")
+        answer = json.loads(buf)
+        if not answer.get("ok"):
+            raise ControlError(answer.get("error", "unknown error"))
+        return answer
+
+
+class Server:
+    """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
+
+    def __init__(self, ima: Ima, on_shutdown):
+        self.ima = ima
+        self.on_shutdown = on_shutdown
+
+    async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        await sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        try:
+            task_status.started()
+            await trio.serve_listeners(self._handle, [listener])
+        finally:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        async with stream:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    answer = await self.answer(line)
+                    try:
+                        await stream.send_all(json.dumps(answer).encode() + b"\n")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                if len(buf) > MAX_LINE:
+                    await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
+                    return
+
+    async def answer(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as e:
+            return {"ok": False, "error": f"malformed JSON request: {e}"}
+        if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+            return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
+        cmd = req.pop("cmd")
+        handler = getattr(self, "cmd_" + cmd, None)
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        try:
+            result = await handler(**req)
+        except TypeError as e:
+            return {"ok": False, "error": f"{cmd}: bad arguments ({e})"}
+        except (RequestError, ValueError) as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # the daemon never dies on a request
+            log.exception("control request %r failed", cmd)
+            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        return {"ok": True, **result}
+
+    async def cmd_record(self, name, file=None, digest=None, buffer_hex=None,
+                         violation=False, pcr=None, template=None):
+        return self.ima.record(name=name, file=file, digest=digest, buffer_hex=buffer_hex,
+                               violation=bool(violation), pcr=pcr, template=template)
+
+    async def cmd_generate(self, count):
+        if not isinstance(count, int) or count < 0:
+            raise RequestError("generate: count must be a non-negative integer")
+        added = 0
+        start = self.ima.store.current.count
+        for first in range(0, count, GENERATE_BATCH):
+            n = min(GENERATE_BATCH, count - first)
+            added += self.ima.generate(n, start + first)
+            await trio.sleep(0)  # let readers in between batches
+        return {"added": added, "count": self.ima.store.current.count}
+
+    async def cmd_status(self):
+        return self.ima.status()
+
+    async def cmd_pcrs(self, bank=None):
+        pcrs = self.ima.pcrs
+        if pcrs is None:
+            raise RequestError("TPM-bypass profile (tpm_banks = none): there are no PCRs")
+        banks = [bank] if bank else list(pcrs.banks)
+        for b in banks:
+            if b not in pcrs.banks:
+                raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
+        return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
+
+    async def cmd_shutdown(self):
+        self.on_shutdown()
+        return {}

@@ -1,0 +1,189 @@
+"""One emulated IMA instance: the profile, the PCR banks, the store, and the
+store step of a measurement (the kernel's ima_init.c and ima_api.c)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+from . import templates as T
+from .profile import Profile
+from .store import MeasurementStore
+from .tpm import PcrBanks, boot_aggregate
+
+
+class RequestError(ValueError):
+    """A request that the emulated kernel refuses; the message is for a human."""
+
+
+_EVM_XATTRS = ("security.selinux", "security.SMACK64", "security.SMACK64EXEC",
+               "security.SMACK64TRANSMUTE", "security.SMACK64MMAP", "security.apparmor",
+               "security.ima", "security.capability")
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name)
+    except OSError:
+        return None
+
+
+class Ima:
+    """The emulated kernel's IMA: boots with boot_aggregate, then records events."""
+
+    def __init__(self, profile: Profile):
+        self.profile = profile
+        self.template = profile.template
+        self.ima_hash = profile.ima_hash
+        self.pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks}) \
+            if profile.tpm_banks else None
+        self.store = MeasurementStore(tpm_banks=profile.tpm_banks, ima_hash=self.ima_hash,
+                                      pcrs=self.pcrs, disable_htable=profile.disable_htable)
+        self._boot()
+
+    def _boot(self) -> None:
+        algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
+        self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
+                               ima_hash=self.ima_hash, d_digest=sha1))
+
+    # -- the store step ----------------------------------------------------------
+    def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:
+        """Encode ``ev`` with ``template`` (default: the boot template) and append it.
+
+        Violations always use the default template and PCR (kernel-abi.md §4.4)
+        and count in ``violations`` even though they are never deduplicated.
+        """
+        if ev.violation:
+            template, pcr = self.template, self.profile.pcr_idx
+            self.store.violations += 1
+        template = template or self.template
+        pcr = self.profile.pcr_idx if pcr is None else pcr
+        fields = T.encode_fields(template, ev)
+        return self.store.add(template, fields, pcr, violation=ev.violation)
+
+    # -- requests (control socket) ------------------------------------------------
+    def record(self, *, name: str, file: str | None = None, digest: str | None = None,
+               buffer_hex: str | None = None, violation: bool = False,
+               pcr: int | None = None, template: str | None = None) -> dict:
+        """Append one record for the ``record`` command; returns what was done."""
+        sources = [x is not None for x in (file, digest, buffer_hex)]
+        if violation:
+            if digest is not None or buffer_hex is not None:
+                raise RequestError("a violation has no digest or buffer (it is recorded as zeros)")
+            if pcr is not None or template is not None:
+                raise RequestError("a violation always uses the default template and PCR "
+                                   f"({self.template.display_name}, {self.profile.pcr_idx})")
+        elif sum(sources) != 1:
+            raise RequestError("give exactly one of --file, --digest, --buffer-hex or --violation")
+        if not name:
+            raise RequestError("the record name must not be empty")
+        if "\0" in name:
+            raise RequestError("the record name must not contain NUL")
+        if pcr is not None and not 0 <= pcr <= 63:
+            raise RequestError(f"pcr {pcr} out of range 0..63")
+        try:
+            tmpl = T.lookup_template(template) if template else None
+        except T.TemplateError as e:
+            raise RequestError(f"template: {e}") from None
+        ev = T.Event(name=os.fsencode(name), ima_hash=self.ima_hash, violation=violation)
+        if file is not None:
+            self._fill_from_file(ev, file, content=not violation)
+        elif digest is not None:
+            self._fill_digest(ev, digest)
+        elif buffer_hex is not None:
+            try:
+                ev.buf = bytes.fromhex(buffer_hex)
+            except ValueError:
+                raise RequestError("--buffer-hex: not a hexadecimal string") from None
+            ev.file_algo = self.ima_hash
+            ev.file_digest = T.hash_bytes(self.ima_hash, ev.buf)
+            ev.d_digest = self._d_of(ev.buf)
+            tmpl = tmpl or T.BUILTIN_TEMPLATES["ima-buf"]
+        if (tmpl or self.template).fields.count("d") and ev.d_digest is None and not violation \
+                and ev.file_algo not in ("sha1", "md5"):
+            raise RequestError(f"template {(tmpl or self.template).display_name} has the legacy 'd' field: "
+                               "give a sha1 or md5 digest, a file or a buffer")
+        added = self.add_event(ev, tmpl, pcr)
+        return {"added": added, "count": self.store.current.count, "violations": self.store.violations}
+
+    def _d_of(self, content: bytes) -> bytes:
+        return hashlib.md5(content).digest() if self.ima_hash == "md5" else hashlib.sha1(content).digest()
+
+    def _fill_from_file(self, ev: T.Event, path: str, content: bool) -> None:
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise RequestError(f"{path}: is a directory")
+            if content:
+                h = T.new_hash(self.ima_hash)
+                d = hashlib.md5() if self.ima_hash == "md5" else hashlib.sha1()
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+                        d.update(chunk)
+                ev.file_algo, ev.file_digest, ev.d_digest = self.ima_hash, h.digest(), d.digest()
+        except OSError as e:
+            raise RequestError(f"{path}: {e.strerror}") from None
+        ev.uid, ev.gid, ev.mode = st.st_uid, st.st_gid, st.st_mode & 0xFFFF
+        ev.ima_xattr = _getxattr(path, "security.ima")
+        ev.evm_xattr = _getxattr(path, "security.evm")
+        ev.evm_xattrs = tuple((n, v) for n in _EVM_XATTRS if (v := _getxattr(path, n)) is not None)
+
+    def _fill_digest(self, ev: T.Event, spec: str) -> None:
+        algo, sep, hexd = spec.partition(":")
+        if not sep:
+            raise RequestError("--digest: expected ALG:HEX, e.g. sha256:5891b5b5…")
+        try:
+            size = T.digest_size(algo)
+        except T.UnknownHashError:
+            raise RequestError(f"--digest: unknown hash algorithm {algo!r}; known: "
+                               + ", ".join(T.HASH_ALGOS)) from None
+        try:
+            raw = bytes.fromhex(hexd)
+        except ValueError:
+            raise RequestError("--digest: not a hexadecimal digest") from None
+        if len(raw) != size:
+            raise RequestError(f"--digest: a {algo} digest has {size} bytes, got {len(raw)}")
+        ev.file_algo, ev.file_digest = algo, raw
+        if algo in ("sha1", "md5"):
+            ev.d_digest = raw
+
+    def generate(self, count: int, start: int = 0) -> int:
+        """Append ``count`` realistic synthetic file records; returns how many were added."""
+        tmpl = self.template
+        has_inode = any(f in tmpl.fields for f in ("iuid", "igid", "imode"))
+        added = 0
+        for i in range(start, start + count):
+            content = b"imafs synthetic content %d" % i
+            name = _synthetic_path(i)
+            ev = T.Event(name=name, file_algo=self.ima_hash,
+                         file_digest=T.hash_bytes(self.ima_hash, content),
+                         ima_hash=self.ima_hash, d_digest=self._d_of(content))
+            if has_inode:
+                ev.uid, ev.gid, ev.mode = 0, 0, 0o100755 if name.startswith(b"/usr/bin") else 0o100644
+            added += self.add_event(ev, tmpl)
+        return added
+
+    def status(self) -> dict:
+        from .profile import profile_to_dict
+        return {
+            "profile": profile_to_dict(self.profile),
+            "template": self.template.display_name,
+            "ima_hash": self.ima_hash,
+            "count": self.store.current.count,
+            "violations": self.store.violations,
+            "pcrs": {b: {str(i): v.hex() for i, v in enumerate(self.pcrs.values(b))}
+                     for b in self.pcrs.banks} if self.pcrs else {},
+        }
+
+
+_DIRS = (b"/usr/bin/", b"/usr/sbin/", b"/usr/lib/x86_64-linux-gnu/", b"/usr/libexec/",
+         b"/etc/", b"/usr/lib/python3/dist-packages/", b"/opt/app/bin/", b"/var/lib/")
+_STEMS = (b"libc", b"libssl", b"python", b"bash", b"systemd", b"sshd", b"keylime",
+          b"libcrypto", b"ld-linux", b"agent", b"config", b"module")
+_SUFFIX = (b".so.6", b"", b".py", b".conf", b".so.3", b"", b".sh", b".so.1")
+
+
+def _synthetic_path(i: int) -> bytes:
+    return (_DIRS[i % 8] + _STEMS[(i // 8) % 12] + b"-%d" % i + _SUFFIX[(i // 96) % 8])

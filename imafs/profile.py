@@ -1,0 +1,206 @@
+"""The emulated kernel: Kconfig switches and boot parameters, as one profile.
+
+A profile comes from a TOML file and ``KEY=VALUE`` overrides. Keys are named
+after the kernel's. The kernel's boot-time rules are applied when the
+profile is loaded, so a profile always describes what the kernel would use.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
+
+from . import templates as T
+from .tpm import parse_pcr_file
+
+KERNELS = ("6.1", "6.12", "7.2")
+
+
+class ProfileError(ValueError):
+    """A bad profile key or value; the message names the key and what is allowed."""
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on", "y"):
+        return True
+    if s in ("0", "false", "no", "off", "n"):
+        return False
+    raise ProfileError(f"{key}: {v!r} is not a boolean; allowed: true, false")
+
+
+def _choice(allowed):
+    def check(key: str, v: Any) -> str:
+        s = str(v)
+        if s not in allowed:
+            raise ProfileError(f"{key}: {v!r} is not allowed; allowed: {', '.join(allowed)}")
+        return s
+    return check
+
+
+def _hash(key: str, v: Any) -> str:
+    s = str(v)
+    try:
+        T.new_hash(s)
+    except T.UnknownHashError as e:
+        raise ProfileError(f"{key}: {e}; allowed: {', '.join(_available_hashes())}") from None
+    return s
+
+
+def _available_hashes() -> list[str]:
+    out = []
+    for name in T.HASH_ALGOS:
+        try:
+            T.new_hash(name)
+            out.append(name)
+        except T.UnknownHashError:
+            pass
+    return out
+
+
+def _banks(key: str, v: Any) -> tuple[str, ...]:
+    items = v if isinstance(v, (list, tuple)) else [x.strip() for x in str(v).split(",")]
+    if items in (["none"], [""], []):
+        return ()
+    banks = tuple(_hash(key, b) for b in items)
+    if len(set(banks)) != len(banks):
+        raise ProfileError(f"{key}: a bank is listed twice in {','.join(banks)}")
+    return banks
+
+
+def _template(key: str, v: Any) -> str:
+    s = str(v)
+    if s not in T.BUILTIN_TEMPLATES:
+        raise ProfileError(f"{key}: unknown template {s!r}; allowed: {', '.join(T.BUILTIN_TEMPLATES)}")
+    return s
+
+
+def _fmt(key: str, v: Any) -> str | None:
+    if v in (None, ""):
+        return None
+    try:
+        T.lookup_template(str(v))
+    except T.TemplateError as e:
+        raise ProfileError(f"{key}: {e}") from None
+    return str(v)
+
+
+def _int_range(lo: int, hi: int):
+    def check(key: str, v: Any) -> int:
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            raise ProfileError(f"{key}: {v!r} is not an integer; allowed: {lo}..{hi}") from None
+        if not lo <= i <= hi:
+            raise ProfileError(f"{key}: {i} out of range; allowed: {lo}..{hi}")
+        return i
+    return check
+
+
+# key -> parser; one line per key
+KEYS = {
+    "kernel": _choice(KERNELS),
+    "ima_hash": _hash,
+    "ima_template": _template,
+    "ima_template_fmt": _fmt,
+    "ima_canonical_fmt": _bool,
+    "tpm_banks": _banks,
+    "pcr_idx": _int_range(8, 14),
+    "disable_htable": _bool,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    kernel: str = "7.2"
+    ima_hash: str = "sha256"
+    ima_template: str = "ima-ng"
+    ima_template_fmt: str | None = None
+    ima_canonical_fmt: bool = False
+    tpm_banks: tuple[str, ...] = ("sha1", "sha256")
+    boot_pcrs: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
+    pcr_idx: int = 10
+    disable_htable: bool = False
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def kernel_version(self) -> tuple[int, int]:
+        major, minor = self.kernel.split(".")
+        return int(major), int(minor)
+
+    @property
+    def template(self) -> T.Template:
+        """The boot template: ima_template_fmt wins over ima_template."""
+        return T.lookup_template(self.ima_template_fmt or self.ima_template)
+
+    def boot_pcr_values(self, bank: str) -> list[bytes]:
+        return list(dict(self.boot_pcrs).get(bank, ()))
+
+
+def _apply_boot_rules(p: Profile) -> Profile:
+    """ima_template=ima needs a sha1 or md5 IMA hash (kernel-observed.md F-12):
+    with the default hash the kernel switches the hash to sha1; with a hash
+    given explicitly it keeps that hash and the default template."""
+    if p.ima_template_fmt is None and p.ima_template == "ima" and p.ima_hash not in ("sha1", "md5"):
+        if "ima_hash" in p.explicit:
+            return replace(p, ima_template=Profile.ima_template)
+        return replace(p, ima_hash="sha1")
+    return p
+
+
+def _load_boot_pcrs(key: str, bank: str, path: Any, banks: tuple[str, ...]):
+    if bank not in banks:
+        raise ProfileError(f"{key}: {bank!r} is not a TPM bank of this profile ({','.join(banks) or 'none'})")
+    try:
+        with open(path) as f:
+            values = parse_pcr_file(f.read())
+    except OSError as e:
+        raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ProfileError(f"{key}: {path}: {e}") from None
+    size = T.digest_size(bank)
+    if any(len(v) != size for v in values):
+        raise ProfileError(f"{key}: {path} holds values that are not {bank} digests ({size} bytes)")
+    return tuple(values[:10])
+
+
+def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Profile:
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ProfileError(f"profile {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ProfileError(f"profile {path}: {e}") from None
+    pcr_files = dict(raw.pop("boot_pcrs", {}) or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ProfileError(f"{item!r}: expected KEY=VALUE")
+        if key.startswith("boot_pcrs."):
+            pcr_files[key.split(".", 1)[1]] = value
+        else:
+            raw[key] = value
+    values = {}
+    for key, value in raw.items():
+        if key not in KEYS:
+            raise ProfileError(f"unknown profile key {key!r}; known keys: "
+                               f"{', '.join(KEYS)}, boot_pcrs.<bank>")
+        values[key] = KEYS[key](key, value)
+    p = Profile(**values, explicit=frozenset(values))
+    boot = tuple((bank, _load_boot_pcrs(f"boot_pcrs.{bank}", bank, file, p.tpm_banks))
+                 for bank, file in pcr_files.items())
+    return _apply_boot_rules(replace(p, boot_pcrs=boot))
+
+
+def profile_to_dict(p: Profile) -> dict:
+    out = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in ("explicit", "boot_pcrs")}
+    out["tpm_banks"] = ",".join(p.tpm_banks) or "none"
+    out["boot_pcrs"] = {b: [v.hex() for v in vals] for b, vals in p.boot_pcrs}
+    return out

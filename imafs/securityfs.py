@@ -1,0 +1,284 @@
+"""The securityfs tree of IMA (the kernel's ima_fs.c) and its FUSE front.
+
+:class:`Tree` is a plain object: nodes, modes, readdir order, what each file
+reads and how each open and write is answered.  :class:`SecurityFs` is the
+thin ``pyfuse3.Operations`` that translates FUSE requests to it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from .ima import Ima
+from .store import View
+
+S_DIR = stat.S_IFDIR | 0o755
+S_LNK = stat.S_IFLNK | 0o444
+S_LIST = stat.S_IFREG | 0o440
+S_POLICY = stat.S_IFREG | 0o200
+
+
+class FsError(Exception):
+    """An errno answer to a request."""
+
+    def __init__(self, err: int):
+        super().__init__(os.strerror(err))
+        self.errno = err
+
+
+@dataclass(eq=False)
+class Node:
+    inode: int
+    name: str
+    mode: int
+    kind: str  # dir | symlink | list | count | violations | policy
+    parent: "Node | None" = None
+    target: str = ""  # symlink target
+    view: View | None = None
+    children: dict[str, "Node"] = field(default_factory=dict)  # in readdir order
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    atime_ns: int = 0
+
+    @property
+    def nlink(self) -> int:
+        if self.kind != "dir":
+            return 1
+        return 2 + sum(1 for c in self.children.values() if c.kind == "dir")
+
+
+class OpenFile:
+    __slots__ = ("node", "flags")
+
+    def __init__(self, node: Node, flags: int):
+        self.node = node
+        self.flags = flags
+
+
+class Tree:
+    """The IMA part of securityfs for one :class:`Ima`, laid out per kernel version."""
+
+    def __init__(self, ima: Ima):
+        self.ima = ima
+        self._ino = itertools.count(pyfuse3.ROOT_INODE)
+        self.nodes: dict[int, Node] = {}
+        now = time.time_ns()
+        self._now = now
+        self.root = self._node("", S_DIR, "dir", None)
+        integrity = self._node("integrity", S_DIR, "dir", self.root)
+        self._node("ima", S_LNK, "symlink", self.root, target="integrity/ima")
+        self.dir = self._node("ima", S_DIR, "dir", integrity)
+        self._populate()
+        self.policy_busy = False
+
+    def _node(self, name, mode, kind, parent, **kw) -> Node:
+        n = Node(next(self._ino), name, mode, kind, parent, mtime_ns=self._now,
+                 ctime_ns=self._now, atime_ns=self._now, **kw)
+        self.nodes[n.inode] = n
+        if parent is not None:
+            parent.children[name] = n
+        return n
+
+    def _populate(self) -> None:
+        """Create the files in the kernel's order, then store them in readdir
+        order, which is the reverse (kernel-observed.md F-1, F-2)."""
+        store = self.ima.store
+        created: list[tuple] = []
+        if self.ima.profile.kernel_version >= (6, 10):
+            for bank in store.file_banks:
+                for fmt in ("ascii", "binary"):
+                    created.append((f"{fmt}_runtime_measurements_{bank}", S_LIST, "list",
+                                    {"view": store.view(fmt, bank)}))
+            for fmt in ("binary", "ascii"):
+                created.append((f"{fmt}_runtime_measurements", S_LNK, "symlink",
+                                {"target": f"{fmt}_runtime_measurements_sha1"}))
+        else:
+            for fmt in ("binary", "ascii"):
+                created.append((f"{fmt}_runtime_measurements", S_LIST, "list",
+                                {"view": store.view(fmt, "sha1")}))
+        created += [("runtime_measurements_count", S_LIST, "count", {}),
+                    ("violations", S_LIST, "violations", {}),
+                    ("policy", S_POLICY, "policy", {})]
+        for name, mode, kind, kw in reversed(created):
+            self._node(name, mode, kind, self.dir, **kw)
+
+    # -- lookups ------------------------------------------------------------------
+    def get(self, inode: int) -> Node:
+        try:
+            return self.nodes[inode]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    def lookup(self, parent: int, name: str) -> Node:
+        p = self.get(parent)
+        if name == ".":
+            return p
+        if name == "..":
+            return p.parent or p
+        try:
+            return p.children[name]
+        except KeyError:
+            raise FsError(errno.ENOENT) from None
+
+    # -- file I/O -------------------------------------------------------------------
+    def open(self, node: Node, flags: int) -> OpenFile:
+        acc = flags & os.O_ACCMODE
+        if node.kind == "dir":
+            raise FsError(errno.EISDIR)
+        if node.kind == "policy":
+            if acc != os.O_WRONLY:
+                raise FsError(errno.EACCES)  # no CONFIG_IMA_READ_POLICY
+            if self.policy_busy:
+                raise FsError(errno.EBUSY)
+            self.policy_busy = True
+        return OpenFile(node, flags)
+
+    def release(self, f: OpenFile) -> None:
+        if f.node.kind == "policy":
+            self.policy_busy = False
+
+    def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        node = f.node
+        if node.kind == "list":
+            return self.ima.store.current.read(node.view, offset, size)
+        if node.kind in ("count", "violations"):
+            value = self.ima.store.current.count if node.kind == "count" else self.ima.store.violations
+            return (b"%d\n" % value)[offset:offset + size]
+        raise FsError(errno.EINVAL)
+
+    def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+        # No file has a write method yet: the kernel answers EINVAL.
+        raise FsError(errno.EINVAL)
+
+    def truncate(self, node: Node) -> None:
+        """O_TRUNC on a securityfs file: accepted, only the times change (F-4)."""
+        now = time.time_ns()
+        node.mtime_ns = node.ctime_ns = now
+
+
+class SecurityFs(pyfuse3.Operations):
+    """FUSE requests -> :class:`Tree`."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = True
+
+    def __init__(self, tree: Tree, attr_timeout: float = 1.0):
+        super().__init__()
+        self.tree = tree
+        self.attr_timeout = attr_timeout
+        self._fh = itertools.count(1)
+        self.files: dict[int, OpenFile] = {}
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = 0
+        a.st_size = len(node.target) if node.kind == "symlink" else 0
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._attrs(self._call(self.tree.lookup, parent_inode, os.fsdecode(name)))
+
+    async def getattr(self, inode, ctx=None):
+        return self._attrs(self._call(self.tree.get, inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._call(self.tree.get, inode)
+        if fields.update_size:
+            self.tree.truncate(node)
+        if fields.update_mode:
+            node.mode = stat.S_IFMT(node.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            node.uid = attr.st_uid
+        if fields.update_gid:
+            node.gid = attr.st_gid
+        if fields.update_mtime:
+            node.mtime_ns = attr.st_mtime_ns
+        if fields.update_atime:
+            node.atime_ns = attr.st_atime_ns
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            node.ctime_ns = time.time_ns()
+        return self._attrs(node)
+
+    async def readlink(self, inode, ctx):
+        node = self._call(self.tree.get, inode)
+        if node.kind != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    async def opendir(self, inode, ctx):
+        node = self._call(self.tree.get, inode)
+        if node.kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self.tree.get(fh)
+        entries = [(".", node), ("..", node.parent or node)] + list(node.children.items())
+        for i in range(start_id, len(entries)):
+            name, child = entries[i]
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        node = self._call(self.tree.get, inode)
+        f = self._call(self.tree.open, node, flags)
+        fh = next(self._fh)
+        self.files[fh] = f
+        if flags & os.O_TRUNC:
+            self.tree.truncate(node)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def read(self, fh, off, size):
+        return self._call(self.tree.read, self.files[fh], off, size)
+
+    async def write(self, fh, off, buf):
+        return self._call(self.tree.write, self.files[fh], off, buf)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        f = self.files.pop(fh, None)
+        if f is not None:
+            self.tree.release(f)
+
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+
+MOUNT_OPTIONS = ("fsname=securityfs", "subtype=imafs", "allow_other", "default_permissions")

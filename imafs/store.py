@@ -1,0 +1,312 @@
+"""The measurement store: the kernel's ima_queue.c in Python.
+
+One store holds the records; the files are views of it.  Records live in
+blocks of up to ``BLOCK_RECORDS`` records.  The truth of a block is the
+concatenation of its records in the ``binary_runtime_measurements_sha1``
+layout (the kexec serialization format, kernel-abi.md §2.2/§6.1) plus, for
+every other digest slot, the records' template digests side by side.  So the
+legacy binary view is served straight from the block, and every other view
+(ASCII, other banks) is rendered once per block and kept in a bounded LRU
+cache.  Per view the store keeps the byte offset at which each block starts,
+so any offset is found by a bisection over blocks, never by a scan.
+
+A :class:`MeasurementList` is one such sequence of blocks; the store has the
+current list and, for the staging ABI, a staged list.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import templates as T
+
+BLOCK_RECORDS = 1024
+SHA1_SIZE = 20
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class View:
+    """One rendering of a list: ``ascii`` or ``binary`` with one bank's digests."""
+
+    fmt: str  # "ascii" | "binary"
+    bank: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.fmt}_runtime_measurements_{self.bank}"
+
+
+class Block:
+    """Up to BLOCK_RECORDS records: sha1-layout records plus other digest slots."""
+
+    __slots__ = ("blob", "offsets", "slots", "pcrs", "tmpl", "ascii_rest", "serial")
+
+    def __init__(self, slot_banks: tuple[str, ...], serial: int):
+        self.blob = bytearray()  # records in binary sha1 layout
+        self.offsets = array("I")  # start of each record in blob
+        self.slots = {b: bytearray() for b in slot_banks}  # digests of non-sha1 slots
+        self.pcrs = bytearray()  # pcr of each record (0..63)
+        self.tmpl = bytearray()  # index into the store's template table
+        self.ascii_rest = 0  # Σ len(template name + ascii_fields) over the records
+        self.serial = serial  # unique id, key of the render cache
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def seal(self) -> None:
+        self.blob = bytes(self.blob)
+        self.slots = {b: bytes(v) for b, v in self.slots.items()}
+        self.pcrs = bytes(self.pcrs)
+        self.tmpl = bytes(self.tmpl)
+
+    def record_end(self, i: int) -> int:
+        return self.offsets[i + 1] if i + 1 < len(self.offsets) else len(self.blob)
+
+    def size(self, view: View) -> int:
+        n = len(self.offsets)
+        if view.fmt == "binary":
+            return len(self.blob) + n * (T.digest_size(view.bank) - SHA1_SIZE)
+        # "%2d " + hex digest + " " + name/fields + "\n"
+        return n * (3 + 2 * T.digest_size(view.bank) + 1 + 1) + self.ascii_rest
+
+
+class RenderCache:
+    """A bounded LRU of rendered blocks: (serial, view) -> (records rendered, bytes)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._lru: OrderedDict[tuple[int, View], bytes] = OrderedDict()
+
+    def get(self, key):
+        data = self._lru.get(key)
+        if data is not None:
+            self._lru.move_to_end(key)
+        return data
+
+    def put(self, key, entry: tuple[int, bytes]) -> None:
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self.used -= len(old[1])
+        if len(entry[1]) > self.budget:
+            return
+        self._lru[key] = entry
+        self.used += len(entry[1])
+        while self.used > self.budget:
+            _, (_, data) = self._lru.popitem(last=False)
+            self.used -= len(data)
+
+
+class MeasurementList:
+    """An ordered sequence of records, stored in blocks, readable in every view."""
+
+    def __init__(self, store: "MeasurementStore"):
+        self.store = store
+        self.blocks: list[Block] = []
+        self.count = 0
+        # per view: start offset of every block (same length as self.blocks)
+        self.starts: dict[View, array] = {v: array("Q") for v in store.views}
+
+    # -- appending ----------------------------------------------------------
+    def _tail(self) -> Block:
+        if not self.blocks or len(self.blocks[-1]) >= BLOCK_RECORDS:
+            if self.blocks:
+                self.blocks[-1].seal()
+            block = Block(self.store.extra_slots, self.store.next_serial())
+            for v, starts in self.starts.items():
+                starts.append(self.size(v))
+            self.blocks.append(block)
+        return self.blocks[-1]
+
+    def append(self, sha1_record: bytes, digests: dict, pcr: int, tmpl_idx: int, ascii_rest_len: int) -> None:
+        block = self._tail()
+        block.offsets.append(len(block.blob))
+        block.blob += sha1_record
+        for bank, buf in block.slots.items():
+            buf += digests[bank]
+        block.pcrs.append(pcr)
+        block.tmpl.append(tmpl_idx)
+        block.ascii_rest += ascii_rest_len
+        self.count += 1
+
+    # -- sizes and reads ------------------------------------------------------
+    def size(self, view: View) -> int:
+        if not self.blocks:
+            return 0
+        return self.starts[view][-1] + self.blocks[-1].size(view)
+
+    def read(self, view: View, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the list rendered in ``view``."""
+        if size <= 0 or not self.blocks:
+            return b""
+        starts = self.starts[view]
+        i = bisect.bisect_right(starts, offset) - 1
+        if i < 0:
+            i = 0
+        out = []
+        want = size
+        pos = offset - starts[i]
+        while want > 0 and i < len(self.blocks):
+            data = self.store.render(self.blocks[i], view)
+            piece = bytes(memoryview(data)[pos:pos + want])
+            out.append(piece)
+            want -= len(piece)
+            pos = 0
+            i += 1
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def records(self):
+        """Yield (pcr, sha1 digest, template, fields) for every record, in order."""
+        for block in self.blocks:
+            for off in block.offsets:
+                pcr, digest, tmpl, fields, _ = T.parse_binary_record(block.blob, off, SHA1_SIZE, self.store.ima_d_len)
+                yield pcr, digest, tmpl, fields
+
+    def sha1_bytes(self) -> bytes:
+        """The whole list in the kexec (binary sha1) serialization format."""
+        return b"".join(bytes(b.blob) for b in self.blocks)
+
+
+class MeasurementStore:
+    """The lists, the duplicate table, the counters and the PCR banks.
+
+    ``slot_banks`` are the algorithms a template digest is computed in: sha1
+    (always), every TPM bank, and the IMA hash (for the duplicate table).
+    ``file_banks`` are the banks that get files: the TPM banks, plus sha1.
+    """
+
+    def __init__(self, *, tpm_banks: tuple[str, ...], ima_hash: str, pcrs=None,
+                 disable_htable: bool = False, cache_bytes: int = 256 << 20):
+        self.tpm_banks = tuple(tpm_banks)
+        self.ima_hash = ima_hash
+        self.ima_d_len = 16 if ima_hash == "md5" else 20
+        self.file_banks = self.tpm_banks + (() if "sha1" in self.tpm_banks else ("sha1",))
+        slots = ["sha1"]
+        for b in self.tpm_banks + (ima_hash,):
+            if b not in slots:
+                slots.append(b)
+        self.slot_banks = tuple(slots)
+        self.extra_slots = tuple(b for b in slots if b != "sha1")
+        self.views = tuple(View(f, b) for b in self.file_banks for f in ("ascii", "binary"))
+        self.pcrs = pcrs
+        self.disable_htable = disable_htable
+        self.htable: set[int] = set()
+        self.violations = 0
+        self.cache = RenderCache(cache_bytes)
+        self._serial = 0
+        self.templates: list[T.Template] = []
+        self._tmpl_index: dict[T.Template, int] = {}
+        self.current = MeasurementList(self)
+        self.staged = MeasurementList(self)
+
+    def next_serial(self) -> int:
+        self._serial += 1
+        return self._serial
+
+    def view(self, fmt: str, bank: str) -> View:
+        v = View(fmt, bank)
+        if v not in self.views:
+            raise KeyError(f"no {fmt} view for bank {bank}")
+        return v
+
+    # -- adding records (ima_add_template_entry) --------------------------------
+    def _tmpl_idx(self, template: T.Template) -> int:
+        idx = self._tmpl_index.get(template)
+        if idx is None:
+            idx = len(self.templates)
+            self.templates.append(template)
+            self._tmpl_index[template] = idx
+        return idx
+
+    def _dup_key(self, pcr: int, digest: bytes) -> int:
+        return (int.from_bytes(digest, "little") << 6) | pcr
+
+    def add(self, template: T.Template, fields: tuple[bytes, ...], pcr: int, *, violation: bool = False) -> bool:
+        """Append one record as the kernel's store step does.
+
+        Returns False when the duplicate table suppressed it (nothing appended,
+        nothing extended).  Violations are never suppressed, extend 0xFF and
+        show zero template digests; the caller counts them (``violations``).
+        """
+        if violation:
+            digests = {b: bytes(T.digest_size(b)) for b in self.slot_banks}
+        else:
+            data = T.template_data(fields) if template.name != "ima" else None
+            digests = {}
+            for b in self.slot_banks:
+                digests[b] = (T.hash_bytes(b, data) if data is not None
+                              else T.template_digest(b, template, fields))
+        key = self._dup_key(pcr, digests[self.ima_hash])
+        if not violation and not self.disable_htable and key in self.htable:
+            return False
+        self.htable.add(key)
+        if self.pcrs is not None:
+            if violation:
+                self.pcrs.extend_violation(pcr)
+            else:
+                self.pcrs.extend(pcr, digests)
+        self._append(self.current, template, fields, pcr, digests)
+        return True
+
+    def _append(self, lst: MeasurementList, template, fields, pcr, digests) -> None:
+        record = T.binary_record(pcr, digests["sha1"], template, fields)
+        rest = len(template.display_name) + len(T.ascii_fields(template, fields))
+        lst.append(record, digests, pcr, self._tmpl_idx(template), rest)
+
+    def restore(self, template: T.Template, fields, pcr: int, violation: bool) -> None:
+        """Append a record carried over by kexec: digests recomputed (zeros kept
+        for violations), not in the duplicate table, no PCR extend."""
+        if violation:
+            digests = {b: bytes(T.digest_size(b)) for b in self.slot_banks}
+        else:
+            digests = {b: T.template_digest(b, template, fields) for b in self.slot_banks}
+        self._append(self.current, template, fields, pcr, digests)
+
+    # -- rendering ------------------------------------------------------------
+    def render(self, block: Block, view: View):
+        """The bytes of ``block`` in ``view``.
+
+        The sha1 binary view is the block itself.  Other views are rendered
+        once and cached; a block that is still growing (the tail) only gets
+        its new records rendered and appended.
+        """
+        if view.fmt == "binary" and view.bank == "sha1":
+            return block.blob
+        key = (block.serial, view)
+        n = len(block)
+        hit = self.cache.get(key)
+        done, data = hit if hit is not None else (0, b"")
+        if done < n:
+            data = data + self._render_range(block, view, done, n)
+            self.cache.put(key, (n, data))
+        return data
+
+    def _render_range(self, block: Block, view: View, i0: int, i1: int) -> bytes:
+        blob = block.blob
+        offs = block.offsets
+        d = T.digest_size(view.bank)
+        slot = block.slots.get(view.bank)
+        out = []
+        if view.fmt == "binary":
+            for i in range(i0, i1):
+                s = offs[i]
+                out.append(blob[s:s + 4])
+                out.append(slot[i * d:(i + 1) * d])
+                out.append(blob[s + 4 + SHA1_SIZE:block.record_end(i)])
+            return b"".join(out)
+        pcrs = block.pcrs
+        tmpl = block.tmpl
+        templates = self.templates
+        for i in range(i0, i1):
+            _, sha1d, template, fields, _ = T.parse_binary_record(blob, offs[i], SHA1_SIZE, self.ima_d_len)
+            digest = sha1d if slot is None else slot[i * d:(i + 1) * d]
+            out.append(b"%2d %s %s%s\n" % (pcrs[i], digest.hex().encode(),
+                                           templates[tmpl[i]].display_name.encode(),
+                                           T.ascii_fields(template, fields)))
+        return b"".join(out)

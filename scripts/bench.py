@@ -1,0 +1,170 @@
+"""Measure imafs against the numbers of DESIGN.md; prints JSON.
+
+    .venv/bin/python scripts/bench.py [--records 1000000] [--out FILE]
+
+Run as root on a machine with /dev/fuse.  Every figure is measured in this
+run, next to its baseline: a minimal pyfuse3 server of the same bytes
+(scripts/minimal_fs.py) for reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+INGEST = r"""
+import gc, json, sys, time
+from imafs.ima import Ima
+from imafs.profile import load_profile
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+n = int(sys.argv[1])
+ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
+gc.collect()
+before = rss()
+t = time.perf_counter()
+ima.generate(n, 1)
+dt = time.perf_counter() - t
+gc.collect()
+after = rss()
+print(json.dumps({"records": n, "seconds": dt, "records_per_s": n / dt,
+                  "rss_bytes_per_record": (after - before) / n}))
+"""
+
+
+def ingest(n: int) -> dict:
+    out = subprocess.run([PY, "-c", INGEST, str(n)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def read_all(path: Path, bufsize: int) -> tuple[float, int]:
+    fd = os.open(path, os.O_RDONLY)
+    total = 0
+    t = time.perf_counter()
+    try:
+        while chunk := os.read(fd, bufsize):
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t, total
+
+
+def imafs(*args) -> str:
+    return subprocess.run([PY, "-m", "imafs", *map(str, args)], check=True, capture_output=True,
+                          text=True).stdout
+
+
+class Emulator:
+    def __init__(self, root: Path, name: str, records: int):
+        self.mp = root / name
+        self.mp.mkdir()
+        imafs("mount", self.mp)
+        if records > 1:
+            imafs("generate", "--mount", self.mp, "--count", records - 1)
+        self.list = self.mp / "ima" / "ascii_runtime_measurements"
+
+    def close(self):
+        imafs("umount", self.mp)
+
+
+def tail_read(path: Path, offset: int, repeat: int = 30) -> float:
+    times = []
+    for _ in range(repeat):
+        fd = os.open(path, os.O_RDONLY)
+        t = time.perf_counter()
+        pos = offset
+        while chunk := os.pread(fd, 131072, pos):
+            pos += len(chunk)
+        times.append(time.perf_counter() - t)
+        os.close(fd)
+    return statistics.median(times)
+
+
+def offset_of_last(path: Path, k: int) -> int:
+    data = path.read_bytes()
+    pos = len(data)
+    for _ in range(k):
+        pos = data.rindex(b"\n", 0, pos)
+    return pos + 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    n = args.records
+    result: dict = {"records": n}
+
+    result["ingest"] = ingest(n)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        big = Emulator(root, "big", n)
+        small = Emulator(root, "small", 10_000)
+        try:
+            reads = {}
+            for bufsize in (1 << 20, 128 << 10):
+                cold = read_all(big.list, bufsize) if not reads else None
+                warm = read_all(big.list, bufsize)
+                reads[bufsize] = {"cold": cold, "warm": warm}
+            size = warm[1]
+            data_file = root / "list.bin"
+            data_file.write_bytes(big.list.read_bytes())
+            base_mp = root / "minimal"
+            base_mp.mkdir()
+            base = subprocess.Popen([PY, str(HERE / "minimal_fs.py"), base_mp, data_file],
+                                    stdout=subprocess.PIPE, text=True)
+            try:
+                assert base.stdout.readline().strip() == "ready"
+                base_reads = {b: read_all(base_mp / "data", b) for b in reads}
+                base_reads = {b: read_all(base_mp / "data", b) for b in reads}  # warm
+            finally:
+                subprocess.run(["fusermount3", "-u", str(base_mp)], check=False)
+                base.wait()
+            result["full_read"] = {
+                "bytes": size,
+                "target": ">= 0.8 x baseline",
+            }
+            for b, r in reads.items():
+                base_bps = size / base_reads[b][0]
+                key = f"read_{b >> 10}KiB"
+                entry = {"warm_MBps": size / r["warm"][0] / 1e6, "baseline_MBps": base_bps / 1e6,
+                         "ratio_warm": (size / r["warm"][0]) / base_bps}
+                if r["cold"]:
+                    entry["cold_MBps"] = size / r["cold"][0] / 1e6
+                    entry["ratio_cold"] = (size / r["cold"][0]) / base_bps
+                result["full_read"][key] = entry
+
+            seek = {}
+            for label, emu in (("10k", small), (f"{n // 1000}k", big)):
+                off = offset_of_last(emu.list, 1000)
+                seek[label] = {"offset": off, "median_s": tail_read(emu.list, off)}
+            result["seek_last_1000"] = seek
+            result["seek_last_1000"]["target"] = "same cost at 10k and 1M"
+        finally:
+            big.close()
+            small.close()
+
+    result["ingest"]["target_records_per_s"] = 100_000
+    result["ingest"]["target_rss_bytes_per_record"] = 400
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

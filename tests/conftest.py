@@ -1,0 +1,89 @@
+"""Fixtures: a real imafs mount driven through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imafs.control import Client
+
+REQUIRE_FUSE = os.environ.get("IMAFS_REQUIRE_FUSE") == "1"
+
+
+def fuse_unavailable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if os.geteuid() != 0:
+        return "FUSE tests mount with allow_other and need root"
+    return None
+
+
+def imafs(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    """Run the real ``imafs`` command."""
+    return subprocess.run([sys.executable, "-m", "imafs", *map(str, args)], capture_output=True,
+                          text=True, check=check, timeout=120, **kw)
+
+
+class Mount:
+    def __init__(self, path: Path):
+        self.path = path
+        self.ima = path / "ima"
+        self.client = Client(str(path))
+
+    def cli(self, *args, check=True):
+        return imafs(*args, "--mount", self.path, check=check)
+
+    def read(self, name: str, mode="rb"):
+        with open(self.ima / name, mode) as f:
+            return f.read()
+
+    def pcr_file(self, bank: str, tmp: Path) -> Path:
+        out = tmp / f"pcrs-{bank}.txt"
+        out.write_text(self.cli("pcrs", "--bank", bank, "--format", "evmctl").stdout)
+        return out
+
+
+@pytest.fixture
+def runtime_dir(tmp_path, monkeypatch):
+    d = tmp_path / "run"
+    monkeypatch.setenv("IMAFS_RUNTIME_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def mount_imafs(tmp_path, runtime_dir):
+    """Factory: mount_imafs(*--set KEY=VALUE) -> Mount; unmounted at teardown."""
+    why = fuse_unavailable()
+    if why:
+        if REQUIRE_FUSE:
+            pytest.fail(f"IMAFS_REQUIRE_FUSE=1 but {why}")
+        pytest.skip(why)
+    mounts = []
+
+    def mount(*settings, profile: str | None = None) -> Mount:
+        mp = tmp_path / f"mnt{len(mounts)}"
+        mp.mkdir()
+        args = ["mount", mp]
+        for s in settings:
+            args += ["--set", s]
+        if profile:
+            args += ["--profile", profile]
+        imafs(*args)
+        m = Mount(mp)
+        mounts.append(m)
+        return m
+
+    yield mount
+    for m in mounts:
+        if imafs("umount", m.path, check=False).returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+
+
+@pytest.fixture
+def mnt(mount_imafs):
+    """The default profile, mounted."""
+    return mount_imafs()
