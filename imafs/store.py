@@ -193,6 +193,8 @@ class MeasurementStore:
                 slots.append(b)
         self.slot_banks = tuple(slots)
         self.extra_slots = tuple(b for b in slots if b != "sha1")
+        self._hashers = tuple((b, T.hasher(b)) for b in slots)
+        self._zero_digests = {b: bytes(T.digest_size(b)) for b in slots}
         self.views = tuple(View(f, b) for b in self.file_banks for f in ("ascii", "binary"))
         self.pcrs = pcrs
         self.disable_htable = disable_htable
@@ -234,14 +236,14 @@ class MeasurementStore:
         nothing extended).  Violations are never suppressed, extend 0xFF and
         show zero template digests; the caller counts them (``violations``).
         """
+        data = None
         if violation:
-            digests = {b: bytes(T.digest_size(b)) for b in self.slot_banks}
+            digests = self._zero_digests
+        elif template.name == "ima":
+            digests = {b: T.template_digest(b, template, fields) for b in self.slot_banks}
         else:
-            data = T.template_data(fields) if template.name != "ima" else None
-            digests = {}
-            for b in self.slot_banks:
-                digests[b] = (T.hash_bytes(b, data) if data is not None
-                              else T.template_digest(b, template, fields))
+            data = T.template_data(fields)
+            digests = {b: h(data).digest() for b, h in self._hashers}
         key = self._dup_key(pcr, digests[self.ima_hash])
         if not violation and not self.disable_htable and key in self.htable:
             return False
@@ -251,21 +253,19 @@ class MeasurementStore:
                 self.pcrs.extend_violation(pcr)
             else:
                 self.pcrs.extend(pcr, digests)
-        self._append(self.current, template, fields, pcr, digests)
+        self._append(self.current, template, fields, pcr, digests, data)
         return True
 
-    def _append(self, lst: MeasurementList, template, fields, pcr, digests) -> None:
-        record = T.binary_record(pcr, digests["sha1"], template, fields)
-        rest = len(template.display_name) + len(T.ascii_fields(template, fields))
+    def _append(self, lst: MeasurementList, template, fields, pcr, digests, data=None) -> None:
+        record = T.binary_record(pcr, digests["sha1"], template, fields, data)
+        rest = len(template.display_name) + T.ascii_fields_len(template, fields)
         lst.append(record, digests, pcr, self._tmpl_idx(template), rest)
 
     def restore(self, template: T.Template, fields, pcr: int, violation: bool) -> None:
         """Append a record carried over by kexec: digests recomputed (zeros kept
         for violations), not in the duplicate table, no PCR extend."""
-        if violation:
-            digests = {b: bytes(T.digest_size(b)) for b in self.slot_banks}
-        else:
-            digests = {b: T.template_digest(b, template, fields) for b in self.slot_banks}
+        digests = self._zero_digests if violation else \
+            {b: T.template_digest(b, template, fields) for b in self.slot_banks}
         self._append(self.current, template, fields, pcr, digests)
 
     # -- rendering ------------------------------------------------------------

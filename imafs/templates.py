@@ -59,6 +59,11 @@ def new_hash(alg: str):
     return _constructor(alg)()
 
 
+def hasher(alg: str):
+    """The constructor of ``alg``: hasher(alg)(data).digest()."""
+    return _constructor(alg)
+
+
 def hash_bytes(alg: str, data: bytes) -> bytes:
     return _constructor(alg)(data).digest()
 
@@ -235,15 +240,17 @@ def template_digest(alg: str, template: Template, fields) -> bytes:
 
 
 # -- rendering ----------------------------------------------------------------------
-def binary_record(pcr: int, digest: bytes, template: Template, fields) -> bytes:
-    """One record of binary_runtime_measurements (kernel-abi.md §2.2)."""
+def binary_record(pcr: int, digest: bytes, template: Template, fields, data: bytes | None = None) -> bytes:
+    """One record of binary_runtime_measurements (kernel-abi.md §2.2);
+    ``data`` is template_data(fields) when the caller has it already."""
     if template.name == "ima":
         d, n = fields
         name = n[:-1] if n.endswith(b"\0") else n
         return b"".join((struct.pack("<I", pcr), digest, b"\3\0\0\0ima", d,
                          struct.pack("<I", len(name)), name))
     tname = template.display_name.encode()
-    data = template_data(fields)
+    if data is None:
+        data = template_data(fields)
     return b"".join((struct.pack("<I", pcr), digest, struct.pack("<I", len(tname)), tname,
                      struct.pack("<I", len(data)), data))
 
@@ -278,6 +285,27 @@ ASCII = {"d": _a_hex, "n": _a_str, "n-ng": _a_str, "xattrnames": _a_str,
 def ascii_fields(template: Template, fields) -> bytes:
     """The ASCII line after the template name: b" " + field, for every field."""
     return b"".join([b" " + ASCII[f](v) for f, v in zip(template.fields, fields)])
+
+
+def _l_algo(v: bytes) -> int:
+    return v.find(b"\0") + 2 * (len(v) - v.find(b"\0") - 1) if v else 0
+
+
+def _l_str(v: bytes) -> int:
+    i = v.find(b"\0")
+    return len(v) if i < 0 else i
+
+
+ASCII_LEN = {f: (lambda v: 2 * len(v)) for f, r in ASCII.items() if r is _a_hex}
+ASCII_LEN.update({"n": _l_str, "n-ng": _l_str, "xattrnames": _l_str, "d-ng": _l_algo,
+                  "d-modsig": _l_algo, "d-ngv2": _l_algo,
+                  "iuid": lambda v: len(_a_uint(v)), "igid": lambda v: len(_a_uint(v)),
+                  "imode": lambda v: len(_a_uint(v))})
+
+
+def ascii_fields_len(template: Template, fields) -> int:
+    """len(ascii_fields(template, fields)), without rendering."""
+    return len(fields) + sum([ASCII_LEN[f](v) for f, v in zip(template.fields, fields)])
 
 
 def ascii_record(pcr: int, digest: bytes, template: Template, fields) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from .templates import digest_size, hash_bytes
+from .templates import digest_size, hash_bytes, hasher
 
 NUM_PCRS = 24
 
@@ -15,6 +15,7 @@ class PcrBanks:
 
     def __init__(self, banks: Sequence[str], boot_pcrs: Mapping[str, Sequence[bytes]] | None = None):
         self.banks = tuple(banks)
+        self._hashers = {b: hasher(b) for b in self.banks}
         self._boot = {}
         for b in self.banks:
             size = digest_size(b)
@@ -32,7 +33,7 @@ class PcrBanks:
         if pcr >= NUM_PCRS:
             return
         for b, values in self._pcrs.items():
-            values[pcr] = hash_bytes(b, values[pcr] + digests[b])
+            values[pcr] = self._hashers[b](values[pcr] + digests[b]).digest()
 
     def extend_violation(self, pcr: int) -> None:
         """Violations extend all-0xFF of each bank's size (kernel-abi.md §4.2)."""
