@@ -28,6 +28,7 @@ BLOCK_RECORDS = 1024
 SHA1_SIZE = 20
 
 _U32 = struct.Struct("<I")
+_PCR_PREFIX = [b"%2d " % i for i in range(64)]
 
 
 @dataclass(frozen=True)
@@ -300,13 +301,30 @@ class MeasurementStore:
                 out.append(slot[i * d:(i + 1) * d])
                 out.append(blob[s + 4 + SHA1_SIZE:block.record_end(i)])
             return b"".join(out)
-        pcrs = block.pcrs
-        tmpl = block.tmpl
-        templates = self.templates
+        # ASCII: hex all digests of the range at once, walk the fields of each
+        # record in place (the layout of a non-ima record is fixed by its template)
+        if slot is None:
+            digests = b"".join([blob[offs[i] + 4:offs[i] + 4 + SHA1_SIZE] for i in range(i0, i1)])
+        else:
+            digests = slot[i0 * d:i1 * d]
+        hexes = digests.hex().encode()
+        w = 2 * d
+        pcrs, tmpl, templates = block.pcrs, block.tmpl, self.templates
+        unpack = _U32.unpack_from
         for i in range(i0, i1):
-            _, sha1d, template, fields, _ = T.parse_binary_record(blob, offs[i], SHA1_SIZE, self.ima_d_len)
-            digest = sha1d if slot is None else slot[i * d:(i + 1) * d]
-            out.append(b"%2d %s %s%s\n" % (pcrs[i], digest.hex().encode(),
-                                           templates[tmpl[i]].display_name.encode(),
-                                           T.ascii_fields(template, fields)))
+            t = templates[tmpl[i]]
+            s = offs[i]
+            if t.name == "ima":
+                fields = T.parse_binary_record(blob, s, SHA1_SIZE, self.ima_d_len)[3]
+            else:
+                o = s + 4 + SHA1_SIZE + 4 + len(t.display_name) + 4
+                e = block.record_end(i)
+                fields = []
+                while o < e:
+                    n, = unpack(blob, o)
+                    fields.append(blob[o + 4:o + 4 + n])
+                    o += 4 + n
+            k = (i - i0) * w
+            out.append(_PCR_PREFIX[pcrs[i]] + hexes[k:k + w] + b" " + t.display_name.encode()
+                       + T.ascii_fields(t, fields) + b"\n")
         return b"".join(out)

@@ -298,3 +298,51 @@ def test_status_and_pcrs(mnt):
     assert mnt.cli("pcrs", "--format", "evmctl", check=False).returncode == 2
     hexout = mnt.cli("pcrs").stdout.splitlines()
     assert len(hexout) == 48 and hexout[10].split()[:2] == ["sha1", "10"]
+
+
+def test_concurrent_readers_see_whole_records(mnt):
+    """Readers hammer every list while records are appended: each full read is a
+    prefix of the final list made of whole records, and nothing is lost."""
+    import threading
+    names = ["ascii_runtime_measurements_sha1", "ascii_runtime_measurements_sha256",
+             "binary_runtime_measurements_sha256", "binary_runtime_measurements_sha1"]
+    seen: dict[str, list[bytes]] = {n: [] for n in names}
+    errors = []
+    stop = threading.Event()
+
+    def reader(name):
+        try:
+            while not stop.is_set():
+                with open(mnt.ima / name, "rb", buffering=0) as f:
+                    parts = []
+                    while chunk := f.read(65536):
+                        parts.append(chunk)
+                seen[name].append(b"".join(parts))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in names for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(10):
+            mnt.cli("generate", "--count", "700")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert int(mnt.read("runtime_measurements_count")) == 7001
+    for name in names:
+        final = mnt.read(name)
+        size = 32 if "sha256" in name else 20
+        if name.startswith("binary"):
+            assert len(T.parse_binary_list(final, size)) == 7001
+        else:
+            assert final.count(b"\n") == 7001
+        for snapshot in seen[name]:
+            assert final.startswith(snapshot)
+            if name.startswith("ascii"):
+                assert snapshot.endswith(b"\n")
+            else:
+                T.parse_binary_list(snapshot, size)  # whole records only
