@@ -316,7 +316,8 @@ def ascii_record(pcr: int, digest: bytes, template: Template, fields) -> bytes:
 
 # -- parsing ------------------------------------------------------------------------
 _U32 = struct.Struct("<I")
-MAX_TEMPLATE_NAME = 68
+# the longest name a template can have: a format of 15 fields of 16 characters
+MAX_TEMPLATE_NAME = MAX_FIELDS * (MAX_FIELD_ID + 1) - 1
 
 
 def parse_binary_record(buf, offset: int, digest_len: int, ima_d_len: int = 20):
