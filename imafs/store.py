@@ -147,20 +147,17 @@ class MeasurementList:
         if size <= 0 or not self.blocks:
             return b""
         starts = self.starts[view]
-        i = bisect.bisect_right(starts, offset) - 1
-        if i < 0:
-            i = 0
+        i = bisect.bisect_right(starts, offset) - 1  # starts[0] == 0
         out = []
         want = size
         pos = offset - starts[i]
         while want > 0 and i < len(self.blocks):
-            data = self.store.render(self.blocks[i], view)
-            piece = bytes(memoryview(data)[pos:pos + want])
+            piece = memoryview(self.store.render(self.blocks[i], view))[pos:pos + want]
             out.append(piece)
             want -= len(piece)
             pos = 0
             i += 1
-        return out[0] if len(out) == 1 else b"".join(out)
+        return bytes(out[0]) if len(out) == 1 else b"".join(out)
 
     def records(self):
         """Yield (pcr, sha1 digest, template, fields) for every record, in order."""

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import select
 import socket
 import stat
 import subprocess
@@ -129,7 +130,7 @@ def test_read_patterns(mnt):
             assert b"".join(os.read(fd, 1) for _ in range(3000)) == whole[:3000]
         finally:
             os.close(fd)
-        for size in (7, 4096, 8192, 131072):
+        for size in (4, 7, 4096, 8192, 131072):
             fd = os.open(mnt.ima / name, os.O_RDONLY)
             parts = []
             try:
@@ -150,6 +151,13 @@ def test_read_patterns(mnt):
             assert os.read(fd, 10) == whole[150:160]
         finally:
             os.close(fd)
+    fd = os.open(mnt.ima / "ascii_runtime_measurements", os.O_RDONLY)
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        assert p.poll(1000) and os.read(fd, 3) == b"10 "
+    finally:
+        os.close(fd)
     with open(mnt.ima / "ascii_runtime_measurements", "r", encoding="utf-8") as f:
         lines = f.readlines()
     assert lines[0].split()[4] == "boot_aggregate"
