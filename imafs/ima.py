@@ -4,13 +4,21 @@ store step of a measurement (the kernel's ima_init.c and ima_api.c)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 
+import errno
+
+from . import kexec
 from . import templates as T
+from .errors import FsError
 from .profile import Profile
 from .store import MeasurementStore
 from .tpm import PcrBanks, boot_aggregate
+
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -38,11 +46,17 @@ class Ima:
         self.ima_hash = profile.ima_hash
         self.pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks}) \
             if profile.tpm_banks else None
-        self.store = MeasurementStore(tpm_banks=profile.tpm_banks, ima_hash=self.ima_hash,
-                                      pcrs=self.pcrs, disable_htable=profile.disable_htable)
-        self._boot()
+        self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
+        self._boot(())
 
-    def _boot(self) -> None:
+    def _boot(self, restored) -> None:
+        """A new kernel: a fresh store holding the ``restored`` kexec records,
+        then this kernel's boot_aggregate."""
+        self.suspended = False
+        self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
+                                      pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
+        for pcr, digest, template, fields in restored:
+            self.store.restore(template, fields, pcr, violation=not any(digest))
         algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
         self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
                                ima_hash=self.ima_hash, d_digest=sha1))
@@ -54,6 +68,8 @@ class Ima:
         Violations always use the default template and PCR (kernel-abi.md §4.4)
         and count in ``violations`` even though they are never deduplicated.
         """
+        if self.suspended:
+            raise RequestError("measurements are suspended: a reboot or kexec is under way")
         if ev.violation:
             template, pcr = self.template, self.profile.pcr_idx
             self.store.violations += 1
@@ -165,6 +181,83 @@ class Ima:
             added += self.add_event(ev, tmpl)
         return added
 
+    # -- staging (staging.md §1.6) ----------------------------------------------------
+    def stage(self) -> None:
+        s = self.store
+        if s.staged.count:
+            raise FsError(errno.EEXIST)
+        if not s.current.count:
+            raise FsError(errno.ENOENT)
+        if self.suspended:
+            raise FsError(errno.EACCES)
+        s.stage()
+
+    def delete_staged(self) -> None:
+        if not self.store.staged.count:
+            raise FsError(errno.ENOENT)
+        if self.suspended:
+            raise FsError(errno.ESTALE)
+        self.store.delete_staged(self.flush_htable)
+
+    def trim(self, n: int) -> None:
+        if self.store.current.count < n:
+            raise FsError(errno.ENOENT)
+        if self.suspended:
+            raise FsError(errno.ESTALE)
+        self.store.current.trim(n)
+
+    # -- reboot and kexec (kernel-abi.md §6, staging.md §3.2) -----------------------------
+    def suspend(self) -> None:
+        """The reboot notifier: later measurements are rejected, A gets
+        EACCES, D and N get ESTALE."""
+        self.suspended = True
+
+    def kexec_buffer(self) -> bytes:
+        """The kexec buffer as it would be copied now: staged records, then current."""
+        return kexec.dump([self.store.staged, self.store.current])
+
+    def kexec(self) -> bytes:
+        """Suspend, copy the lists into the kexec buffer, boot the next kernel
+        from it (PCRs are not reset by a kexec). Returns the buffer."""
+        self.suspend()
+        buf = self.kexec_buffer()
+        records, error = kexec.parse(buf)
+        if error:
+            log.warning("ima: restoring the kexec buffer stopped: %s", error)
+        self._boot(records)
+        return buf
+
+    def boot_from_buffer(self, buf: bytes) -> None:
+        """Boot a new kernel from a kexec buffer captured elsewhere."""
+        try:
+            records, error = kexec.parse(buf)
+        except kexec.KexecBufferError as e:
+            raise RequestError(f"kexec buffer: {e}") from None
+        if error:
+            raise RequestError(f"kexec buffer: {error} (the kernel would restore only "
+                               f"the {len(records)} records before it)")
+        self._boot(records)
+
+    def reboot(self) -> None:
+        """A cold boot: PCRs back to their boot values, an empty list."""
+        if self.pcrs is not None:
+            self.pcrs.reset()
+        self._boot(())
+
+    def counters(self) -> dict:
+        """The staging counters (staging.md §2); sizes include the kexec header
+        and are ULONG_MAX without CONFIG_IMA_KEXEC."""
+        s = self.store
+        hdr = kexec.HEADER.size
+
+        def size(n):
+            return min(n + hdr, 2**64 - 1) if self.profile.kexec else 2**64 - 1
+        return {
+            "BINARY": {"records": s.current.count, "binary_runtime_size": size(s.current.kexec_size)},
+            "BINARY_STAGED": {"records": s.staged.count, "binary_runtime_size": size(s.staged.kexec_size)},
+            "BINARY_FULL": {"records": s.full_count, "binary_runtime_size": size(s.full_size)},
+        }
+
     def status(self) -> dict:
         from .profile import profile_to_dict
         return {
@@ -172,7 +265,10 @@ class Ima:
             "template": self.template.display_name,
             "ima_hash": self.ima_hash,
             "count": self.store.current.count,
+            "staged": self.store.staged.count,
             "violations": self.store.violations,
+            "suspended": self.suspended,
+            "counters": self.counters(),
             "pcrs": {b: {str(i): v.hex() for i, v in enumerate(self.pcrs.values(b))}
                      for b in self.pcrs.banks} if self.pcrs else {},
         }

@@ -110,6 +110,10 @@ KEYS = {
     "tpm_banks": _banks,
     "pcr_idx": _int_range(8, 14),
     "disable_htable": _bool,
+    "staging": _bool,
+    "abi": _choice(("v7", "v5")),
+    "ima_flush_htable": _bool,
+    "kexec": _bool,
 }
 
 
@@ -124,6 +128,10 @@ class Profile:
     boot_pcrs: tuple[tuple[str, tuple[bytes, ...]], ...] = ()
     pcr_idx: int = 10
     disable_htable: bool = False
+    staging: bool | None = None  # CONFIG_IMA_STAGING; None: on for kernel >= 7.2
+    abi: str = "v7"  # the staging ABI: v7 (merged in 7.2) or v5 (as posted 29 Apr 2026)
+    ima_flush_htable: bool = False
+    kexec: bool = True  # CONFIG_IMA_KEXEC: binary_runtime_size is tracked
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -138,6 +146,15 @@ class Profile:
 
     def boot_pcr_values(self, bank: str) -> list[bytes]:
         return list(dict(self.boot_pcrs).get(bank, ()))
+
+
+def _resolve_staging(p: Profile) -> Profile:
+    if p.staging is None:
+        return replace(p, staging=p.kernel_version >= (7, 2))
+    if p.staging and p.kernel_version < (6, 10):
+        raise ProfileError("staging: needs the per-bank files of kernel >= 6.10; "
+                           f"kernel is {p.kernel}; allowed: false, or kernel 6.12 or 7.2")
+    return p
 
 
 def _apply_boot_rules(p: Profile) -> Profile:
@@ -196,7 +213,7 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
     p = Profile(**values, explicit=frozenset(values))
     boot = tuple((bank, _load_boot_pcrs(f"boot_pcrs.{bank}", bank, file, p.tpm_banks))
                  for bank, file in pcr_files.items())
-    return _apply_boot_rules(replace(p, boot_pcrs=boot))
+    return _resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot)))
 
 
 def profile_to_dict(p: Profile) -> dict:

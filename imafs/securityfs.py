@@ -16,21 +16,29 @@ from dataclasses import dataclass, field
 
 import pyfuse3
 
+from .errors import FsError
 from .ima import Ima
+from .staging import MeasureLock, parse_command
 from .store import View
 
 S_DIR = stat.S_IFDIR | 0o755
 S_LNK = stat.S_IFLNK | 0o444
 S_LIST = stat.S_IFREG | 0o440
+S_STAGING = stat.S_IFREG | 0o660  # lists with the staging ABI (staging.md §1.3)
 S_POLICY = stat.S_IFREG | 0o200
+CAP_SYS_ADMIN = 21
 
 
-class FsError(Exception):
-    """An errno answer to a request."""
-
-    def __init__(self, err: int):
-        super().__init__(os.strerror(err))
-        self.errno = err
+def has_cap_sys_admin(pid: int) -> bool:
+    """Whether task ``pid`` has CAP_SYS_ADMIN in its effective set."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except OSError:
+        pass
+    return False
 
 
 @dataclass(eq=False)
@@ -42,6 +50,7 @@ class Node:
     parent: "Node | None" = None
     target: str = ""  # symlink target
     view: View | None = None
+    staged: bool = False  # a `_staged` twin: shows the staged list
     children: dict[str, "Node"] = field(default_factory=dict)  # in readdir order
     uid: int = 0
     gid: int = 0
@@ -57,11 +66,12 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("node", "flags")
+    __slots__ = ("node", "flags", "locked")
 
-    def __init__(self, node: Node, flags: int):
+    def __init__(self, node: Node, flags: int, locked: bool | None = None):
         self.node = node
         self.flags = flags
+        self.locked = locked  # None: not under the lock; else whether as the writer
 
 
 class Tree:
@@ -77,6 +87,8 @@ class Tree:
         integrity = self._node("integrity", S_DIR, "dir", self.root)
         self._node("ima", S_LNK, "symlink", self.root, target="integrity/ima")
         self.dir = self._node("ima", S_DIR, "dir", integrity)
+        self.staging = bool(ima.profile.staging)
+        self.lock = MeasureLock()
         self._populate()
         self.policy_busy = False
 
@@ -94,13 +106,17 @@ class Tree:
         store = self.ima.store
         created: list[tuple] = []
         if self.ima.profile.kernel_version >= (6, 10):
+            mode = S_STAGING if self.staging else S_LIST
+            suffixes = ("", "_staged") if self.staging else ("",)
             for bank in store.file_banks:
-                for fmt in ("ascii", "binary"):
-                    created.append((f"{fmt}_runtime_measurements_{bank}", S_LIST, "list",
-                                    {"view": store.view(fmt, bank)}))
-            for fmt in ("binary", "ascii"):
-                created.append((f"{fmt}_runtime_measurements", S_LNK, "symlink",
-                                {"target": f"{fmt}_runtime_measurements_sha1"}))
+                for suffix in suffixes:
+                    for fmt in ("ascii", "binary"):
+                        created.append((f"{fmt}_runtime_measurements_{bank}{suffix}", mode, "list",
+                                        {"view": store.view(fmt, bank), "staged": bool(suffix)}))
+            for suffix in suffixes:
+                for fmt in ("binary", "ascii"):
+                    created.append((f"{fmt}_runtime_measurements{suffix}", S_LNK, "symlink",
+                                    {"target": f"{fmt}_runtime_measurements_sha1{suffix}"}))
         else:
             for fmt in ("binary", "ascii"):
                 created.append((f"{fmt}_runtime_measurements", S_LIST, "list",
@@ -130,10 +146,16 @@ class Tree:
             raise FsError(errno.ENOENT) from None
 
     # -- file I/O -------------------------------------------------------------------
-    def open(self, node: Node, flags: int) -> OpenFile:
+    def open(self, node: Node, flags: int, pid: int = 0) -> OpenFile:
         acc = flags & os.O_ACCMODE
         if node.kind == "dir":
             raise FsError(errno.EISDIR)
+        if node.kind == "list" and self.staging:
+            write = acc != os.O_RDONLY
+            if write and not has_cap_sys_admin(pid):
+                raise FsError(errno.EPERM)
+            self.lock.open(write, pid)
+            return OpenFile(node, flags, locked=write)
         if node.kind == "policy":
             if acc != os.O_WRONLY:
                 raise FsError(errno.EACCES)  # no CONFIG_IMA_READ_POLICY
@@ -145,19 +167,32 @@ class Tree:
     def release(self, f: OpenFile) -> None:
         if f.node.kind == "policy":
             self.policy_busy = False
+        elif f.locked is not None:
+            self.lock.release(f.locked)
 
     def read(self, f: OpenFile, offset: int, size: int) -> bytes:
         node = f.node
         if node.kind == "list":
-            return self.ima.store.current.read(node.view, offset, size)
+            lst = self.ima.store.staged if node.staged else self.ima.store.current
+            return lst.read(node.view, offset, size)
         if node.kind in ("count", "violations"):
             value = self.ima.store.current.count if node.kind == "count" else self.ima.store.violations
             return (b"%d\n" % value)[offset:offset + size]
         raise FsError(errno.EINVAL)
 
     def write(self, f: OpenFile, offset: int, data: bytes) -> int:
-        # No file has a write method yet: the kernel answers EINVAL.
-        raise FsError(errno.EINVAL)
+        node = f.node
+        if node.kind != "list" or not self.staging:
+            raise FsError(errno.EINVAL)  # no write method
+        profile = self.ima.profile
+        cmd = parse_command(data, node.staged, profile.abi, self.ima.flush_htable, offset)
+        if cmd == "A":
+            self.ima.stage()
+        elif cmd == "D":
+            self.ima.delete_staged()
+        else:
+            self.ima.trim(cmd)
+        return len(data)
 
     def truncate(self, node: Node) -> None:
         """O_TRUNC on a securityfs file: accepted, only the times change (F-4)."""
@@ -253,7 +288,7 @@ class SecurityFs(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         node = self._call(self.tree.get, inode)
-        f = self._call(self.tree.open, node, flags)
+        f = self._call(self.tree.open, node, flags, ctx.pid)
         fh = next(self._fh)
         self.files[fh] = f
         if flags & os.O_TRUNC:

@@ -46,7 +46,7 @@ class View:
 class Block:
     """Up to BLOCK_RECORDS records: sha1-layout records plus other digest slots."""
 
-    __slots__ = ("blob", "offsets", "slots", "pcrs", "tmpl", "ascii_rest", "serial")
+    __slots__ = ("blob", "offsets", "slots", "pcrs", "tmpl", "ascii_rest", "kexec_size", "serial")
 
     def __init__(self, slot_banks: tuple[str, ...], serial: int):
         self.blob = bytearray()  # records in binary sha1 layout
@@ -55,6 +55,7 @@ class Block:
         self.pcrs = bytearray()  # pcr of each record (0..63)
         self.tmpl = bytearray()  # index into the store's template table
         self.ascii_rest = 0  # Σ len(template name + ascii_fields) over the records
+        self.kexec_size = 0  # Σ binary_runtime_size contributions (kernel-abi.md §6.2)
         self.serial = serial  # unique id, key of the render cache
 
     def __len__(self) -> int:
@@ -91,6 +92,12 @@ class RenderCache:
             self._lru.move_to_end(key)
         return data
 
+    def drop(self, serial: int, views) -> None:
+        for v in views:
+            entry = self._lru.pop((serial, v), None)
+            if entry is not None:
+                self.used -= len(entry[1])
+
     def put(self, key, entry: tuple[int, bytes]) -> None:
         old = self._lru.pop(key, None)
         if old is not None:
@@ -125,7 +132,8 @@ class MeasurementList:
             self.blocks.append(block)
         return self.blocks[-1]
 
-    def append(self, sha1_record: bytes, digests: dict, pcr: int, tmpl_idx: int, ascii_rest_len: int) -> None:
+    def append(self, sha1_record: bytes, digests, pcr: int, tmpl_idx: int, ascii_rest_len: int,
+               kexec_size: int) -> None:
         block = self._tail()
         block.offsets.append(len(block.blob))
         block.blob += sha1_record
@@ -134,7 +142,36 @@ class MeasurementList:
         block.pcrs.append(pcr)
         block.tmpl.append(tmpl_idx)
         block.ascii_rest += ascii_rest_len
+        block.kexec_size += kexec_size
         self.count += 1
+
+    # -- deleting from the head (staging: N) ---------------------------------------
+    def trim(self, n: int) -> None:
+        """Remove the ``n`` oldest records (n <= count); their memory is returned."""
+        whole = 0
+        while whole < len(self.blocks) and len(self.blocks[whole]) <= n:
+            n -= len(self.blocks[whole])
+            self.count -= len(self.blocks[whole])
+            whole += 1
+        dropped, self.blocks = self.blocks[:whole], self.blocks[whole:]
+        if n:
+            old = self.blocks[0]
+            self.blocks[0] = self.store.copy_block(old, n, sealed=len(self.blocks) > 1)
+            dropped.append(old)
+            self.count -= n
+        for b in dropped:
+            self.store.forget(b)
+        for v, starts in self.starts.items():
+            starts[:] = array("Q")
+            pos = 0
+            for b in self.blocks:
+                starts.append(pos)
+                pos += b.size(v)
+
+    @property
+    def kexec_size(self) -> int:
+        """binary_runtime_size of this list, without the kexec header."""
+        return sum(b.kexec_size for b in self.blocks)
 
     # -- sizes and reads ------------------------------------------------------
     def size(self, view: View) -> int:
@@ -204,6 +241,42 @@ class MeasurementStore:
         self._tmpl_index: dict[T.Template, int] = {}
         self.current = MeasurementList(self)
         self.staged = MeasurementList(self)
+        self.full_count = 0  # BINARY_FULL: every record added in this boot
+        self.full_size = 0
+
+    # -- staging -----------------------------------------------------------------------
+    def stage(self) -> None:
+        """A: the current list becomes the staged list; appends go to a new one."""
+        self.staged, self.current = self.current, MeasurementList(self)
+
+    def delete_staged(self, flush_htable: bool = False) -> None:
+        """D: free the staged list; its digests stay in the duplicate table
+        unless ``flush_htable`` replaces the table."""
+        old, self.staged = self.staged, MeasurementList(self)
+        for b in old.blocks:
+            self.forget(b)
+        if flush_htable:
+            self.htable = set()
+
+    def forget(self, block: Block) -> None:
+        self.cache.drop(block.serial, self.views)
+
+    def copy_block(self, old: Block, first: int, sealed: bool) -> Block:
+        """A new block holding the records ``first``.. of ``old``."""
+        new = Block(self.extra_slots, self.next_serial())
+        tmp = MeasurementList.__new__(MeasurementList)
+        tmp.blocks, tmp.count, tmp.starts, tmp.store = [new], 0, {}, self
+        for i in range(first, len(old)):
+            record = bytes(old.blob[old.offsets[i]:old.record_end(i)])
+            template = self.templates[old.tmpl[i]]
+            fields = T.parse_binary_record(record, 0, SHA1_SIZE, self.ima_d_len)[3]
+            digests = {b: v[i * T.digest_size(b):(i + 1) * T.digest_size(b)] for b, v in old.slots.items()}
+            tmp.append(record, digests, old.pcrs[i], old.tmpl[i],
+                       len(template.display_name) + T.ascii_fields_len(template, fields),
+                       self._kexec_size(template, record))
+        if sealed:
+            new.seal()
+        return new
 
     def next_serial(self) -> int:
         self._serial += 1
@@ -257,7 +330,22 @@ class MeasurementStore:
     def _append(self, lst: MeasurementList, template, fields, pcr, digests, data=None) -> None:
         record = T.binary_record(pcr, digests["sha1"], template, fields, data)
         rest = len(template.display_name) + T.ascii_fields_len(template, fields)
-        lst.append(record, digests, pcr, self._tmpl_idx(template), rest)
+        size = self._kexec_size(template, record)
+        lst.append(record, digests, pcr, self._tmpl_idx(template), rest, size)
+        self.full_count += 1
+        self.full_size += size
+
+    @staticmethod
+    def _kexec_size(template: T.Template, record: bytes) -> int:
+        """What the record adds to binary_runtime_size, with the kernel's quirks
+        (kernel-abi.md §6.2): a custom template's name counts 0 bytes although
+        it is written; an `ima` record counts the data-length word, the `d`
+        field's length word and the name's NUL that its layout does not write."""
+        if template.name == "ima":
+            return len(record) + 4 + 4 + 1
+        if not template.name:
+            return len(record) - len(template.fmt)
+        return len(record)
 
     def restore(self, template: T.Template, fields, pcr: int, violation: bool) -> None:
         """Append a record carried over by kexec: digests recomputed (zeros kept

@@ -33,38 +33,64 @@ def _listdir_raw(path) -> list[str]:
         os.close(fd)
 
 
-def test_layout_72_two_banks(mnt):
-    root = os.lstat(mnt.path)
+def _check_common(m):
+    root = os.lstat(m.path)
     assert stat.S_ISDIR(root.st_mode)
-    link = os.lstat(mnt.path / "ima")
+    link = os.lstat(m.path / "ima")
     assert link.st_mode == 0o120444
-    assert os.readlink(mnt.path / "ima") == "integrity/ima"
-    d = os.lstat(mnt.path / "integrity" / "ima")
+    assert os.readlink(m.path / "ima") == "integrity/ima"
+    d = os.lstat(m.path / "integrity" / "ima")
     assert d.st_mode == 0o40755 and d.st_nlink == 2 and d.st_uid == 0 and d.st_gid == 0
-    assert os.listdir(mnt.ima) == [
+    for name in os.listdir(m.ima):
+        st = os.lstat(m.ima / name)
+        assert st.st_uid == 0 and st.st_gid == 0
+        if stat.S_ISLNK(st.st_mode):
+            assert st.st_mode == 0o120444
+            assert os.readlink(m.ima / name) == name.replace("measurements", "measurements_sha1", 1)
+        else:
+            assert st.st_size == 0 and st.st_nlink == 1
+
+
+def test_layout_612_two_banks(mount_imafs):
+    m = mount_imafs("kernel=6.12")
+    _check_common(m)
+    assert os.listdir(m.ima) == [
         "policy", "violations", "runtime_measurements_count",
         "ascii_runtime_measurements", "binary_runtime_measurements",
         "binary_runtime_measurements_sha256", "ascii_runtime_measurements_sha256",
         "binary_runtime_measurements_sha1", "ascii_runtime_measurements_sha1"]
-    for name in ("ascii_runtime_measurements", "binary_runtime_measurements"):
-        st = os.lstat(mnt.ima / name)
-        assert st.st_mode == 0o120444
-        assert os.readlink(mnt.ima / name) == name + "_sha1"
-    for name in os.listdir(mnt.ima):
-        st = os.lstat(mnt.ima / name)
-        assert st.st_uid == 0 and st.st_gid == 0
+    for name in os.listdir(m.ima):
+        st = os.lstat(m.ima / name)
         if stat.S_ISREG(st.st_mode):
-            assert st.st_size == 0 and st.st_nlink == 1
             assert st.st_mode == (0o100200 if name == "policy" else 0o100440), name
 
 
+def test_layout_72_staging(mnt):
+    """staging.md §1.2/§1.3: `_staged` twins and symlinks, lists 0660."""
+    _check_common(mnt)
+    assert os.listdir(mnt.ima) == [
+        "policy", "violations", "runtime_measurements_count",
+        "ascii_runtime_measurements_staged", "binary_runtime_measurements_staged",
+        "ascii_runtime_measurements", "binary_runtime_measurements",
+        "binary_runtime_measurements_sha256_staged", "ascii_runtime_measurements_sha256_staged",
+        "binary_runtime_measurements_sha256", "ascii_runtime_measurements_sha256",
+        "binary_runtime_measurements_sha1_staged", "ascii_runtime_measurements_sha1_staged",
+        "binary_runtime_measurements_sha1", "ascii_runtime_measurements_sha1"]
+    assert os.readlink(mnt.ima / "ascii_runtime_measurements_staged") == "ascii_runtime_measurements_sha1_staged"
+    for name in os.listdir(mnt.ima):
+        st = os.lstat(mnt.ima / name)
+        if stat.S_ISREG(st.st_mode) and "_runtime_measurements" in name:
+            assert st.st_mode == 0o100660, name
+    assert mnt.read("ascii_runtime_measurements_staged") == b""
+
+
 def test_layout_bypass_and_four_banks(mount_imafs):
-    m = mount_imafs("tpm_banks=none")
+    m = mount_imafs("tpm_banks=none", "staging=false")
     assert os.listdir(m.ima) == [
         "policy", "violations", "runtime_measurements_count",
         "ascii_runtime_measurements", "binary_runtime_measurements",
         "binary_runtime_measurements_sha1", "ascii_runtime_measurements_sha1"]
-    m4 = mount_imafs("tpm_banks=sha256,sha384,sha512")
+    m4 = mount_imafs("tpm_banks=sha256,sha384,sha512", "staging=false")
     assert os.listdir(m4.ima)[5:] == [
         "binary_runtime_measurements_sha1", "ascii_runtime_measurements_sha1",
         "binary_runtime_measurements_sha512", "ascii_runtime_measurements_sha512",
@@ -174,7 +200,9 @@ def test_long_lived_fd_sees_appends(mnt):
         assert f.tell() == len(first) + len(tail)
 
 
-def test_writes_einval_and_trunc(mnt):
+def test_writes_einval_and_trunc(mount_imafs):
+    """Without the staging ABI no file has a write method (F-4)."""
+    mnt = mount_imafs("kernel=6.12")
     for name in ("ascii_runtime_measurements", "binary_runtime_measurements_sha256",
                  "runtime_measurements_count", "violations"):
         fd = os.open(mnt.ima / name, os.O_WRONLY | os.O_TRUNC)

@@ -9,7 +9,8 @@ from imafs.profile import Profile, ProfileError, load_profile, profile_to_dict
 
 def test_defaults():
     p = load_profile()
-    assert p == Profile()
+    assert p == Profile(staging=True)
+    assert load_profile(None, ["kernel=6.12"]).staging is False
     assert (p.kernel, p.ima_hash, p.template.name, p.tpm_banks, p.pcr_idx) == \
         ("7.2", "sha256", "ima-ng", ("sha1", "sha256"), 10)
     assert p.kernel_version == (7, 2)
@@ -50,6 +51,7 @@ def test_ima_template_boot_rules():
     ("disable_htable=maybe", ["disable_htable", "true, false"]),
     ("no_such_key=1", ["no_such_key", "known keys"]),
     ("kernel", ["KEY=VALUE"]),
+    ("abi=v6", ["abi", "v7, v5"]),
     ("boot_pcrs.sha384=/dev/null", ["boot_pcrs.sha384", "not a TPM bank"]),
     ("boot_pcrs.sha256=/nonexistent", ["boot_pcrs.sha256", "cannot read"]),
 ])
@@ -79,3 +81,9 @@ def test_boot_pcrs(tmp_path):
     bad.write_text("PCR-00: " + "00" * 32 + "\n")
     with pytest.raises(ProfileError, match="not sha1 digests"):
         load_profile(None, [f"boot_pcrs.sha1={bad}"])
+
+
+def test_staging_needs_per_bank_files():
+    with pytest.raises(ProfileError, match="staging"):
+        load_profile(None, ["kernel=6.1", "staging=true"])
+    assert load_profile(None, ["kernel=6.12", "staging=true"]).staging is True
