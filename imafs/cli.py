@@ -127,6 +127,32 @@ def cmd_pcrs(args) -> int:
     return 0
 
 
+def cmd_suspend(args) -> int:
+    _client(args).call("suspend")
+    return 0
+
+
+def cmd_kexec(args) -> int:
+    req = {"load_only": args.load_only}
+    if args.dump:
+        req["dump"] = os.path.abspath(args.dump)
+    answer = _client(args).call("kexec", **req)
+    if not args.load_only:
+        print(f"kexec: carried {answer['buffer_bytes']} bytes; {answer['count']} records in the new list")
+    return 0
+
+
+def cmd_boot(args) -> int:
+    answer = _client(args).call("boot", kexec_buffer=os.path.abspath(args.kexec_buffer))
+    print(f"booted from the kexec buffer: {answer['count']} records in the list")
+    return 0
+
+
+def cmd_reboot(args) -> int:
+    _client(args).call("reboot")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imafs", description="Linux IMA securityfs emulator.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -170,6 +196,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bank", metavar="ALG")
     c.add_argument("--format", choices=("hex", "evmctl"), default="hex")
     c.set_defaults(fn=cmd_pcrs)
+
+    k = with_mount(sub.add_parser("kexec", help="kexec into a new kernel carrying the list"))
+    k.add_argument("--load-only", action="store_true",
+                   help="only load: nothing is suspended or rebooted (use with --dump)")
+    k.add_argument("--dump", metavar="FILE", help="write the kexec buffer to FILE")
+    k.set_defaults(fn=cmd_kexec)
+
+    b = with_mount(sub.add_parser("boot", help="boot a new kernel from a captured kexec buffer"))
+    b.add_argument("--kexec-buffer", required=True, metavar="FILE")
+    b.set_defaults(fn=cmd_boot)
+
+    rb = with_mount(sub.add_parser("reboot", help="cold boot: empty list, PCRs reset"))
+    rb.set_defaults(fn=cmd_reboot)
+
+    sp = with_mount(sub.add_parser("suspend", help="run the reboot notifiers: measurements "
+                                   "suspended, A -> EACCES, D and N -> ESTALE"))
+    sp.set_defaults(fn=cmd_suspend)
     return p
 
 

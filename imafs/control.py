@@ -71,6 +71,14 @@ class Client:
         return answer
 
 
+def _write_file(path: str, data: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+
+
 class Server:
     """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
 
@@ -151,10 +159,8 @@ class Server:
         if not isinstance(count, int) or count < 0:
             raise RequestError("generate: count must be a non-negative integer")
         added = 0
-        start = self.ima.store.current.count
         for first in range(0, count, GENERATE_BATCH):
-            n = min(GENERATE_BATCH, count - first)
-            added += self.ima.generate(n, start + first)
+            added += self.ima.generate(min(GENERATE_BATCH, count - first))
             await trio.sleep(0)  # let readers in between batches
         return {"added": added, "count": self.ima.store.current.count}
 
@@ -170,6 +176,29 @@ class Server:
             if b not in pcrs.banks:
                 raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
         return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
+
+    async def cmd_suspend(self):
+        self.ima.suspend()
+        return {}
+
+    async def cmd_kexec(self, load_only=False, dump=None):
+        buf = self.ima.kexec_buffer() if load_only else self.ima.kexec()
+        if dump:
+            _write_file(dump, buf)
+        return {"buffer_bytes": len(buf), "count": self.ima.store.current.count}
+
+    async def cmd_boot(self, kexec_buffer):
+        try:
+            with open(kexec_buffer, "rb") as f:
+                buf = f.read()
+        except OSError as e:
+            raise RequestError(f"{kexec_buffer}: {e.strerror}") from None
+        self.ima.boot_from_buffer(buf)
+        return {"count": self.ima.store.current.count}
+
+    async def cmd_reboot(self):
+        self.ima.reboot()
+        return {"count": self.ima.store.current.count}
 
     async def cmd_shutdown(self):
         self.on_shutdown()

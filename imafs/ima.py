@@ -47,6 +47,7 @@ class Ima:
         self.pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks}) \
             if profile.tpm_banks else None
         self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
+        self._synthetic = 0  # synthetic records made so far
         self._boot(())
 
     def _boot(self, restored) -> None:
@@ -165,8 +166,11 @@ class Ima:
         if algo in ("sha1", "md5"):
             ev.d_digest = raw
 
-    def generate(self, count: int, start: int = 0) -> int:
-        """Append ``count`` realistic synthetic file records; returns how many were added."""
+    def generate(self, count: int) -> int:
+        """Append ``count`` realistic synthetic file records, each new since
+        the daemon started; returns how many were added."""
+        start = self._synthetic
+        self._synthetic += count
         tmpl = self.template
         has_inode = any(f in tmpl.fields for f in ("iuid", "igid", "imode"))
         added = 0

@@ -34,7 +34,7 @@ ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
 gc.collect()
 before = rss()
 t = time.perf_counter()
-ima.generate(n, 1)
+ima.generate(n)
 dt = time.perf_counter() - t
 gc.collect()
 after = rss()
