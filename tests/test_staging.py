@@ -262,3 +262,13 @@ def test_reboot(mnt):
     pcrs = mnt.client.call("pcrs", bank="sha1")["pcrs"]["sha1"]
     boot = records(mnt)[0]
     assert pcrs[10] == T.hash_bytes("sha1", bytes(20) + boot[1]).hex()
+
+
+def test_n_while_staged_is_accepted(mnt):
+    """staging.md §6 item 3: the kernel does not forbid mixing the flavours."""
+    mnt.cli("generate", "--count", "3")
+    assert write(mnt.ima / "ascii_runtime_measurements_staged", b"A\n") == 0
+    mnt.cli("generate", "--count", "3")
+    assert write(mnt.ima / "ascii_runtime_measurements", b"2\n") == 0
+    assert int(mnt.read("runtime_measurements_count")) == 1
+    assert len(records(mnt, "binary_runtime_measurements_staged")) == 4
