@@ -265,6 +265,7 @@ class Ima:
     def status(self) -> dict:
         from .profile import profile_to_dict
         return {
+            "pid": os.getpid(),
             "profile": profile_to_dict(self.profile),
             "template": self.template.display_name,
             "ima_hash": self.ima_hash,

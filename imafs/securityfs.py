@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio
 
 from .errors import FsError
 from .ima import Ima
@@ -299,7 +300,10 @@ class SecurityFs(pyfuse3.Operations):
         return self._call(self.tree.read, self.files[fh], off, size)
 
     async def write(self, fh, off, buf):
-        return self._call(self.tree.write, self.files[fh], off, buf)
+        n = self._call(self.tree.write, self.files[fh], off, buf)
+        while self.tree.ima.store.reap():  # free deleted records between other requests
+            await trio.sleep(0)
+        return n
 
     async def flush(self, fh):
         pass

@@ -159,8 +159,7 @@ class MeasurementList:
             self.blocks[0] = self.store.copy_block(old, n, sealed=len(self.blocks) > 1)
             dropped.append(old)
             self.count -= n
-        for b in dropped:
-            self.store.forget(b)
+        self.store.graveyard.extend(dropped)
         for v, starts in self.starts.items():
             starts[:] = array("Q")
             pos = 0
@@ -241,6 +240,7 @@ class MeasurementStore:
         self._tmpl_index: dict[T.Template, int] = {}
         self.current = MeasurementList(self)
         self.staged = MeasurementList(self)
+        self.graveyard: list = []  # deleted blocks (and flushed tables) still to free
         self.full_count = 0  # BINARY_FULL: every record added in this boot
         self.full_size = 0
 
@@ -253,10 +253,31 @@ class MeasurementStore:
         """D: free the staged list; its digests stay in the duplicate table
         unless ``flush_htable`` replaces the table."""
         old, self.staged = self.staged, MeasurementList(self)
-        for b in old.blocks:
-            self.forget(b)
+        self.graveyard.extend(old.blocks)
         if flush_htable:
+            self.graveyard.append(self.htable)
             self.htable = set()
+
+    def reap(self, batch: int = 32) -> bool:
+        """Free up to ``batch`` deleted blocks; True while more remain.
+
+        Deleting is detaching (O(1)); freeing happens here, in small steps the
+        daemon interleaves with other requests, as the kernel frees deleted
+        records after releasing the list lock."""
+        freed = 0
+        while self.graveyard and freed < batch:
+            item = self.graveyard[-1]
+            if isinstance(item, Block):
+                self.graveyard.pop()
+                self.forget(item)
+                freed += 1
+            else:  # a flushed duplicate table: one slice is a whole step
+                for _ in range(min(20_000, len(item))):
+                    item.pop()
+                if not item:
+                    self.graveyard.pop()
+                freed = batch
+        return bool(self.graveyard)
 
     def forget(self, block: Block) -> None:
         self.cache.drop(block.serial, self.views)

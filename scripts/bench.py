@@ -99,6 +99,71 @@ def offset_of_last(path: Path, k: int) -> int:
     return pos + 1
 
 
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def staging_ops(emu: Emulator) -> dict:
+    """Time A, D and N writes on a big list while another client keeps
+    recording, and see how long those records were held up."""
+    import threading
+    from imafs.control import Client
+    client = Client(str(emu.mp))
+    pid = client.call("status")["pid"]
+    lat: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def ingest():
+        c = Client(str(emu.mp))
+        i = 0
+        while not stop.is_set():
+            t = time.perf_counter()
+            c.call("record", name=f"/bench/{i}", digest="sha256:" + f"{i:064x}")
+            lat.append((t, time.perf_counter() - t))
+            i += 1
+
+    def timed_write(name: str, data: bytes) -> tuple[float, float]:
+        fd = os.open(emu.mp / "ima" / name, os.O_WRONLY)
+        try:
+            t = time.perf_counter()
+            os.write(fd, data)
+            return t, time.perf_counter() - t
+        finally:
+            os.close(fd)
+
+    out = {"rss_before": rss_of(pid)}
+    th = threading.Thread(target=ingest)
+    th.start()
+    try:
+        time.sleep(0.5)
+        ops = {}
+        ima = emu.mp / "ima"
+        n = int((ima / "runtime_measurements_count").read_text()) // 2
+        for label, name, data in (("N_half", "ascii_runtime_measurements", b"%d\n" % n),
+                                  ("A", "ascii_runtime_measurements_staged", b"A\n"),
+                                  ("D", "ascii_runtime_measurements_staged", b"D\n")):
+            if label == "A":  # back to 1M records before staging them
+                client.call("generate", count=n)
+                out["records_staged"] = int((ima / "runtime_measurements_count").read_text())
+            t0, dt = timed_write(name, data)
+            time.sleep(0.3)
+            window = [d for t, d in lat if t0 - 0.05 <= t <= t0 + dt + 0.05]
+            ops[label] = {"write_ms": dt * 1e3, "ingest_max_ms_during": max(window) * 1e3 if window else None}
+            if label == "A":
+                out["rss_after_A"] = rss_of(pid)
+            if label == "D":
+                out["rss_after_D"] = rss_of(pid)
+    finally:
+        stop.set()
+        th.join()
+    quiet = sorted(d for _, d in lat)
+    out["ops"] = ops
+    out["ingest_median_ms"] = quiet[len(quiet) // 2] * 1e3
+    out["target"] = "write < 100 ms; ingest held up < 10 ms; memory returned"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
@@ -154,6 +219,7 @@ def main() -> None:
                 seek[label] = {"offset": off, "median_s": tail_read(emu.list, off)}
             result["seek_last_1000"] = seek
             result["seek_last_1000"]["target"] = "same cost at 10k and 1M"
+            result["staging_1M"] = staging_ops(big)
         finally:
             big.close()
             small.close()

@@ -147,3 +147,46 @@ def test_random_records_any_offset(items, reads):
         want = expected(recs, view.fmt, view.bank)
         for off, size in reads:
             assert s.current.read(view, off, size) == want[off:off + size]
+
+
+@pytest.mark.parametrize("n", [1, S.BLOCK_RECORDS - 1, S.BLOCK_RECORDS, S.BLOCK_RECORDS + 5, 3 * S.BLOCK_RECORDS])
+def test_trim_keeps_views_exact_and_frees(n):
+    s = make_store(cache=1 << 16)
+    recs = fill(s, 3 * S.BLOCK_RECORDS + 10)
+    for view in s.views:
+        s.current.read(view, 0, 1 << 30)  # fill the render cache
+    s.current.trim(n)
+    assert s.current.count == len(recs) - n
+    for view in s.views:
+        want = expected(recs[n:], view.fmt, view.bank)
+        assert s.current.size(view) == len(want)
+        assert s.current.read(view, 0, 1 << 30) == want
+        assert s.current.read(view, 1000, 5000) == want[1000:6000]
+    assert s.current.kexec_size == len(s.current.sha1_bytes())
+    while s.reap(2):
+        pass
+    assert not s.graveyard
+    more = [(NG, T.encode_fields(NG, ev(10**6 + i)), 10, False) for i in range(3)]
+    for tmpl, fields, pcr, _ in more:  # the list still grows after a trim
+        assert s.add(tmpl, fields, pcr)
+    assert s.current.read(s.view("ascii", "sha256"), 0, 1 << 30) == expected(recs[n:] + more, "ascii", "sha256")
+
+
+def test_delete_staged_frees_and_keeps_or_flushes_duplicates():
+    s = make_store()
+    recs = fill(s, 2000)
+    for view in s.views:
+        s.current.read(view, 0, 1 << 30)
+    s.stage()
+    assert s.current.count == 0 and s.staged.count == 2000
+    s.delete_staged()
+    assert s.staged.count == 0 and s.graveyard
+    while s.reap():
+        pass
+    assert s.cache.used == 0 and not s.cache._lru  # rendered bytes returned too
+    tmpl, fields, pcr, _ = recs[0]
+    assert not s.add(tmpl, fields, pcr)  # still in the duplicate table
+    s.delete_staged(flush_htable=True)
+    while s.reap():
+        pass
+    assert s.add(tmpl, fields, pcr)
