@@ -182,7 +182,11 @@ class Server:
         return {}
 
     async def cmd_kexec(self, load_only=False, dump=None):
-        buf = self.ima.kexec_buffer() if load_only else self.ima.kexec()
+        if load_only:
+            self.ima.kexec_load()
+            buf = self.ima.kexec_buffer()
+        else:
+            buf = self.ima.kexec()
         if dump:
             _write_file(dump, buf)
         return {"buffer_bytes": len(buf), "count": self.ima.store.current.count}

@@ -58,9 +58,22 @@ class Ima:
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
         for pcr, digest, template, fields in restored:
             self.store.restore(template, fields, pcr, violation=not any(digest))
+        self.kexec_segment = None  # size of a loaded kexec segment
         algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
         self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
                                ima_hash=self.ima_hash, d_digest=sha1))
+        self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
+
+    def critical_data(self, name: str, label: str, buf: bytes) -> None:
+        """A CRITICAL_DATA event (ima-buf), measured when the policy says so.
+
+        The only policy that can measure it yet is the built-in
+        `critical_data` (``measure func=CRITICAL_DATA``, every label)."""
+        if "critical_data" not in self.profile.ima_policy.split("|"):
+            return
+        self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
+                               file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
+                               d_digest=self._d_of(buf)), T.BUILTIN_TEMPLATES["ima-buf"])
 
     # -- the store step ----------------------------------------------------------
     def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:
@@ -220,9 +233,30 @@ class Ima:
         """The kexec buffer as it would be copied now: staged records, then current."""
         return kexec.dump([self.store.staged, self.store.current])
 
+    def kexec_load(self) -> None:
+        """kexec_file_load: size the segment for the lists (kernel-abi.md §6.2)
+        and, from 6.16, record the `kexec_load` critical data."""
+        page = 4096
+        need = self.store.current.kexec_size + self.store.staged.kexec_size + kexec.HEADER.size + page // 2
+        self.kexec_segment = -(-need // page) * page
+        self._kexec_event("kexec_load")
+
+    def _kexec_event(self, name: str) -> None:
+        if self.profile.kernel_version < (6, 16):
+            return
+        full = self.counters()["BINARY_FULL"]
+        text = (f"kexec_segment_size={self.kexec_segment};ima_binary_runtime_size={full['binary_runtime_size']};"
+                f"ima_runtime_measurements_count={full['records']};")
+        self.critical_data(name, "ima_kexec", text.encode())
+
     def kexec(self) -> bytes:
-        """Suspend, copy the lists into the kexec buffer, boot the next kernel
-        from it (PCRs are not reset by a kexec). Returns the buffer."""
+        """Load if not loaded, record `kexec_execute`, suspend, copy the lists
+        into the kexec buffer and boot the next kernel from it (a kexec does
+        not reset the PCRs). Returns the buffer."""
+        if self.kexec_segment is None:
+            self.kexec_load()
+        if not self.suspended:
+            self._kexec_event("kexec_execute")
         self.suspend()
         buf = self.kexec_buffer()
         records, error = kexec.parse(buf)

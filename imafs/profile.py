@@ -100,6 +100,21 @@ def _int_range(lo: int, hi: int):
     return check
 
 
+BUILTIN_POLICIES = ("tcb", "appraise_tcb", "secure_boot", "critical_data", "fail_securely")
+SUPPORTED_POLICIES = ("critical_data",)  # the rest come with the policy engine
+
+
+def _policy(key: str, v: Any) -> str:
+    names = [n for n in str(v).split("|") if n]
+    for n in names:
+        if n not in BUILTIN_POLICIES:
+            raise ProfileError(f"{key}: unknown built-in policy {n!r}; allowed: {', '.join(BUILTIN_POLICIES)}")
+        if n not in SUPPORTED_POLICIES:
+            raise ProfileError(f"{key}: {n!r} needs the policy engine, which imafs does not have yet; "
+                               f"allowed now: {', '.join(SUPPORTED_POLICIES)}")
+    return "|".join(names)
+
+
 # key -> parser; one line per key
 KEYS = {
     "kernel": _choice(KERNELS),
@@ -114,6 +129,8 @@ KEYS = {
     "abi": _choice(("v7", "v5")),
     "ima_flush_htable": _bool,
     "kexec": _bool,
+    "ima_policy": _policy,
+    "uts_release": lambda key, v: str(v),
 }
 
 
@@ -132,6 +149,8 @@ class Profile:
     abi: str = "v7"  # the staging ABI: v7 (merged in 7.2) or v5 (as posted 29 Apr 2026)
     ima_flush_htable: bool = False
     kexec: bool = True  # CONFIG_IMA_KEXEC: binary_runtime_size is tracked
+    ima_policy: str = ""  # built-in policies, "|"-separated; "" = the empty default policy
+    uts_release: str = ""  # the kernel release string (kernel_version record); "" = "<kernel>.0-imafs"
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -143,6 +162,10 @@ class Profile:
     def template(self) -> T.Template:
         """The boot template: ima_template_fmt wins over ima_template."""
         return T.lookup_template(self.ima_template_fmt or self.ima_template)
+
+    @property
+    def release(self) -> str:
+        return self.uts_release or f"{self.kernel}.0-imafs"
 
     def boot_pcr_values(self, bank: str) -> list[bytes]:
         return list(dict(self.boot_pcrs).get(bank, ()))

@@ -20,7 +20,7 @@ import trio
 from .errors import FsError
 from .ima import Ima
 from .staging import MeasureLock, parse_command
-from .store import View
+from .store import View, return_memory
 
 S_DIR = stat.S_IFDIR | 0o755
 S_LNK = stat.S_IFLNK | 0o444
@@ -301,8 +301,11 @@ class SecurityFs(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         n = self._call(self.tree.write, self.files[fh], off, buf)
-        while self.tree.ima.store.reap():  # free deleted records between other requests
-            await trio.sleep(0)
+        store = self.tree.ima.store
+        if store.graveyard:
+            while store.reap():  # free deleted records between other requests
+                await trio.sleep(0)
+            return_memory()
         return n
 
     async def flush(self, fh):

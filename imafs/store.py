@@ -17,6 +17,8 @@ current list and, for the staging ABI, a staged list.
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
 import struct
 from array import array
 from collections import OrderedDict
@@ -25,6 +27,26 @@ from dataclasses import dataclass
 from . import templates as T
 
 BLOCK_RECORDS = 1024
+
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+except OSError:  # not glibc
+    _libc = None
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_buffers(threshold: int = 64 << 10) -> None:
+    """Have glibc map every buffer of ``threshold`` bytes or more on its own
+    (blocks, rendered views), so that freeing deleted records gives their
+    memory back to the system instead of leaving holes in the heap."""
+    if _libc is not None:
+        _libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def return_memory() -> None:
+    """Give freed heap pages back to the system (glibc's malloc_trim)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
 SHA1_SIZE = 20
 
 _U32 = struct.Struct("<I")

@@ -272,3 +272,25 @@ def test_n_while_staged_is_accepted(mnt):
     assert write(mnt.ima / "ascii_runtime_measurements", b"2\n") == 0
     assert int(mnt.read("runtime_measurements_count")) == 1
     assert len(records(mnt, "binary_runtime_measurements_staged")) == 4
+
+
+def test_kexec_critical_data_records(mount_imafs, tmp_path):
+    """kernel-abi.md §4.3/§6.2: with `ima_policy=critical_data`, kernel_version at
+    boot and, from 6.16, kexec_load and kexec_execute (label ima_kexec)."""
+    m = mount_imafs("ima_policy=critical_data", "uts_release=6.12.117+deb12-amd64")
+    lines = m.read("ascii_runtime_measurements").decode().splitlines()
+    assert lines[1].split(" ")[2:] == ["ima-buf", lines[1].split(" ")[3], "kernel_version",
+                                      "362e31322e3131372b64656231322d616d643634"]  # F-12
+    m.cli("generate", "--count", "4")
+    m.cli("kexec", "--load-only")
+    load = m.read("ascii_runtime_measurements").decode().splitlines()[-1].split(" ")
+    assert load[4] == "kexec_load"
+    text = bytes.fromhex(load[5]).decode()
+    assert text.startswith("kexec_segment_size=") and "ima_runtime_measurements_count=6;" in text
+    m.cli("kexec")
+    names = [line.split(" ")[4] for line in m.read("ascii_runtime_measurements").decode().splitlines()]
+    assert names[-4:] == ["kexec_load", "kexec_execute", "boot_aggregate", "kernel_version"]
+    plain = mount_imafs()
+    plain.cli("kexec")
+    assert [line.split(" ")[4] for line in plain.read("ascii_runtime_measurements").decode().splitlines()] \
+        == ["boot_aggregate", "boot_aggregate"]
