@@ -15,7 +15,6 @@ from .control import Server, socket_path
 from .ima import Ima
 from .profile import Profile
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
-from .store import map_large_buffers
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,6 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None) -> None:
     try:
         check_mountpoint(mountpoint)
         sock = socket_path(mountpoint)  # before mounting: realpath() would stat the mount
-        map_large_buffers()
         ima = Ima(profile)
         ops = SecurityFs(Tree(ima))
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))

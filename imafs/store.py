@@ -32,15 +32,6 @@ try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 except OSError:  # not glibc
     _libc = None
-_M_MMAP_THRESHOLD = -3
-
-
-def map_large_buffers(threshold: int = 64 << 10) -> None:
-    """Have glibc map every buffer of ``threshold`` bytes or more on its own
-    (blocks, rendered views), so that freeing deleted records gives their
-    memory back to the system instead of leaving holes in the heap."""
-    if _libc is not None:
-        _libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def return_memory() -> None:
