@@ -127,6 +127,16 @@ def cmd_pcrs(args) -> int:
     return 0
 
 
+def cmd_dmesg(args) -> int:
+    path = _client(args).call("status")["kernel_log"]
+    try:
+        with open(path, "rb") as f:
+            sys.stdout.buffer.write(f.read())
+    except FileNotFoundError:
+        pass  # nothing logged yet
+    return 0
+
+
 def cmd_suspend(args) -> int:
     _client(args).call("suspend")
     return 0
@@ -209,6 +219,9 @@ def _parser() -> argparse.ArgumentParser:
 
     rb = with_mount(sub.add_parser("reboot", help="cold boot: empty list, PCRs reset"))
     rb.set_defaults(fn=cmd_reboot)
+
+    dm = with_mount(sub.add_parser("dmesg", help="the emulated kernel's log (audit records included)"))
+    dm.set_defaults(fn=cmd_dmesg)
 
     sp = with_mount(sub.add_parser("suspend", help="run the reboot notifiers: measurements "
                                    "suspended, A -> EACCES, D and N -> ESTALE"))

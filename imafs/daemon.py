@@ -13,6 +13,7 @@ import trio
 
 from .control import Server, socket_path
 from .ima import Ima
+from .klog import KernelLog
 from .profile import Profile
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
 
@@ -62,7 +63,9 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None) -> None:
     try:
         check_mountpoint(mountpoint)
         sock = socket_path(mountpoint)  # before mounting: realpath() would stat the mount
-        ima = Ima(profile)
+        klog = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
+        klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ima = Ima(profile, KernelLog(klog))
         ops = SecurityFs(Tree(ima))
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
     except (MountError, RuntimeError, OSError) as e:

@@ -13,6 +13,8 @@ import errno
 from . import kexec
 from . import templates as T
 from .errors import FsError
+from .klog import KernelLog
+from .policy import HookEvent, Parser, PolicyFile, Rule, builtin_rules, measure_decision
 from .profile import Profile
 from .store import MeasurementStore
 from .tpm import PcrBanks, boot_aggregate
@@ -40,8 +42,9 @@ def _getxattr(path: str, name: str) -> bytes | None:
 class Ima:
     """The emulated kernel's IMA: boots with boot_aggregate, then records events."""
 
-    def __init__(self, profile: Profile):
+    def __init__(self, profile: Profile, klog: KernelLog | None = None):
         self.profile = profile
+        self.klog = klog or KernelLog(None)
         self.template = profile.template
         self.ima_hash = profile.ima_hash
         self.pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks}) \
@@ -54,6 +57,10 @@ class Ima:
         """A new kernel: a fresh store holding the ``restored`` kexec records,
         then this kernel's boot_aggregate."""
         self.suspended = False
+        p = self.profile
+        self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
+                                 Parser(p.kernel_version, p.appraise_modsig),
+                                 read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
         for pcr, digest, template, fields in restored:
@@ -65,15 +72,21 @@ class Ima:
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
 
     def critical_data(self, name: str, label: str, buf: bytes) -> None:
-        """A CRITICAL_DATA event (ima-buf), measured when the policy says so.
+        """A CRITICAL_DATA event, measured when the policy says so."""
+        self.measure_buffer("CRITICAL_DATA", name, buf, label=label)
 
-        The only policy that can measure it yet is the built-in
-        `critical_data` (``measure func=CRITICAL_DATA``, every label)."""
-        if "critical_data" not in self.profile.ima_policy.split("|"):
-            return
-        self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
-                               file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
-                               d_digest=self._d_of(buf)), T.BUILTIN_TEMPLATES["ima-buf"])
+    def measure_buffer(self, func: str, name: str, buf: bytes, *, keyring: str | None = None,
+                       label: str | None = None) -> Rule | None:
+        """A buffer hook (KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA): the first
+        matching measure/dont_measure rule decides; the record uses ima-buf
+        unless the rule names a template. Returns the deciding rule."""
+        rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label))
+        if rule is not None and rule.action == "measure":
+            self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
+                                   file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
+                                   d_digest=self._d_of(buf)),
+                           rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
+        return rule
 
     # -- the store step ----------------------------------------------------------
     def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:
@@ -303,6 +316,8 @@ class Ima:
             "profile": profile_to_dict(self.profile),
             "template": self.template.display_name,
             "ima_hash": self.ima_hash,
+            "kernel_log": os.fspath(self.klog.path) if self.klog.path else None,
+            "policy": [r.render().rstrip() for r in self.policy.rules if not r.inert],
             "count": self.store.current.count,
             "staged": self.store.staged.count,
             "violations": self.store.violations,

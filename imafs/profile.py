@@ -101,7 +101,6 @@ def _int_range(lo: int, hi: int):
 
 
 BUILTIN_POLICIES = ("tcb", "appraise_tcb", "secure_boot", "critical_data", "fail_securely")
-SUPPORTED_POLICIES = ("critical_data",)  # the rest come with the policy engine
 
 
 def _policy(key: str, v: Any) -> str:
@@ -109,9 +108,6 @@ def _policy(key: str, v: Any) -> str:
     for n in names:
         if n not in BUILTIN_POLICIES:
             raise ProfileError(f"{key}: unknown built-in policy {n!r}; allowed: {', '.join(BUILTIN_POLICIES)}")
-        if n not in SUPPORTED_POLICIES:
-            raise ProfileError(f"{key}: {n!r} needs the policy engine, which imafs does not have yet; "
-                               f"allowed now: {', '.join(SUPPORTED_POLICIES)}")
     return "|".join(names)
 
 
@@ -131,6 +127,10 @@ KEYS = {
     "kexec": _bool,
     "ima_policy": _policy,
     "uts_release": lambda key, v: str(v),
+    "read_policy": _bool,
+    "write_policy": _bool,
+    "appraise_modsig": _bool,
+    "kernel_log": lambda key, v: str(v),
 }
 
 
@@ -151,6 +151,10 @@ class Profile:
     kexec: bool = True  # CONFIG_IMA_KEXEC: binary_runtime_size is tracked
     ima_policy: str = ""  # built-in policies, "|"-separated; "" = the empty default policy
     uts_release: str = ""  # the kernel release string (kernel_version record); "" = "<kernel>.0-imafs"
+    read_policy: bool = False  # CONFIG_IMA_READ_POLICY
+    write_policy: bool = False  # CONFIG_IMA_WRITE_POLICY
+    appraise_modsig: bool = False  # CONFIG_IMA_APPRAISE_MODSIG: appraise_type=imasig|modsig
+    kernel_log: str = ""  # file of the kernel's log lines; "" = beside the control socket
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -160,8 +164,11 @@ class Profile:
 
     @property
     def template(self) -> T.Template:
-        """The boot template: ima_template_fmt wins over ima_template."""
-        return T.lookup_template(self.ima_template_fmt or self.ima_template)
+        """The boot template: ima_template_fmt wins over ima_template and keeps
+        the name "" even when it spells a built-in's format, as in the kernel."""
+        if self.ima_template_fmt:
+            return T.Template("", self.ima_template_fmt, T.lookup_template(self.ima_template_fmt).fields)
+        return T.lookup_template(self.ima_template)
 
     @property
     def release(self) -> str:

@@ -67,12 +67,13 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("node", "flags", "locked")
+    __slots__ = ("node", "flags", "locked", "session")
 
-    def __init__(self, node: Node, flags: int, locked: bool | None = None):
+    def __init__(self, node: Node, flags: int, locked: bool | None = None, session=None):
         self.node = node
         self.flags = flags
         self.locked = locked  # None: not under the lock; else whether as the writer
+        self.session = session  # a policy write session
 
 
 class Tree:
@@ -91,7 +92,6 @@ class Tree:
         self.staging = bool(ima.profile.staging)
         self.lock = MeasureLock()
         self._populate()
-        self.policy_busy = False
 
     def _node(self, name, mode, kind, parent, **kw) -> Node:
         n = Node(next(self._ino), name, mode, kind, parent, mtime_ns=self._now,
@@ -130,10 +130,16 @@ class Tree:
 
     # -- lookups ------------------------------------------------------------------
     def get(self, inode: int) -> Node:
-        try:
-            return self.nodes[inode]
-        except KeyError:
-            raise FsError(errno.ENOENT) from None
+        node = self.nodes.get(inode)
+        if node is None or not self.visible(node):
+            raise FsError(errno.ENOENT)
+        if node.kind == "policy":
+            node.mode = stat.S_IFREG | self.ima.policy.mode
+        return node
+
+    def visible(self, node: Node) -> bool:
+        """The policy file is gone after a load on distribution kernels."""
+        return node.kind != "policy" or self.ima.policy.present
 
     def lookup(self, parent: int, name: str) -> Node:
         p = self.get(parent)
@@ -141,10 +147,15 @@ class Tree:
             return p
         if name == "..":
             return p.parent or p
-        try:
-            return p.children[name]
-        except KeyError:
-            raise FsError(errno.ENOENT) from None
+        child = p.children.get(name)
+        if child is None:
+            raise FsError(errno.ENOENT)
+        return self.get(child.inode)
+
+    def entries(self, node: Node) -> list[tuple[str, Node]]:
+        """readdir: ., .., then the children in the kernel's order."""
+        return [(".", node), ("..", node.parent or node)] + \
+            [(n, c) for n, c in node.children.items() if self.visible(c)]
 
     # -- file I/O -------------------------------------------------------------------
     def open(self, node: Node, flags: int, pid: int = 0) -> OpenFile:
@@ -158,16 +169,13 @@ class Tree:
             self.lock.open(write, pid)
             return OpenFile(node, flags, locked=write)
         if node.kind == "policy":
-            if acc != os.O_WRONLY:
-                raise FsError(errno.EACCES)  # no CONFIG_IMA_READ_POLICY
-            if self.policy_busy:
-                raise FsError(errno.EBUSY)
-            self.policy_busy = True
+            policy = self.ima.policy
+            return OpenFile(node, flags, session=policy.open(flags, has_cap_sys_admin(pid)))
         return OpenFile(node, flags)
 
     def release(self, f: OpenFile) -> None:
         if f.node.kind == "policy":
-            self.policy_busy = False
+            self.ima.policy.release(f.session)
         elif f.locked is not None:
             self.lock.release(f.locked)
 
@@ -179,10 +187,14 @@ class Tree:
         if node.kind in ("count", "violations"):
             value = self.ima.store.current.count if node.kind == "count" else self.ima.store.violations
             return (b"%d\n" % value)[offset:offset + size]
+        if node.kind == "policy" and f.session is None:
+            return self.ima.policy.read(offset, size)
         raise FsError(errno.EINVAL)
 
     def write(self, f: OpenFile, offset: int, data: bytes) -> int:
         node = f.node
+        if node.kind == "policy" and f.session is not None:
+            return self.ima.policy.write(f.session, offset, data)
         if node.kind != "list" or not self.staging:
             raise FsError(errno.EINVAL)  # no write method
         profile = self.ima.profile
@@ -218,8 +230,8 @@ class SecurityFs(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
-        a.entry_timeout = self.attr_timeout
-        a.attr_timeout = self.attr_timeout
+        # the policy file can vanish or change mode: never cached
+        a.entry_timeout = a.attr_timeout = 0 if node.kind == "policy" else self.attr_timeout
         a.st_mode = node.mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid
@@ -277,8 +289,7 @@ class SecurityFs(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
-        node = self.tree.get(fh)
-        entries = [(".", node), ("..", node.parent or node)] + list(node.children.items())
+        entries = self.tree.entries(self.tree.get(fh))
         for i in range(start_id, len(entries)):
             name, child = entries[i]
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(child), i + 1):
@@ -305,7 +316,7 @@ class SecurityFs(pyfuse3.Operations):
         if store.graveyard:
             while store.reap():  # free deleted records between other requests
                 await trio.sleep(0)
-            return_memory()
+            await trio.to_thread.run_sync(return_memory)  # ctypes drops the GIL
         return n
 
     async def flush(self, fh):

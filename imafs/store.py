@@ -212,7 +212,7 @@ class MeasurementList:
         """Yield (pcr, sha1 digest, template, fields) for every record, in order."""
         for block in self.blocks:
             for off in block.offsets:
-                pcr, digest, tmpl, fields, _ = T.parse_binary_record(block.blob, off, SHA1_SIZE, self.store.ima_d_len)
+                pcr, digest, tmpl, fields, _ = T.parse_binary_record(block.blob, off, SHA1_SIZE, self.store.ima_d_len, T.MAX_LIST_TEMPLATE_NAME_LEN)
                 yield pcr, digest, tmpl, fields
 
     def sha1_bytes(self) -> bytes:
@@ -303,7 +303,7 @@ class MeasurementStore:
         for i in range(first, len(old)):
             record = bytes(old.blob[old.offsets[i]:old.record_end(i)])
             template = self.templates[old.tmpl[i]]
-            fields = T.parse_binary_record(record, 0, SHA1_SIZE, self.ima_d_len)[3]
+            fields = T.parse_binary_record(record, 0, SHA1_SIZE, self.ima_d_len, T.MAX_LIST_TEMPLATE_NAME_LEN)[3]
             digests = {b: v[i * T.digest_size(b):(i + 1) * T.digest_size(b)] for b, v in old.slots.items()}
             tmp.append(record, digests, old.pcrs[i], old.tmpl[i],
                        len(template.display_name) + T.ascii_fields_len(template, fields),
@@ -434,7 +434,7 @@ class MeasurementStore:
             t = templates[tmpl[i]]
             s = offs[i]
             if t.name == "ima":
-                fields = T.parse_binary_record(blob, s, SHA1_SIZE, self.ima_d_len)[3]
+                fields = T.parse_binary_record(blob, s, SHA1_SIZE, self.ima_d_len, T.MAX_LIST_TEMPLATE_NAME_LEN)[3]
             else:
                 o = s + 4 + SHA1_SIZE + 4 + len(t.display_name) + 4
                 e = block.record_end(i)

@@ -52,7 +52,6 @@ def test_ima_template_boot_rules():
     ("no_such_key=1", ["no_such_key", "known keys"]),
     ("kernel", ["KEY=VALUE"]),
     ("abi=v6", ["abi", "v7, v5"]),
-    ("ima_policy=tcb", ["ima_policy", "policy engine"]),
     ("ima_policy=bogus", ["ima_policy", "critical_data"]),
     ("boot_pcrs.sha384=/dev/null", ["boot_pcrs.sha384", "not a TPM bank"]),
     ("boot_pcrs.sha256=/nonexistent", ["boot_pcrs.sha256", "cannot read"]),

@@ -1,0 +1,539 @@
+"""IMA policy rules (the kernel's ima_policy.c): parse, validate, print,
+match, and the built-in policies.
+
+Facts: kernel-abi.md §1.5–1.6 and §5.2, kernel-observed.md F-7 and R-1/R-2.
+Behaviour that changed between kernels follows the profile's version.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from . import templates as T
+from .errors import FsError
+
+ACTIONS = ("measure", "dont_measure", "appraise", "dont_appraise", "audit", "dont_audit",
+           "hash", "dont_hash")
+FUNCS = {
+    "FILE_CHECK": "FILE_CHECK", "PATH_CHECK": "FILE_CHECK", "MODULE_CHECK": "MODULE_CHECK",
+    "FIRMWARE_CHECK": "FIRMWARE_CHECK", "FILE_MMAP": "MMAP_CHECK", "MMAP_CHECK": "MMAP_CHECK",
+    "MMAP_CHECK_REQPROT": "MMAP_CHECK_REQPROT", "BPRM_CHECK": "BPRM_CHECK",
+    "CREDS_CHECK": "CREDS_CHECK", "KEXEC_KERNEL_CHECK": "KEXEC_KERNEL_CHECK",
+    "KEXEC_INITRAMFS_CHECK": "KEXEC_INITRAMFS_CHECK", "POLICY_CHECK": "POLICY_CHECK",
+    "KEXEC_CMDLINE": "KEXEC_CMDLINE", "KEY_CHECK": "KEY_CHECK", "CRITICAL_DATA": "CRITICAL_DATA",
+    "SETXATTR_CHECK": "SETXATTR_CHECK",
+}
+BUFFER_FUNCS = ("KEXEC_CMDLINE", "KEY_CHECK", "CRITICAL_DATA")
+MASKS = {"MAY_EXEC": 0x1, "MAY_WRITE": 0x2, "MAY_READ": 0x4, "MAY_APPEND": 0x8}
+ID_KEYS = ("uid", "euid", "gid", "egid", "fowner", "fgroup")
+LSM_KEYS = ("obj_user", "obj_role", "obj_type", "subj_user", "subj_role", "subj_type")
+# hashes a Debian kernel has built in; sha512 is a module on 6.1 (F-7)
+BUILTIN_HASHES_61 = ("md5", "sha1", "sha256", "sha224")
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str
+    func: str | None = None
+    mask: str | None = None  # "MAY_READ" or "^MAY_READ"
+    fsmagic: int | None = None
+    fsname: str | None = None
+    fs_subtype: str | None = None
+    keyrings: tuple[str, ...] | None = None
+    label: tuple[str, ...] | None = None
+    pcr: int | None = None
+    fsuuid: str | None = None
+    ids: tuple[tuple[str, str, int], ...] = ()  # (key, op, value), e.g. ("euid", "=", 0)
+    appraise_algos: tuple[str, ...] | None = None
+    lsm: tuple[tuple[str, str], ...] = ()
+    template: T.Template | None = None
+    appraise_type: str | None = None
+    digest_type: str | None = None
+    permit_directio: bool = False
+    text: str = field(default="", compare=False)
+
+    @property
+    def inert(self) -> bool:
+        """A rule with an LSM label: there is no LSM here, so it never matches
+        and is not printed (R-2)."""
+        return bool(self.lsm)
+
+    def render(self) -> str:
+        """The rule as the kernel prints it when the policy is read (§1.6)."""
+        out = [self.action + " "]
+        if self.func:
+            out.append(f"func={self.func} ")
+        if self.mask:
+            out.append(f"mask={self.mask} ")
+        if self.fsmagic is not None:
+            out.append(f"fsmagic={self.fsmagic:#x} ")
+        if self.fsname:
+            out.append(f"fsname={self.fsname} ")
+        if self.fs_subtype:
+            out.append(f"fs_subtype={self.fs_subtype} ")
+        if self.keyrings:
+            out.append(f"keyrings={'|'.join(self.keyrings)} ")
+        if self.label:
+            out.append(f"label={'|'.join(self.label)} ")
+        if self.pcr is not None:
+            out.append(f"pcr={self.pcr} ")
+        if self.fsuuid:
+            out.append(f"fsuuid={self.fsuuid} ")
+        ids = {k: (op, v) for k, op, v in self.ids}
+        for k in ID_KEYS:
+            if k in ids:
+                out.append(f"{k}{ids[k][0]}{ids[k][1]} ")
+        if self.appraise_algos:
+            order = list(T.HASH_ALGOS)
+            out.append(f"appraise_algos={','.join(sorted(self.appraise_algos, key=order.index))} ")
+        if self.template:
+            out.append(f"template={self.template.name or self.template.fmt} ")
+        if self.appraise_type:
+            out.append(f"appraise_type={self.appraise_type} ")
+        if self.digest_type:
+            out.append(f"digest_type={self.digest_type} ")
+        if self.permit_directio:
+            out.append("permit_directio ")
+        return "".join(out) + "\n"
+
+    # -- matching (ima_match_rules) ------------------------------------------------
+    def matches(self, ev: "HookEvent") -> bool:
+        if self.inert:
+            return False
+        if self.func:
+            if self.func != ev.func:
+                return False
+        elif ev.func in BUFFER_FUNCS:
+            return False  # buffer hooks need an explicit func=
+        if self.mask:
+            bits = MASKS[self.mask.lstrip("^")]
+            if self.mask.startswith("^"):
+                if not ev.mask & bits:
+                    return False
+            elif ev.mask != bits:
+                return False
+        if self.fsmagic is not None and self.fsmagic != ev.fsmagic:
+            return False
+        if self.fsname is not None and self.fsname != ev.fsname:
+            return False
+        if self.fs_subtype is not None and self.fs_subtype != ev.fs_subtype:
+            return False
+        if self.fsuuid is not None and self.fsuuid != ev.fsuuid:
+            return False
+        if self.keyrings is not None and (ev.keyring is None or ev.keyring not in self.keyrings):
+            return False
+        if self.label is not None and (ev.label is None or ev.label not in self.label):
+            return False
+        for key, op, value in self.ids:
+            if not _id_matches(key, op, value, ev):
+                return False
+        return True
+
+
+def _cmp(op: str, have: int | None, want: int) -> bool:
+    if have is None:
+        return False
+    return have == want if op == "=" else have > want if op == ">" else have < want
+
+
+def _id_matches(key: str, op: str, value: int, ev: "HookEvent") -> bool:
+    if key in ("euid", "egid"):
+        # with CAP_SETUID/CAP_SETGID the real and saved ids count too (§5.2)
+        real, eff, saved, cap = ((ev.uid, ev.euid, ev.suid, ev.cap_setuid) if key == "euid"
+                                 else (ev.gid, ev.egid, ev.sgid, ev.cap_setgid))
+        if cap:
+            return any(_cmp(op, x, value) for x in (eff, saved, real))
+        return _cmp(op, eff, value)
+    return _cmp(op, getattr(ev, key), value)
+
+
+@dataclass
+class HookEvent:
+    """One hook call as the policy sees it."""
+
+    func: str
+    mask: int = 0
+    uid: int | None = None
+    euid: int | None = None
+    suid: int | None = None
+    gid: int | None = None
+    egid: int | None = None
+    sgid: int | None = None
+    cap_setuid: bool = False
+    cap_setgid: bool = False
+    fowner: int | None = None
+    fgroup: int | None = None
+    fsmagic: int | None = None
+    fsname: str | None = None
+    fs_subtype: str | None = None
+    fsuuid: str | None = None
+    keyring: str | None = None
+    label: str | None = None
+
+
+# -- parsing (ima_parse_rule) ---------------------------------------------------------
+_TOKEN = re.compile(r"([a-z_]+)(=|<|>)(.*)", re.S)
+_DEC = re.compile(r"\+?[0-9]+")
+
+
+class Parser:
+    """Parses rule lines the way the kernel of ``profile`` does."""
+
+    def __init__(self, kernel_version: tuple[int, int], modsig: bool = False):
+        self.kv = kernel_version
+        self.modsig = modsig
+
+    def parse(self, line: str, lsm_rejected: bool) -> Rule | None:
+        """One line (without its newline). None for blank and comment lines.
+
+        ``lsm_rejected``: the boot policy is still active, so a rule with an
+        undefined LSM label is refused (R-2)."""
+        line = line.lstrip(" \t")
+        if not line or line.startswith("#"):
+            return None
+        fields: dict = {"ids": [], "lsm": []}
+        action = None
+        seen: set[str] = set()
+        for tok in re.split(r"[ \t]+", line):
+            if not tok:
+                continue
+            if tok.startswith("#"):
+                if self.kv < (6, 14):
+                    raise FsError(errno.EINVAL, "suffix comments need kernel 6.14")
+                break
+            if tok in ACTIONS:
+                if action is not None or (tok == "dont_audit" and self.kv < (6, 19)):
+                    raise FsError(errno.EINVAL, f"bad action {tok}")
+                action = tok
+                continue
+            if tok == "permit_directio":
+                fields["permit_directio"] = True
+                continue
+            m = _TOKEN.fullmatch(tok)
+            if not m:
+                raise FsError(errno.EINVAL, f"unknown token {tok!r}")
+            key, op, value = m.groups()
+            self._option(key, op, value, action, fields, seen)
+        if action is None:
+            raise FsError(errno.EINVAL, "no action")
+        if fields["lsm"] and lsm_rejected:
+            raise FsError(errno.EINVAL, f"rule for LSM '{fields['lsm'][0][1]}' is undefined")
+        rule = Rule(action=action, **{k: (tuple(v) if isinstance(v, list) else v)
+                                      for k, v in fields.items()}, text=line)
+        self._validate(rule)
+        return rule
+
+    def _option(self, key, op, value, action, fields, seen) -> None:
+        def once(name=key):
+            if name in seen:
+                raise FsError(errno.EINVAL, f"{name} given twice")
+            seen.add(name)
+
+        def bad(why=""):
+            raise FsError(errno.EINVAL, why or f"bad {key}{op}{value}")
+
+        if op != "=" and key not in ID_KEYS:
+            bad()
+        if key == "func":
+            once()
+            func = FUNCS.get(value)
+            if func is None or (func == "MMAP_CHECK_REQPROT" and self.kv < (6, 4)):
+                bad()
+            fields["func"] = func
+        elif key == "mask":
+            once()
+            if value.lstrip("^") not in MASKS:
+                bad()
+            fields["mask"] = value
+        elif key == "fsmagic":
+            once()
+            if not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", value):
+                bad()
+            fields["fsmagic"] = int(value, 16)
+        elif key in ("fsname", "fs_subtype"):
+            if key == "fs_subtype" and self.kv < (6, 19):
+                bad()
+            once()
+            if not value:
+                bad()
+            fields[key] = value
+        elif key == "fsuuid":
+            once()
+            if not re.fullmatch(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}", value):
+                bad()
+            fields["fsuuid"] = str(uuid.UUID(value))
+        elif key in ID_KEYS:
+            once()
+            if not _DEC.fullmatch(value) or int(value) >= 0xFFFFFFFF:
+                bad()  # not a valid kuid/kgid
+            fields["ids"].append((key, op, int(value)))
+        elif key in ("keyrings", "label"):
+            once()
+            items = value.split("|")
+            if not all(items):
+                bad("empty item")
+            fields[key] = items
+        elif key == "pcr":
+            if action != "measure" or not _DEC.fullmatch(value) or int(value) > 63:
+                bad()
+            fields["pcr"] = int(value)  # a repeated pcr= is accepted: the last wins (R-2)
+        elif key == "template":
+            once()
+            if action != "measure":
+                bad()
+            try:
+                fields["template"] = T.lookup_template(value)
+            except T.TemplateError:
+                bad(f"unknown template {value}")
+        elif key == "appraise_type":
+            once()
+            allowed = ["imasig", "sigv3"] + (["imasig|modsig"] if self.modsig else [])
+            if value not in allowed:
+                bad()
+            fields["appraise_type"] = value
+        elif key == "appraise_flag":
+            if self.kv < (6, 12):
+                bad()  # 6.1 refused the deprecated check_blacklist (F-7)
+        elif key == "appraise_algos":
+            once()
+            algos = value.split(",")
+            known = BUILTIN_HASHES_61 if self.kv < (6, 12) else tuple(T.HASH_ALGOS)
+            if not all(a in known and _available(a) for a in algos):
+                bad(f"unavailable hash algorithm in {value}")
+            fields["appraise_algos"] = algos
+        elif key == "digest_type":
+            once()
+            if value != "verity":
+                bad()
+            fields["digest_type"] = value
+        elif key in LSM_KEYS:
+            once()
+            fields["lsm"].append((key, value))
+        else:
+            bad(f"unknown token {key}{op}")
+
+    def _validate(self, r: Rule) -> None:
+        """ima_validate_rule: which options go with which action and func."""
+        def bad(why):
+            raise FsError(errno.EINVAL, why)
+        appraise = r.action in ("appraise", "dont_appraise")
+        if (r.appraise_type or r.appraise_algos) and not appraise:
+            bad("appraise options on a non-appraise rule")
+        if r.keyrings is not None and r.func != "KEY_CHECK":
+            bad("keyrings= needs func=KEY_CHECK")
+        if r.label is not None and r.func != "CRITICAL_DATA":
+            bad("label= needs func=CRITICAL_DATA")
+        if r.func in BUFFER_FUNCS and r.action not in ("measure", "dont_measure"):
+            bad(f"{r.func} only with measure or dont_measure")
+        if r.func == "SETXATTR_CHECK" and (r.action != "appraise" or not r.appraise_algos):
+            bad("SETXATTR_CHECK only as appraise ... appraise_algos=")
+        if r.appraise_type == "sigv3" and r.digest_type != "verity" and self.kv < (7, 1):
+            bad("sigv3 needs digest_type=verity before 7.1")
+
+
+def _available(alg: str) -> bool:
+    try:
+        T.new_hash(alg)
+        return True
+    except T.UnknownHashError:
+        return False
+
+
+# -- built-in policies (ima_policy=) ---------------------------------------------------
+PROC, SYSFS, DEBUGFS, TMPFS, RAMFS = 0x9FA0, 0x62656572, 0x64626720, 0x01021994, 0x858458F6
+DEVPTS, BINFMT, SECURITYFS, SELINUX, SMACK = 0x1CD1, 0x42494E4D, 0x73636673, 0xF97CFF8C, 0x43415D53
+CGROUP, CGROUP2, NSFS, EFIVARFS = 0x27E0EB, 0x63677270, 0x6E736673, 0xDE5E81E4
+
+
+def builtin_rules(names: str, kernel_version: tuple[int, int]) -> list[Rule]:
+    """The rules of ``ima_policy=names``, in the kernel's fixed order (R-1)."""
+    wanted = set(n for n in names.split("|") if n)
+    rules: list[Rule] = []
+    if "tcb" in wanted:
+        for magic in (PROC, SYSFS, DEBUGFS, TMPFS, DEVPTS, BINFMT, SECURITYFS, SELINUX, SMACK,
+                      CGROUP, CGROUP2, NSFS, EFIVARFS):
+            tmpfs_file_only = magic == TMPFS and kernel_version >= (6, 14)
+            rules.append(Rule("dont_measure", fsmagic=magic, func="FILE_CHECK" if tmpfs_file_only else None))
+        rules += [Rule("measure", func="MMAP_CHECK", mask="MAY_EXEC"),
+                  Rule("measure", func="BPRM_CHECK", mask="MAY_EXEC"),
+                  Rule("measure", func="FILE_CHECK", mask="^MAY_READ", ids=(("euid", "=", 0),)),
+                  Rule("measure", func="FILE_CHECK", mask="^MAY_READ", ids=(("uid", "=", 0),)),
+                  Rule("measure", func="MODULE_CHECK"),
+                  Rule("measure", func="FIRMWARE_CHECK"),
+                  Rule("measure", func="POLICY_CHECK")]
+    if "secure_boot" in wanted:
+        rules += [Rule("appraise", func=f, appraise_type="imasig")
+                  for f in ("MODULE_CHECK", "FIRMWARE_CHECK", "KEXEC_KERNEL_CHECK", "POLICY_CHECK")]
+    if "appraise_tcb" in wanted:
+        rules += [Rule("dont_appraise", fsmagic=m) for m in (
+            PROC, SYSFS, DEBUGFS, TMPFS, RAMFS, DEVPTS, BINFMT, SECURITYFS, SELINUX, SMACK,
+            NSFS, EFIVARFS, CGROUP, CGROUP2)]
+        rules += [Rule("appraise", func="POLICY_CHECK", appraise_type="imasig"),
+                  Rule("appraise", ids=(("fowner", "=", 0),))]
+    if "critical_data" in wanted:
+        rules.append(Rule("measure", func="CRITICAL_DATA"))
+    return rules
+
+
+def needs_signed_policy(rules: list[Rule]) -> bool:
+    """An `appraise func=POLICY_CHECK` rule is in effect: rules can only be
+    loaded from a signed file (§1.5 step 4)."""
+    return any(r.action == "appraise" and r.func == "POLICY_CHECK" for r in rules)
+
+
+def measure_decision(rules: list[Rule], ev: HookEvent) -> Rule | None:
+    """The first matching measure/dont_measure rule, if any (§5.2)."""
+    for r in rules:
+        if r.action in ("measure", "dont_measure") and r.matches(ev):
+            return r
+    return None
+
+
+
+# -- the policy file (ima_fs.c open/write/release, ima_update_policy) -----------------
+MAX_WRITE = 4095  # PAGE_SIZE - 1
+
+
+class Session:
+    """One open...close of the policy file for writing."""
+
+    def __init__(self):
+        self.rules: list[Rule] = []
+        self.failed = False
+        self.consumed = 0  # bytes the writes returned: where FUSE puts the file position
+
+
+class PolicyFile:
+    """The active policy and the `policy` file's state machine.
+
+    ``read_policy``/``write_policy`` are CONFIG_IMA_READ_POLICY and
+    CONFIG_IMA_WRITE_POLICY; ``log`` gets the kernel's log lines.
+    """
+
+    def __init__(self, rules: list[Rule], parser: Parser, *, read_policy: bool, write_policy: bool,
+                 log, measure_policy_file=None):
+        self.rules = rules
+        self.parser = parser
+        self.read_policy = read_policy
+        self.write_policy = write_policy
+        self.log = log
+        self.measure_policy_file = measure_policy_file or (lambda path: None)
+        self.custom = False  # a custom policy replaced the boot policy
+        self.busy = False
+        self.present = True  # the file is removed after a load on distribution kernels
+        self.writable = True  # the write bit; lost after a load with READ_POLICY alone
+
+    @property
+    def mode(self) -> int:
+        return (0o400 if self.read_policy else 0) | (0o200 if self.writable else 0)
+
+    def open(self, flags: int, cap_sys_admin: bool) -> Session | None:
+        """A Session for a writer, None for a reader."""
+        acc = flags & os.O_ACCMODE
+        if acc == os.O_WRONLY:
+            if self.busy:
+                raise FsError(errno.EBUSY)
+            self.busy = True
+            return Session()
+        if acc != os.O_RDONLY or not self.read_policy:
+            raise FsError(errno.EACCES)
+        if not cap_sys_admin:
+            raise FsError(errno.EPERM)
+        return None
+
+    def read(self, offset: int, size: int) -> bytes:
+        text = "".join(r.render() for r in self.rules if not r.inert).encode()
+        return text[offset:offset + size]
+
+    def write(self, s: Session, offset: int, data: bytes) -> int:
+        """One write(): what it returns, or FsError (the session then fails)."""
+        try:
+            n = self._write(s, offset, data[:MAX_WRITE])
+        except FsError:
+            s.failed = True
+            raise
+        s.consumed = offset + n
+        return n
+
+    def _write(self, s: Session, offset: int, data: bytes) -> int:
+        # The kernel never moves the file position, FUSE does: a write where the
+        # previous one left it counts as a write at 0 (docs/deviations.md).
+        if offset not in (0, s.consumed):
+            raise FsError(errno.EINVAL, "no partial writes")
+        if data.startswith(b"/"):
+            path = data.split(b"\n", 1)[0].split(b"\0", 1)[0]
+            self._load_file(s, path)
+            return len(data)
+        if needs_signed_policy(self.rules):
+            self.log.kernel("ima: signed policy file (specified as an absolute pathname) required")
+            self.log.audit(1802, "op=update_policy cause=signed policy required", 0)
+            raise FsError(errno.EACCES)
+        line, newline, _ = data.partition(b"\n")
+        nul = line.find(b"\0")
+        if nul >= 0:
+            line, newline = line[:nul], b"\0"
+        self._parse_line(s, line)
+        # the kernel consumes the line and its terminator; with neither it
+        # returns count + 1, more than FUSE allows (docs/deviations.md)
+        return len(line) + 1 if newline else len(data)
+
+    def _parse_line(self, s: Session, raw: bytes) -> None:
+        text = raw.decode("utf-8", "surrogateescape")
+        shown = text.strip(" \t")
+        try:
+            rule = self.parser.parse(text, lsm_rejected=not self.custom)
+        except FsError as e:
+            if str(e).startswith("rule for LSM"):
+                self.log.kernel(f"ima: {e}")
+            self.log.audit(1807, f"action={shown}", 0)
+            raise
+        if rule is not None:
+            self.log.audit(1807, f"action={shown}", 1)
+            s.rules.append(rule)
+
+    def _load_file(self, s: Session, path: bytes) -> None:
+        name = os.fsdecode(path)
+        try:
+            if os.path.isdir(name):
+                raise IsADirectoryError
+            with open(name, "rb") as f:
+                content = f.read()
+        except IsADirectoryError:
+            self.log.kernel(f"ima: Unable to open file: {name} (-22)")
+            raise FsError(errno.EINVAL) from None
+        except OSError as e:
+            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
+            raise FsError(e.errno or errno.EINVAL) from None
+        self.measure_policy_file(name)
+        if needs_signed_policy(self.rules):  # an unsigned file fails appraisal (R-5)
+            self.log.kernel(f"ima: Unable to open file: {name} (-13)")
+            raise FsError(errno.EACCES)
+        lines = content.split(b"\n")
+        if lines[-1]:
+            raise FsError(errno.EINVAL, "last line has no newline")
+        for raw in lines[:-1]:
+            self._parse_line(s, raw.split(b"\0", 1)[0])
+
+    def release(self, s: Session | None) -> None:
+        if s is None:
+            return
+        if s.failed or not s.rules:
+            self.log.kernel("ima: policy update failed")
+            self.log.audit(1802, "op=policy_update cause=failed", 0)
+            self.busy = False
+            return
+        self.rules = s.rules if not self.custom else self.rules + s.rules
+        self.custom = True
+        self.log.kernel("ima: policy update completed")
+        self.log.audit(1802, "op=policy_update cause=completed", 1)
+        if self.write_policy:
+            self.busy = False
+        elif self.read_policy:
+            self.writable = False  # busy stays set: later write opens get EBUSY
+        else:
+            self.present = False
+            self.busy = False
