@@ -127,6 +127,39 @@ def cmd_pcrs(args) -> int:
     return 0
 
 
+def _mask(text: str) -> int:
+    from .policy import MASKS
+    bits = 0
+    for part in text.split("|"):
+        if part in MASKS:
+            bits |= MASKS[part]
+        elif part.isdigit():
+            bits |= int(part)
+        else:
+            raise ValueError(f"--mask: {part!r}; use {', '.join(MASKS)} joined by |, or a number")
+    return bits
+
+
+def cmd_measure(args) -> int:
+    req = {"func": args.func}
+    if args.path:
+        try:
+            req["mask"] = _mask(args.mask) if args.mask else 0
+        except ValueError as e:
+            return _fail(str(e), 2)
+        req.update(path=os.path.abspath(args.path), name=args.as_name,
+                   uid=os.getuid() if args.uid is None else args.uid,
+                   gid=os.getgid() if args.gid is None else args.gid,
+                   euid=os.geteuid() if args.euid is None else args.euid,
+                   egid=os.getegid() if args.egid is None else args.egid)
+    else:
+        req.update(name=args.name, data_hex=args.data_hex, keyring=args.keyring, label=args.label)
+    answer = _client(args).call("measure", **{k: v for k, v in req.items() if v is not None})
+    answer.pop("ok")
+    print(json.dumps(answer))
+    return 0
+
+
 def cmd_dmesg(args) -> int:
     path = _client(args).call("status")["kernel_log"]
     try:
@@ -219,6 +252,21 @@ def _parser() -> argparse.ArgumentParser:
 
     rb = with_mount(sub.add_parser("reboot", help="cold boot: empty list, PCRs reset"))
     rb.set_defaults(fn=cmd_reboot)
+
+    ms = with_mount(sub.add_parser("measure", help="a hook event, decided by the policy"))
+    ms.add_argument("path", nargs="?", help="the file of a file hook")
+    ms.add_argument("--func", required=True, help="FILE_CHECK, BPRM_CHECK, MMAP_CHECK, ..., or a "
+                    "buffer hook: KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA")
+    ms.add_argument("--mask", help="MAY_READ|MAY_WRITE|MAY_APPEND|MAY_EXEC")
+    for cred in ("uid", "euid", "gid", "egid"):
+        ms.add_argument(f"--{cred}", type=int, help="the task's credentials (default: yours)")
+    ms.add_argument("--as", dest="as_name", metavar="NAME", help="record under this name")
+    ms.add_argument("--name", help="event name of a buffer hook")
+    ms.add_argument("--data-hex", help="the buffer of a buffer hook")
+    grp = ms.add_mutually_exclusive_group()
+    grp.add_argument("--keyring")
+    grp.add_argument("--label")
+    ms.set_defaults(fn=cmd_measure)
 
     dm = with_mount(sub.add_parser("dmesg", help="the emulated kernel's log (audit records included)"))
     dm.set_defaults(fn=cmd_dmesg)

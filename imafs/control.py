@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from .ima import Ima, RequestError
+from .policy import BUFFER_FUNCS
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,20 @@ class Server:
             if b not in pcrs.banks:
                 raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
         return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
+
+    async def cmd_measure(self, func, path=None, mask=0, uid=0, euid=None, gid=0, egid=None,
+                          name=None, data_hex=None, keyring=None, label=None):
+        if path is not None:
+            return self.ima.measure_file(path, func, mask, uid=uid, euid=euid, gid=gid, egid=egid, name=name)
+        if data_hex is None or not name:
+            raise RequestError("measure: give a file, or --name and --data-hex for a buffer hook")
+        if func not in BUFFER_FUNCS:
+            raise RequestError(f"--func {func}: buffer hooks are {', '.join(BUFFER_FUNCS)}")
+        try:
+            buf = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("--data-hex: not a hexadecimal string") from None
+        return self.ima.measure_buffer(func, name, buf, keyring=keyring, label=label)
 
     async def cmd_suspend(self):
         self.ima.suspend()

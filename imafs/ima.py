@@ -4,6 +4,7 @@ store step of a measurement (the kernel's ima_init.c and ima_api.c)."""
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 import logging
 import os
 import stat
@@ -14,13 +15,16 @@ from . import kexec
 from . import templates as T
 from .errors import FsError
 from .klog import KernelLog
-from .policy import HookEvent, Parser, PolicyFile, Rule, builtin_rules, measure_decision
+from .fsinfo import fs_info
+from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
+                     measure_decision)
 from .profile import Profile
 from .store import MeasurementStore
 from .tpm import PcrBanks, boot_aggregate
 
 
 log = logging.getLogger(__name__)
+MAY_READ = MASKS["MAY_READ"]
 
 
 class RequestError(ValueError):
@@ -51,6 +55,7 @@ class Ima:
             if profile.tpm_banks else None
         self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
         self._synthetic = 0  # synthetic records made so far
+        self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self._boot(())
 
     def _boot(self, restored) -> None:
@@ -60,7 +65,8 @@ class Ima:
         p = self.profile
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig),
-                                 read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog)
+                                 read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
+                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ))
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
         for pcr, digest, template, fields in restored:
@@ -76,17 +82,18 @@ class Ima:
         self.measure_buffer("CRITICAL_DATA", name, buf, label=label)
 
     def measure_buffer(self, func: str, name: str, buf: bytes, *, keyring: str | None = None,
-                       label: str | None = None) -> Rule | None:
+                       label: str | None = None) -> dict:
         """A buffer hook (KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA): the first
         matching measure/dont_measure rule decides; the record uses ima-buf
-        unless the rule names a template. Returns the deciding rule."""
+        unless the rule names a template. Returns how it was decided."""
         rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label))
+        added = False
         if rule is not None and rule.action == "measure":
-            self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
-                                   file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
-                                   d_digest=self._d_of(buf)),
-                           rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
-        return rule
+            added = self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
+                                           file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
+                                           d_digest=self._d_of(buf)),
+                                   rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
+        return self._decided(name, func, rule, added)
 
     # -- the store step ----------------------------------------------------------
     def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:
@@ -149,6 +156,43 @@ class Ima:
                                "give a sha1 or md5 digest, a file or a buffer")
         added = self.add_event(ev, tmpl, pcr)
         return {"added": added, "count": self.store.current.count, "violations": self.store.violations}
+
+    # -- hooks (ima_main.c process_measurement) -------------------------------------------
+    def measure_file(self, path: str, func: str, mask: int = 0, *, uid: int = 0, euid: int | None = None,
+                     gid: int = 0, egid: int | None = None, name: str | None = None) -> dict:
+        """A file hook: the policy decides with the task's credentials and the
+        file's owner and filesystem; a measure decision hashes and records it."""
+        func = FUNCS.get(func)
+        if func is None or func in BUFFER_FUNCS:
+            raise RequestError(f"--func: not a file hook; file hooks: "
+                               + ", ".join(sorted(set(FUNCS.values()) - set(BUFFER_FUNCS))))
+        try:
+            st = os.stat(path)
+            fs = fs_info(path)
+        except OSError as e:
+            raise RequestError(f"{path}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            return self._decided(path, func, None, False, "not a regular file: never measured")
+        ev = HookEvent(func, mask, uid=uid, euid=uid if euid is None else euid, suid=uid, gid=gid,
+                       egid=gid if egid is None else egid, sgid=gid,
+                       cap_setuid=(uid if euid is None else euid) == 0, cap_setgid=(uid if euid is None else euid) == 0,
+                       fowner=st.st_uid, fgroup=st.st_gid, fsmagic=fs.magic, fsname=fs.name,
+                       fs_subtype=fs.subtype, fsuuid=fs.uuid)
+        rule = measure_decision(self.policy.rules, ev)
+        added = False
+        if rule is not None and rule.action == "measure":
+            rec = T.Event(name=os.fsencode(name or os.path.realpath(path)), ima_hash=self.ima_hash)
+            self._fill_from_file(rec, path, content=True)
+            added = self.add_event(rec, rule.template, rule.pcr)
+        return self._decided(name or path, func, rule, added)
+
+    def _decided(self, name: str, func: str, rule: Rule | None, added: bool, why: str = "") -> dict:
+        """Remember and report how a hook event was decided."""
+        event = {"name": name, "func": func, "added": added,
+                 "decision": why or (rule.action if rule else "no matching measure rule: not measured"),
+                 "rule": rule.render().rstrip() if rule else None}
+        self.last_events.append(event)
+        return event
 
     def _d_of(self, content: bytes) -> bytes:
         return hashlib.md5(content).digest() if self.ima_hash == "md5" else hashlib.sha1(content).digest()
@@ -318,6 +362,7 @@ class Ima:
             "ima_hash": self.ima_hash,
             "kernel_log": os.fspath(self.klog.path) if self.klog.path else None,
             "policy": [r.render().rstrip() for r in self.policy.rules if not r.inert],
+            "last_events": list(self.last_events),
             "count": self.store.current.count,
             "staged": self.store.staged.count,
             "violations": self.store.violations,
