@@ -316,3 +316,72 @@ def test_r5_secure_boot_needs_signed_policy(mount_imafs, tmp_path):
     log = m.cli("dmesg").stdout
     assert "signed policy file (specified as an absolute pathname) required" in log
     assert len(m.client.call("status")["policy"]) == 4
+
+
+def test_f7_through_the_mount(mount_imafs):
+    """Both columns of F-7 with real open/write/close on a 6.12 policy file."""
+    m = mount_imafs("kernel=6.12", "write_policy=true", "read_policy=true")
+    pol = m.ima / "policy"
+
+    def session(rule: str) -> int:
+        fd = os.open(pol, os.O_WRONLY)
+        try:
+            os.write(fd, rule.encode() + b"\n")
+            return 0
+        except OSError as e:
+            return e.errno
+        finally:
+            os.close(fd)
+
+    for rule in REFUSED:  # first: the LSM rules are refused only while the boot policy is active
+        assert session(rule) == errno.EINVAL, rule
+    assert m.read("policy") == b""
+    for rule in ACCEPTED:
+        assert session(rule) == 0, rule
+    assert m.read("policy").count(b"\n") == len(ACCEPTED)
+
+
+writes = st.lists(st.binary(max_size=120) | st.sampled_from(
+    [b"measure func=BPRM_CHECK\n", b"dont_measure fsmagic=0x9fa0\n", b"# c\n", b"\n", b"bogus\n"]),
+    max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(writes, max_size=4))
+def test_fuzz_sessions_change_policy_only_when_valid(sessions):
+    from imafs.klog import KernelLog
+    from imafs.policy import PolicyFile
+    pf = PolicyFile([], Parser(V72), read_policy=True, write_policy=True, log=KernelLog(None))
+    for chunks in sessions:
+        before = list(pf.rules)
+        s = pf.open(os.O_WRONLY, True)
+        ok = True
+        for data in chunks:
+            try:
+                n = pf.write(s, 0, data)
+                assert 0 < n <= max(len(data), 1) or data == b""
+            except FsError as e:
+                assert e.errno in (errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR)
+                ok = False
+        queued = list(s.rules)
+        pf.release(s)
+        if ok and queued:
+            assert pf.rules == before + queued
+        else:
+            assert pf.rules == before
+        assert not pf.busy
+
+
+def test_random_bytes_never_hurt_the_daemon(mount_imafs):
+    import random
+    m = mount_imafs("write_policy=true")
+    rng = random.Random(7)
+    for _ in range(100):
+        fd = os.open(m.ima / "policy", os.O_WRONLY)
+        try:
+            os.write(fd, bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    assert m.client.call("status")["count"] >= 1
