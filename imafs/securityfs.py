@@ -20,7 +20,7 @@ import trio
 from .errors import FsError
 from .ima import Ima
 from .staging import MeasureLock, parse_command
-from .store import View, return_memory
+from .store import View
 
 S_DIR = stat.S_IFDIR | 0o755
 S_LNK = stat.S_IFLNK | 0o444
@@ -313,10 +313,8 @@ class SecurityFs(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         n = self._call(self.tree.write, self.files[fh], off, buf)
         store = self.tree.ima.store
-        if store.graveyard:
-            while store.reap():  # free deleted records between other requests
-                await trio.sleep(0)
-            await trio.to_thread.run_sync(return_memory)  # ctypes drops the GIL
+        while store.reap():  # free deleted records between other requests
+            await trio.sleep(0)
         return n
 
     async def flush(self, fh):

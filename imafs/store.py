@@ -17,8 +17,7 @@ current list and, for the staging ABI, a staged list.
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
+import mmap
 import struct
 from array import array
 from collections import OrderedDict
@@ -28,16 +27,6 @@ from . import templates as T
 
 BLOCK_RECORDS = 1024
 
-try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-except OSError:  # not glibc
-    _libc = None
-
-
-def return_memory() -> None:
-    """Give freed heap pages back to the system (glibc's malloc_trim)."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
 SHA1_SIZE = 20
 
 _U32 = struct.Struct("<I")
@@ -75,7 +64,7 @@ class Block:
         return len(self.offsets)
 
     def seal(self) -> None:
-        self.blob = bytes(self.blob)
+        self.blob = _own_pages(self.blob)
         self.slots = {b: bytes(v) for b, v in self.slots.items()}
         self.pcrs = bytes(self.pcrs)
         self.tmpl = bytes(self.tmpl)
@@ -89,6 +78,16 @@ class Block:
             return len(self.blob) + n * (T.digest_size(view.bank) - SHA1_SIZE)
         # "%2d " + hex digest + " " + name/fields + "\n"
         return n * (3 + 2 * T.digest_size(view.bank) + 1 + 1) + self.ascii_rest
+
+
+def _own_pages(data) -> mmap.mmap | bytes:
+    """``data`` in an anonymous mapping of its own: freeing it gives the pages
+    back to the system at once, whatever the heap around it looks like."""
+    if not data:
+        return b""
+    pages = mmap.mmap(-1, len(data))
+    pages.write(data)
+    return pages
 
 
 class RenderCache:
