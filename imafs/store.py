@@ -40,10 +40,6 @@ class View:
     fmt: str  # "ascii" | "binary"
     bank: str
 
-    @property
-    def filename(self) -> str:
-        return f"{self.fmt}_runtime_measurements_{self.bank}"
-
 
 class Block:
     """Up to BLOCK_RECORDS records: sha1-layout records plus other digest slots."""
@@ -206,13 +202,6 @@ class MeasurementList:
             pos = 0
             i += 1
         return bytes(out[0]) if len(out) == 1 else b"".join(out)
-
-    def records(self):
-        """Yield (pcr, sha1 digest, template, fields) for every record, in order."""
-        for block in self.blocks:
-            for off in block.offsets:
-                pcr, digest, tmpl, fields, _ = T.parse_binary_record(block.blob, off, SHA1_SIZE, self.store.ima_d_len, T.MAX_LIST_TEMPLATE_NAME_LEN)
-                yield pcr, digest, tmpl, fields
 
     def sha1_bytes(self) -> bytes:
         """The whole list in the kexec (binary sha1) serialization format."""
