@@ -67,13 +67,14 @@ class Node:
 
 
 class OpenFile:
-    __slots__ = ("node", "flags", "locked", "session")
+    __slots__ = ("node", "flags", "locked", "session", "policy")
 
-    def __init__(self, node: Node, flags: int, locked: bool | None = None, session=None):
+    def __init__(self, node: Node, flags: int, locked: bool | None = None, session=None, policy=None):
         self.node = node
         self.flags = flags
         self.locked = locked  # None: not under the lock; else whether as the writer
         self.session = session  # a policy write session
+        self.policy = policy  # the policy it was opened on (a reboot makes a new one)
 
 
 class Tree:
@@ -170,12 +171,12 @@ class Tree:
             return OpenFile(node, flags, locked=write)
         if node.kind == "policy":
             policy = self.ima.policy
-            return OpenFile(node, flags, session=policy.open(flags, has_cap_sys_admin(pid)))
+            return OpenFile(node, flags, session=policy.open(flags, has_cap_sys_admin(pid)), policy=policy)
         return OpenFile(node, flags)
 
     def release(self, f: OpenFile) -> None:
         if f.node.kind == "policy":
-            self.ima.policy.release(f.session)
+            f.policy.release(f.session)
         elif f.locked is not None:
             self.lock.release(f.locked)
 
@@ -188,13 +189,13 @@ class Tree:
             value = self.ima.store.current.count if node.kind == "count" else self.ima.store.violations
             return (b"%d\n" % value)[offset:offset + size]
         if node.kind == "policy" and f.session is None:
-            return self.ima.policy.read(offset, size)
+            return f.policy.read(offset, size)
         raise FsError(errno.EINVAL)
 
     def write(self, f: OpenFile, offset: int, data: bytes) -> int:
         node = f.node
         if node.kind == "policy" and f.session is not None:
-            return self.ima.policy.write(f.session, offset, data)
+            return f.policy.write(f.session, offset, data)
         if node.kind != "list" or not self.staging:
             raise FsError(errno.EINVAL)  # no write method
         profile = self.ima.profile

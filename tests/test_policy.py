@@ -385,3 +385,15 @@ def test_random_bytes_never_hurt_the_daemon(mount_imafs):
         finally:
             os.close(fd)
     assert m.client.call("status")["count"] >= 1
+
+
+def test_policy_session_across_reboot(mount_imafs):
+    """A writer that outlives a reboot closes on the policy it opened, and the
+    new kernel's policy file is free and whole again."""
+    m = mount_imafs("write_policy=true", "read_policy=true")
+    fd = os.open(m.ima / "policy", os.O_WRONLY)
+    os.write(fd, b"measure func=BPRM_CHECK\n")
+    m.cli("reboot")
+    os.close(fd)
+    assert m.read("policy") == b""
+    os.close(os.open(m.ima / "policy", os.O_WRONLY))
