@@ -259,7 +259,7 @@ class MeasurementStore:
             self.graveyard.append(self.htable)
             self.htable = set()
 
-    def reap(self, batch: int = 4) -> bool:
+    def reap(self, batch: int = 1) -> bool:
         """Free up to ``batch`` deleted blocks; True while more remain.
 
         Deleting is detaching (O(1)); freeing happens here, in small steps the
