@@ -72,13 +72,14 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None) -> None:
         ready(str(e))
         return
     try:
-        trio.run(_serve, ima, sock, ready)
+        trio.run(_serve, ima, ops, sock, ready)
     finally:
         pyfuse3.close(unmount=True)
 
 
-async def _serve(ima: Ima, sock: Path, ready) -> None:
+async def _serve(ima: Ima, ops: SecurityFs, sock: Path, ready) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(ops.reaper)
         server = Server(ima, on_shutdown=pyfuse3.terminate)
         await nursery.start(server.serve, sock)
         nursery.start_soon(_signals)

@@ -367,6 +367,7 @@ class Ima:
             "staged": self.store.staged.count,
             "violations": self.store.violations,
             "suspended": self.suspended,
+            "blocks_to_free": len(self.store.graveyard),
             "counters": self.counters(),
             "pcrs": {b: {str(i): v.hex() for i, v in enumerate(self.pcrs.values(b))}
                      for b in self.pcrs.banks} if self.pcrs else {},

@@ -226,6 +226,7 @@ class SecurityFs(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self._fh = itertools.count(1)
         self.files: dict[int, OpenFile] = {}
+        self._wake: trio.Event | None = None  # wakes the reaper
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -313,10 +314,19 @@ class SecurityFs(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         n = self._call(self.tree.write, self.files[fh], off, buf)
-        store = self.tree.ima.store
-        while store.reap():  # free deleted records between other requests
-            await trio.sleep(0)
+        if self.tree.ima.store.graveyard and self._wake is not None:
+            self._wake.set()
         return n
+
+    async def reaper(self) -> None:
+        """Free deleted records one block at a time between other requests,
+        after the write that deleted them has returned (the kernel too frees
+        them after releasing the list lock)."""
+        while True:
+            self._wake = trio.Event()
+            await self._wake.wait()
+            while self.tree.ima.store.reap():
+                await trio.sleep(0)
 
     async def flush(self, fh):
         pass

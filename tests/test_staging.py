@@ -294,3 +294,17 @@ def test_kexec_critical_data_records(mount_imafs, tmp_path):
     plain.cli("kexec")
     assert [line.split(" ")[4] for line in plain.read("ascii_runtime_measurements").decode().splitlines()] \
         == ["boot_aggregate", "boot_aggregate"]
+
+
+def test_deleted_records_are_freed_in_the_background(mnt):
+    import time
+    mnt.cli("generate", "--count", "5000")
+    assert write(mnt.ima / "ascii_runtime_measurements_staged", b"A\n") == 0
+    mnt.read("ascii_runtime_measurements_sha256_staged")  # rendered blocks to drop too
+    assert write(mnt.ima / "ascii_runtime_measurements_staged", b"D\n") == 0
+    assert write(mnt.ima / "ascii_runtime_measurements", b"1\n") == errno.ENOENT  # empty list
+    for _ in range(100):
+        if mnt.client.call("status")["blocks_to_free"] == 0:
+            break
+        time.sleep(0.05)
+    assert mnt.client.call("status")["blocks_to_free"] == 0
