@@ -89,10 +89,9 @@ class Ima:
         rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label))
         added = False
         if rule is not None and rule.action == "measure":
-            added = self.add_event(T.Event(name=name.encode(), buf=buf, file_algo=self.ima_hash,
-                                           file_digest=T.hash_bytes(self.ima_hash, buf), ima_hash=self.ima_hash,
-                                           d_digest=self._d_of(buf)),
-                                   rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
+            ev = self._content_event(name.encode(), buf)
+            ev.buf = buf
+            added = self.add_event(ev, rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
         return self._decided(name, func, rule, added)
 
     # -- the store step ----------------------------------------------------------
@@ -143,12 +142,11 @@ class Ima:
             self._fill_digest(ev, digest)
         elif buffer_hex is not None:
             try:
-                ev.buf = bytes.fromhex(buffer_hex)
+                buf = bytes.fromhex(buffer_hex)
             except ValueError:
                 raise RequestError("--buffer-hex: not a hexadecimal string") from None
-            ev.file_algo = self.ima_hash
-            ev.file_digest = T.hash_bytes(self.ima_hash, ev.buf)
-            ev.d_digest = self._d_of(ev.buf)
+            ev = self._content_event(ev.name, buf)
+            ev.buf = buf
             tmpl = tmpl or T.BUILTIN_TEMPLATES["ima-buf"]
         if (tmpl or self.template).fields.count("d") and ev.d_digest is None and not violation \
                 and ev.file_algo not in ("sha1", "md5"):
@@ -173,10 +171,10 @@ class Ima:
             raise RequestError(f"{path}: {e.strerror}") from None
         if not stat.S_ISREG(st.st_mode):
             return self._decided(path, func, None, False, "not a regular file: never measured")
-        ev = HookEvent(func, mask, uid=uid, euid=uid if euid is None else euid, suid=uid, gid=gid,
-                       egid=gid if egid is None else egid, sgid=gid,
-                       cap_setuid=(uid if euid is None else euid) == 0, cap_setgid=(uid if euid is None else euid) == 0,
-                       fowner=st.st_uid, fgroup=st.st_gid, fsmagic=fs.magic, fsname=fs.name,
+        euid = uid if euid is None else euid
+        egid = gid if egid is None else egid
+        ev = HookEvent(func, mask, uid=uid, euid=euid, suid=uid, gid=gid, egid=egid, sgid=gid,
+                       cap_setuid=euid == 0, cap_setgid=euid == 0, fowner=st.st_uid, fgroup=st.st_gid, fsmagic=fs.magic, fsname=fs.name,
                        fs_subtype=fs.subtype, fsuuid=fs.uuid)
         rule = measure_decision(self.policy.rules, ev)
         added = False
@@ -193,6 +191,11 @@ class Ima:
                  "rule": rule.render().rstrip() if rule else None}
         self.last_events.append(event)
         return event
+
+    def _content_event(self, name: bytes, content: bytes) -> T.Event:
+        """An event for ``content`` hashed with the IMA hash (and sha1/md5 for `d`)."""
+        return T.Event(name=name, file_algo=self.ima_hash, file_digest=T.hash_bytes(self.ima_hash, content),
+                       ima_hash=self.ima_hash, d_digest=self._d_of(content))
 
     def _d_of(self, content: bytes) -> bytes:
         return hashlib.md5(content).digest() if self.ima_hash == "md5" else hashlib.sha1(content).digest()
@@ -247,9 +250,7 @@ class Ima:
         for i in range(start, start + count):
             content = b"imafs synthetic content %d" % i
             name = _synthetic_path(i)
-            ev = T.Event(name=name, file_algo=self.ima_hash,
-                         file_digest=T.hash_bytes(self.ima_hash, content),
-                         ima_hash=self.ima_hash, d_digest=self._d_of(content))
+            ev = self._content_event(name, content)
             if has_inode:
                 ev.uid, ev.gid, ev.mode = 0, 0, 0o100755 if name.startswith(b"/usr/bin") else 0o100644
             added += self.add_event(ev, tmpl)

@@ -59,6 +59,17 @@ class Block:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def add(self, sha1_record: bytes, digests, pcr: int, tmpl_idx: int, ascii_rest_len: int,
+            kexec_size: int) -> None:
+        self.offsets.append(len(self.blob))
+        self.blob += sha1_record
+        for bank, buf in self.slots.items():
+            buf += digests[bank]
+        self.pcrs.append(pcr)
+        self.tmpl.append(tmpl_idx)
+        self.ascii_rest += ascii_rest_len
+        self.kexec_size += kexec_size
+
     def seal(self) -> None:
         self.blob = _own_pages(self.blob)
         self.slots = {b: bytes(v) for b, v in self.slots.items()}
@@ -92,7 +103,7 @@ class RenderCache:
     def __init__(self, budget: int):
         self.budget = budget
         self.used = 0
-        self._lru: OrderedDict[tuple[int, View], bytes] = OrderedDict()
+        self._lru: OrderedDict[tuple[int, View], tuple[int, bytes]] = OrderedDict()
 
     def get(self, key):
         data = self._lru.get(key)
@@ -140,17 +151,9 @@ class MeasurementList:
             self.blocks.append(block)
         return self.blocks[-1]
 
-    def append(self, sha1_record: bytes, digests, pcr: int, tmpl_idx: int, ascii_rest_len: int,
-               kexec_size: int) -> None:
-        block = self._tail()
-        block.offsets.append(len(block.blob))
-        block.blob += sha1_record
-        for bank, buf in block.slots.items():
-            buf += digests[bank]
-        block.pcrs.append(pcr)
-        block.tmpl.append(tmpl_idx)
-        block.ascii_rest += ascii_rest_len
-        block.kexec_size += kexec_size
+    def append(self, *record) -> None:
+        """Append one record: the arguments of :meth:`Block.add`."""
+        self._tail().add(*record)
         self.count += 1
 
     # -- deleting from the head (staging: N) ---------------------------------------
@@ -286,16 +289,14 @@ class MeasurementStore:
     def copy_block(self, old: Block, first: int, sealed: bool) -> Block:
         """A new block holding the records ``first``.. of ``old``."""
         new = Block(self.extra_slots, self.next_serial())
-        tmp = MeasurementList.__new__(MeasurementList)
-        tmp.blocks, tmp.count, tmp.starts, tmp.store = [new], 0, {}, self
         for i in range(first, len(old)):
             record = bytes(old.blob[old.offsets[i]:old.record_end(i)])
             template = self.templates[old.tmpl[i]]
             fields = T.parse_binary_record(record, 0, SHA1_SIZE, self.ima_d_len, T.MAX_LIST_TEMPLATE_NAME_LEN)[3]
             digests = {b: v[i * T.digest_size(b):(i + 1) * T.digest_size(b)] for b, v in old.slots.items()}
-            tmp.append(record, digests, old.pcrs[i], old.tmpl[i],
-                       len(template.display_name) + T.ascii_fields_len(template, fields),
-                       self._kexec_size(template, record))
+            new.add(record, digests, old.pcrs[i], old.tmpl[i],
+                    len(template.display_name) + T.ascii_fields_len(template, fields),
+                    self._kexec_size(template, record))
         if sealed:
             new.seal()
         return new
