@@ -26,7 +26,7 @@ def cmd_mount(args) -> int:
         profile = load_profile(args.profile, args.set)
     except ProfileError as e:
         return _fail(f"bad profile: {e}", 2)
-    from .daemon import MountError, check_mountpoint, run
+    from .daemon import MountError, check_mountpoint, parse_measure, run
     if args.foreground:
         logging.basicConfig(level=logging.INFO, format="imafs[%(process)d]: %(message)s")
         ready_fd = args.ready_fd
@@ -40,10 +40,12 @@ def cmd_mount(args) -> int:
             ready.error = error
 
         ready.error = None
-        run(args.mountpoint, profile, ready)
+        run(args.mountpoint, profile, ready, args.measure)
         return 1 if ready.error else 0
     try:
         check_mountpoint(args.mountpoint)
+        for spec in args.measure:
+            parse_measure(spec, args.mountpoint)
     except MountError as e:
         return _fail(str(e))
     return _spawn_daemon(args)
@@ -58,6 +60,8 @@ def _spawn_daemon(args) -> int:
         cmd += ["--profile", args.profile]
     for kv in args.set:
         cmd += ["--set", kv]
+    for spec in args.measure:
+        cmd += ["--measure", spec]
     runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
     logfile = socket_path(args.mountpoint).with_suffix(".log")
     with open(logfile, "ab") as log:
@@ -205,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one profile key (repeatable)")
+    m.add_argument("--measure", action="append", default=[], metavar="SRC:DST",
+                   help="re-export directory SRC at DST, measuring every open and exec there "
+                        "(repeatable)")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)

@@ -220,5 +220,5 @@ class Server:
         return {"count": self.ima.store.current.count}
 
     async def cmd_shutdown(self):
-        self.on_shutdown()
+        await self.on_shutdown()
         return {}

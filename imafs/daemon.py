@@ -3,9 +3,12 @@ socket and the signal handler."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pyfuse3
@@ -15,6 +18,7 @@ from .control import Server, socket_path
 from .ima import Ima
 from .klog import KernelLog
 from .profile import Profile
+from .passthrough import HIDDEN_PREFIX, Passthrough
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
 
 log = logging.getLogger(__name__)
@@ -54,42 +58,107 @@ def check_mountpoint(mountpoint: str) -> None:
             pass  # a stale socket of a dead daemon
 
 
-def run(mountpoint: str, profile: Profile, ready=lambda error: None) -> None:
+def parse_measure(spec: str, mountpoint: str) -> tuple[str, str]:
+    """``SRC:DST`` of ``--measure`` as real paths, checked."""
+    src, sep, dst = spec.partition(":")
+    if not sep or not src or not dst:
+        raise MountError(f"--measure {spec}: expected SRC:DST, two directories")
+    src, dst = os.path.realpath(src), os.path.realpath(dst)
+    for what, path in (("SRC", src), ("DST", dst)):
+        if not os.path.isdir(path):
+            raise MountError(f"--measure {spec}: {what} {path} does not exist or is not a directory")
+    mp = os.path.realpath(mountpoint)
+    if dst == mp or dst.startswith(mp.rstrip("/") + "/"):
+        raise MountError(f"--measure {spec}: DST must lie outside the mount point {mp}")
+    if mounted_at(dst) == "fuse.imafs":
+        raise MountError(f"--measure {spec}: imafs is already mounted at {dst}")
+    return src, dst
+
+
+def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: list[str] = ()) -> None:
     """Mount and serve until unmounted, shut down or signalled.
 
-    ``ready`` is called once: with None when the tree is mounted and the
-    control socket answers, or with an error message.
+    Each ``measure`` entry SRC:DST re-exports SRC at DST as a measured mount:
+    a directory of this one FUSE filesystem, reached by a name the securityfs
+    root does not list, bind-mounted at DST.  ``ready`` is called once: with
+    None when everything is mounted and the control socket answers, or with
+    an error message.
     """
     try:
         check_mountpoint(mountpoint)
+        measured = [parse_measure(spec, mountpoint) for spec in measure]
         sock = socket_path(mountpoint)  # before mounting: realpath() would stat the mount
         klog = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
         klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         ima = Ima(profile, KernelLog(klog))
-        ops = SecurityFs(Tree(ima))
+        ops = SecurityFs(Tree(ima), Passthrough(ima.measurer, measured) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
     except (MountError, RuntimeError, OSError) as e:
         ready(str(e))
         return
+    binds = Binds(mountpoint, [dst for _, dst in measured])
     try:
-        trio.run(_serve, ima, ops, sock, ready)
+        trio.run(_serve, ima, ops, sock, binds, ready)
     finally:
+        binds.detach()
         pyfuse3.close(unmount=True)
 
 
-async def _serve(ima: Ima, ops: SecurityFs, sock: Path, ready) -> None:
+class Binds:
+    """The bind mounts of the measured mounts."""
+
+    def __init__(self, mountpoint: str, dsts: list[str]):
+        self.sources = [os.path.join(mountpoint, f"{HIDDEN_PREFIX}{i}") for i in range(len(dsts))]
+        self.dsts = dsts
+        self.done: list[str] = []
+
+    def attach(self) -> None:
+        """Runs in a thread: mount(8) looks the source up through the FUSE loop."""
+        for src, dst in zip(self.sources, self.dsts):
+            r = subprocess.run(["mount", "--bind", src, dst], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise MountError(f"cannot bind the measured mount at {dst}: {r.stderr.strip()}")
+            self.done.append(dst)
+
+    def detach(self) -> None:
+        """Lazy unmounts by path: nothing here waits on the FUSE loop."""
+        while self.done:
+            dst = self.done.pop()
+            if _libc.umount2(os.fsencode(dst), MNT_DETACH) != 0:
+                log.warning("cannot unmount %s: %s", dst, os.strerror(ctypes.get_errno()))
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+MNT_DETACH = 2
+
+
+async def _serve(ima: Ima, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
+    async def shutdown():
+        await trio.to_thread.run_sync(binds.detach)
+        pyfuse3.terminate()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.reaper)
-        server = Server(ima, on_shutdown=pyfuse3.terminate)
+        server = Server(ima, on_shutdown=shutdown)
         await nursery.start(server.serve, sock)
-        nursery.start_soon(_signals)
-        ready(None)
+        nursery.start_soon(_signals, shutdown)
+        nursery.start_soon(_attach, binds, ready, shutdown)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
-async def _signals() -> None:
+async def _attach(binds: Binds, ready, shutdown) -> None:
+    try:
+        await trio.to_thread.run_sync(binds.attach)
+    except MountError as e:
+        ready(str(e))
+        await shutdown()
+        return
+    ready(None)
+
+
+async def _signals(shutdown) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
-            pyfuse3.terminate()
+            await shutdown()
             return

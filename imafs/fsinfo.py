@@ -17,6 +17,7 @@ class FsInfo:
     name: str  # the superblock's type name, e.g. "ext4", "fuse"
     subtype: str | None  # e.g. the FUSE subtype
     uuid: str
+    s_id: str  # the superblock's id in audit records: the block device's name, else the type
 
 
 def _statfs_magic(path: str) -> int:
@@ -56,5 +57,6 @@ def fs_info(path: str) -> FsInfo:
     real = os.path.realpath(path)
     fstype, source = _mount_of(real)
     name, _, subtype = fstype.partition(".")
-    return FsInfo(_statfs_magic(real), name, subtype or None,
-                  _uuid_of(source) if source.startswith("/dev/") else NULL_UUID)
+    block = source.startswith("/dev/")
+    return FsInfo(_statfs_magic(real), name, subtype or None, _uuid_of(source) if block else NULL_UUID,
+                  os.path.basename(os.path.realpath(source)) if block else name)

@@ -16,6 +16,8 @@ from . import templates as T
 from .errors import FsError
 from .klog import KernelLog
 from .fsinfo import fs_info
+from .iint import IintCache
+from .measure import EVM_XATTRS, Measurer, OpenedFile, Task
 from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
                      measure_decision)
 from .profile import Profile
@@ -29,11 +31,6 @@ MAY_READ = MASKS["MAY_READ"]
 
 class RequestError(ValueError):
     """A request that the emulated kernel refuses; the message is for a human."""
-
-
-_EVM_XATTRS = ("security.selinux", "security.SMACK64", "security.SMACK64EXEC",
-               "security.SMACK64TRANSMUTE", "security.SMACK64MMAP", "security.apparmor",
-               "security.ima", "security.capability")
 
 
 def _getxattr(path: str, name: str) -> bytes | None:
@@ -56,12 +53,15 @@ class Ima:
         self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
         self._synthetic = 0  # synthetic records made so far
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
+        self.iint = IintCache(profile.iint_cache_size)
+        self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self._boot(())
 
     def _boot(self, restored) -> None:
         """A new kernel: a fresh store holding the ``restored`` kexec records,
         then this kernel's boot_aggregate."""
         self.suspended = False
+        self.iint.clear()
         p = self.profile
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig),
@@ -92,7 +92,7 @@ class Ima:
             ev = self._content_event(name.encode(), buf)
             ev.buf = buf
             added = self.add_event(ev, rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
-        return self._decided(name, func, rule, added)
+        return self.decided(name, func, rule, added)
 
     # -- the store step ----------------------------------------------------------
     def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:
@@ -158,8 +158,8 @@ class Ima:
     # -- hooks (ima_main.c process_measurement) -------------------------------------------
     def measure_file(self, path: str, func: str, mask: int = 0, *, uid: int = 0, euid: int | None = None,
                      gid: int = 0, egid: int | None = None, name: str | None = None) -> dict:
-        """A file hook: the policy decides with the task's credentials and the
-        file's owner and filesystem; a measure decision hashes and records it."""
+        """An explicit file hook: the policy decides with the given credentials
+        and the file's owner and filesystem, through the iint cache."""
         func = FUNCS.get(func)
         if func is None or func in BUFFER_FUNCS:
             raise RequestError(f"--func: not a file hook; file hooks: "
@@ -169,26 +169,21 @@ class Ima:
             fs = fs_info(path)
         except OSError as e:
             raise RequestError(f"{path}: {e.strerror}") from None
+        recorded = name or os.path.realpath(path)
         if not stat.S_ISREG(st.st_mode):
-            return self._decided(path, func, None, False, "not a regular file: never measured")
-        euid = uid if euid is None else euid
-        egid = gid if egid is None else egid
-        ev = HookEvent(func, mask, uid=uid, euid=euid, suid=uid, gid=gid, egid=egid, sgid=gid,
-                       cap_setuid=euid == 0, cap_setgid=euid == 0, fowner=st.st_uid, fgroup=st.st_gid, fsmagic=fs.magic, fsname=fs.name,
-                       fs_subtype=fs.subtype, fsuuid=fs.uuid)
-        rule = measure_decision(self.policy.rules, ev)
-        added = False
-        if rule is not None and rule.action == "measure":
-            rec = T.Event(name=os.fsencode(name or os.path.realpath(path)), ima_hash=self.ima_hash)
-            self._fill_from_file(rec, path, content=True)
-            added = self.add_event(rec, rule.template, rule.pcr)
-        return self._decided(name or path, func, rule, added)
+            return self.decided(recorded, func, None, False, "not a regular file: never measured")
+        task = Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
+        f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=path)
+        return self.measurer.process(f, task, func, mask)
 
-    def _decided(self, name: str, func: str, rule: Rule | None, added: bool, why: str = "") -> dict:
+    def decided(self, name: str, func: str, rule: Rule | None, added: bool, why: str = "",
+                violations: list[str] = ()) -> dict:
         """Remember and report how a hook event was decided."""
         event = {"name": name, "func": func, "added": added,
                  "decision": why or (rule.action if rule else "no matching measure rule: not measured"),
                  "rule": rule.render().rstrip() if rule else None}
+        if violations:
+            event["violations"] = list(violations)
         self.last_events.append(event)
         return event
 
@@ -218,7 +213,7 @@ class Ima:
         ev.uid, ev.gid, ev.mode = st.st_uid, st.st_gid, st.st_mode & 0xFFFF
         ev.ima_xattr = _getxattr(path, "security.ima")
         ev.evm_xattr = _getxattr(path, "security.evm")
-        ev.evm_xattrs = tuple((n, v) for n in _EVM_XATTRS if (v := _getxattr(path, n)) is not None)
+        ev.evm_xattrs = tuple((n, v) for n in EVM_XATTRS if (v := _getxattr(path, n)) is not None)
 
     def _fill_digest(self, ev: T.Event, spec: str) -> None:
         algo, sep, hexd = spec.partition(":")
@@ -369,6 +364,7 @@ class Ima:
             "violations": self.store.violations,
             "suspended": self.suspended,
             "blocks_to_free": len(self.store.graveyard),
+            "iint_cache": self.iint.stats(),
             "counters": self.counters(),
             "pcrs": {b: {str(i): v.hex() for i, v in enumerate(self.pcrs.values(b))}
                      for b in self.pcrs.banks} if self.pcrs else {},

@@ -27,3 +27,11 @@ class KernelLog:
         now = time.time()
         self.kernel(f"audit: type={rtype} audit({now:.3f}:{self.serial}): pid={pid} uid=0 "
                     f"auid=4294967295 ses=4294967295 {text} comm=\"{comm}\" res={res}")
+
+    def integrity(self, rtype: int, op: str, cause: str, res: int, *, pid: int, uid: int, comm: str,
+                  name: str, dev: str, ino: int) -> None:
+        """An integrity audit record about a file (integrity_audit_message)."""
+        self.serial += 1
+        self.kernel(f"audit: type={rtype} audit({time.time():.3f}:{self.serial}): pid={pid} uid={uid} "
+                    f"auid=4294967295 ses=4294967295 op={op} cause={cause} comm=\"{comm}\" "
+                    f"name=\"{name}\" dev=\"{dev}\" ino={ino} res={res} errno=0")

@@ -131,6 +131,8 @@ KEYS = {
     "write_policy": _bool,
     "appraise_modsig": _bool,
     "kernel_log": lambda key, v: str(v),
+    "violation_limits": _bool,
+    "iint_cache_size": _int_range(1, 1 << 40),
 }
 
 
@@ -155,6 +157,10 @@ class Profile:
     write_policy: bool = False  # CONFIG_IMA_WRITE_POLICY
     appraise_modsig: bool = False  # CONFIG_IMA_APPRAISE_MODSIG: appraise_type=imasig|modsig
     kernel_log: str = ""  # file of the kernel's log lines; "" = beside the control socket
+    # one open_writers per writers-open period and one ToMToU per measured reader
+    # (v6.15, backported to Debian's 6.12.117); None: on for kernel >= 6.12
+    violation_limits: bool | None = None
+    iint_cache_size: int = 100_000  # inodes with IMA state kept; more evict closed ones
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -176,6 +182,13 @@ class Profile:
 
     def boot_pcr_values(self, bank: str) -> list[bytes]:
         return list(dict(self.boot_pcrs).get(bank, ()))
+
+
+def _resolve_violation_limits(p: Profile) -> Profile:
+    """Debian's 6.12.117 already limits violations (kernel-observed.md F-15)."""
+    if p.violation_limits is None:
+        return replace(p, violation_limits=p.kernel_version >= (6, 12))
+    return p
 
 
 def _resolve_staging(p: Profile) -> Profile:
@@ -243,7 +256,7 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
     p = Profile(**values, explicit=frozenset(values))
     boot = tuple((bank, _load_boot_pcrs(f"boot_pcrs.{bank}", bank, file, p.tpm_banks))
                  for bank, file in pcr_files.items())
-    return _resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot)))
+    return _resolve_violation_limits(_resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot))))
 
 
 def profile_to_dict(p: Profile) -> dict:

@@ -19,6 +19,8 @@ import trio
 
 from .errors import FsError
 from .ima import Ima
+from .measure import Task
+from .passthrough import Passthrough
 from .staging import MeasureLock, parse_command
 from .store import View
 
@@ -220,9 +222,10 @@ class SecurityFs(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, tree: Tree, attr_timeout: float = 1.0):
+    def __init__(self, tree: Tree, passthrough: Passthrough | None = None, attr_timeout: float = 1.0):
         super().__init__()
         self.tree = tree
+        self.pt = passthrough
         self.attr_timeout = attr_timeout
         self._fh = itertools.count(1)
         self.files: dict[int, OpenFile] = {}
@@ -247,20 +250,68 @@ class SecurityFs(pyfuse3.Operations):
         a.st_ctime_ns = node.ctime_ns
         return a
 
+    def _pt_attrs(self, nodeid: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Attributes of a real file under a measured mount, under its node id."""
+        a = pyfuse3.EntryAttributes()
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
+                     "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+            setattr(a, name, getattr(st, name))
+        a.st_ino = nodeid
+        a.generation = 0
+        a.entry_timeout = a.attr_timeout = self.attr_timeout
+        return a
+
     @staticmethod
-    def _call(fn, *args):
+    def _call(fn, *args, **kw):
         try:
-            return fn(*args)
-        except FsError as e:
+            return fn(*args, **kw)
+        except (FsError, OSError) as e:
             raise pyfuse3.FUSEError(e.errno) from None
 
+    def _is_pt(self, inode: int) -> bool:
+        return self.pt is not None and self.pt.owns(inode)
+
+    def _pt_entry(self, fn, *args) -> pyfuse3.EntryAttributes:
+        node, st = self._call(fn, *args)
+        return self._pt_attrs(node.nodeid, st)
+
     async def lookup(self, parent_inode, name, ctx=None):
+        if self._is_pt(parent_inode):
+            if name == b"..":
+                node = self._call(self.pt.node, parent_inode)
+                parent = node.parent or node
+                return self._pt_attrs(parent.nodeid, self._call(self.pt.stat, parent))
+            if name == b".":
+                return await self.getattr(parent_inode)
+            return self._pt_entry(self.pt.entry, self._call(self.pt.node, parent_inode), name)
+        if parent_inode == pyfuse3.ROOT_INODE and self.pt is not None:
+            root = self.pt.root_of(name)
+            if root is not None:
+                return self._pt_attrs(root.nodeid, self._call(self.pt.stat, root))
         return self._attrs(self._call(self.tree.lookup, parent_inode, os.fsdecode(name)))
 
+    async def forget(self, inode_list):
+        if self.pt is not None:
+            for inode, n in inode_list:
+                self.pt.forget(inode, n)
+
     async def getattr(self, inode, ctx=None):
+        if self._is_pt(inode):
+            return self._pt_attrs(inode, self._call(self.pt.stat, self._call(self.pt.node, inode)))
         return self._attrs(self._call(self.tree.get, inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if self._is_pt(inode):
+            node = self._call(self.pt.node, inode)
+            f = fields
+            st = self._call(self.pt.setattr, node, fh,
+                            size=attr.st_size if f.update_size else None,
+                            mode=attr.st_mode if f.update_mode else None,
+                            uid=attr.st_uid if f.update_uid else None,
+                            gid=attr.st_gid if f.update_gid else None,
+                            atime_ns=attr.st_atime_ns if f.update_atime else None,
+                            mtime_ns=attr.st_mtime_ns if f.update_mtime else None)
+            return self._pt_attrs(inode, st)
         node = self._call(self.tree.get, inode)
         if fields.update_size:
             self.tree.truncate(node)
@@ -279,18 +330,37 @@ class SecurityFs(pyfuse3.Operations):
         return self._attrs(node)
 
     async def readlink(self, inode, ctx):
+        if self._is_pt(inode):
+            return self._call(self.pt.readlink, self._call(self.pt.node, inode))
         node = self._call(self.tree.get, inode)
         if node.kind != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.target)
 
     async def opendir(self, inode, ctx):
+        if self._is_pt(inode):
+            node = self._call(self.pt.node, inode)
+            if not stat.S_ISDIR(self._call(self.pt.stat, node).st_mode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return inode
         node = self._call(self.tree.get, inode)
         if node.kind != "dir":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh, start_id, token):
+        if self._is_pt(fh):
+            node = self._call(self.pt.node, fh)
+            names = self._call(self.pt.listdir, node)
+            for i in range(start_id, len(names)):
+                try:
+                    child, st = self.pt.entry(node, names[i])
+                except OSError:
+                    continue  # gone meanwhile
+                if not pyfuse3.readdir_reply(token, names[i], self._pt_attrs(child.nodeid, st), i + 1):
+                    self.pt.forget(child.nodeid, 1)
+                    break
+            return
         entries = self.tree.entries(self.tree.get(fh))
         for i in range(start_id, len(entries)):
             name, child = entries[i]
@@ -300,7 +370,67 @@ class SecurityFs(pyfuse3.Operations):
     async def releasedir(self, fh):
         pass
 
+    # -- measured mounts: names -----------------------------------------------------------
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._pt_entry(self.pt.mknod, self._pt_parent(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._pt_entry(self.pt.mkdir, self._pt_parent(parent_inode), name, mode, ctx.uid, ctx.gid)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self._pt_entry(self.pt.symlink, self._pt_parent(parent_inode), name, target, ctx.uid, ctx.gid)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._pt_entry(self.pt.link, self._pt_parent(inode), self._pt_parent(new_parent_inode), new_name)
+
+    async def unlink(self, parent_inode, name, ctx):
+        self._call(self.pt.unlink, self._pt_parent(parent_inode), name)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        self._call(self.pt.rmdir, self._pt_parent(parent_inode), name)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._call(self.pt.rename, self._pt_parent(parent_inode_old), name_old,
+                   self._pt_parent(parent_inode_new), name_new, flags)
+
+    def _pt_parent(self, inode: int):
+        """A node of a measured mount; the securityfs tree has no such operations."""
+        if not self._is_pt(inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._call(self.pt.node, inode)
+
+    async def getxattr(self, inode, name, ctx):
+        if not self._is_pt(inode):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return self._call(self.pt.getxattr, self._pt_parent(inode), name)
+
+    async def listxattr(self, inode, ctx):
+        if not self._is_pt(inode):
+            return []
+        return [os.fsencode(n) for n in self._call(self.pt.listxattr, self._pt_parent(inode))]
+
+    async def setxattr(self, inode, name, value, ctx):
+        if not self._is_pt(inode):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        self._call(self.pt.setxattr, self._pt_parent(inode), name, value)
+
+    async def removexattr(self, inode, name, ctx):
+        if not self._is_pt(inode):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        self._call(self.pt.removexattr, self._pt_parent(inode), name)
+
+    # -- files --------------------------------------------------------------------------
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
+        fh, node, st = self._call(self.pt.create, self._pt_parent(parent_inode), name, mode, flags, task,
+                                  ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT)), self._pt_attrs(node.nodeid, st)
+
     async def open(self, inode, flags, ctx):
+        if self._is_pt(inode):
+            task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
+            fh = self._call(self.pt.open, self._call(self.pt.node, inode), flags, task)
+            return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
         node = self._call(self.tree.get, inode)
         f = self._call(self.tree.open, node, flags, ctx.pid)
         fh = next(self._fh)
@@ -310,9 +440,13 @@ class SecurityFs(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     async def read(self, fh, off, size):
+        if self._is_pt(fh):
+            return self._call(self.pt.read, fh, off, size)
         return self._call(self.tree.read, self.files[fh], off, size)
 
     async def write(self, fh, off, buf):
+        if self._is_pt(fh):
+            return self._call(self.pt.write, fh, off, buf)
         n = self._call(self.tree.write, self.files[fh], off, buf)
         if self.tree.ima.store.graveyard and self._wake is not None:
             self._wake.set()
@@ -331,7 +465,14 @@ class SecurityFs(pyfuse3.Operations):
     async def flush(self, fh):
         pass
 
+    async def fsync(self, fh, datasync):
+        if self._is_pt(fh):
+            self._call(self.pt.fsync, fh, datasync)
+
     async def release(self, fh):
+        if self._is_pt(fh):
+            self._call(self.pt.release, fh)
+            return
         f = self.files.pop(fh, None)
         if f is not None:
             self.tree.release(f)
