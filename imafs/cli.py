@@ -151,7 +151,7 @@ def cmd_measure(args) -> int:
             req["mask"] = _mask(args.mask) if args.mask else 0
         except ValueError as e:
             return _fail(str(e), 2)
-        req.update(path=os.path.abspath(args.path), name=args.as_name,
+        req.update(path=os.path.realpath(args.path), name=args.as_name,
                    uid=os.getuid() if args.uid is None else args.uid,
                    gid=os.getgid() if args.gid is None else args.gid,
                    euid=os.geteuid() if args.euid is None else args.euid,

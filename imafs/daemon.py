@@ -91,6 +91,7 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
         klog = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
         klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         ima = Ima(profile, KernelLog(klog))
+        ima.measured_dirs = measured
         ops = SecurityFs(Tree(ima), Passthrough(ima.measurer, measured) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
     except (MountError, RuntimeError, OSError) as e:

@@ -53,6 +53,7 @@ class Ima:
         self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
         self._synthetic = 0  # synthetic records made so far
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
+        self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self._boot(())
@@ -66,7 +67,8 @@ class Ima:
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
-                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ))
+                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
+                                 real_path=self.real_path)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
         for pcr, digest, template, fields in restored:
@@ -137,7 +139,7 @@ class Ima:
             raise RequestError(f"template: {e}") from None
         ev = T.Event(name=os.fsencode(name), ima_hash=self.ima_hash, violation=violation)
         if file is not None:
-            self._fill_from_file(ev, file, content=not violation)
+            self._fill_from_file(ev, self.real_path(file), content=not violation)
         elif digest is not None:
             self._fill_digest(ev, digest)
         elif buffer_hex is not None:
@@ -164,17 +166,26 @@ class Ima:
         if func is None or func in BUFFER_FUNCS:
             raise RequestError(f"--func: not a file hook; file hooks: "
                                + ", ".join(sorted(set(FUNCS.values()) - set(BUFFER_FUNCS))))
+        real = self.real_path(path)
         try:
-            st = os.stat(path)
-            fs = fs_info(path)
+            st = os.stat(real)
+            fs = fs_info(real)
         except OSError as e:
             raise RequestError(f"{path}: {e.strerror}") from None
-        recorded = name or os.path.realpath(path)
+        recorded = name or (path if real != path else os.path.realpath(path))
         if not stat.S_ISREG(st.st_mode):
             return self.decided(recorded, func, None, False, "not a regular file: never measured")
         task = Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
-        f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=path)
+        f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=real)
         return self.measurer.process(f, task, func, mask)
+
+    def real_path(self, path: str) -> str:
+        """Where the daemon finds ``path`` without going through its own FUSE
+        loop: a path under a measured mount maps to its source directory."""
+        for src, dst in self.measured_dirs:
+            if path == dst or path.startswith(dst.rstrip("/") + "/"):
+                return src + path[len(dst):]
+        return path
 
     def decided(self, name: str, func: str, rule: Rule | None, added: bool, why: str = "",
                 violations: list[str] = ()) -> dict:

@@ -154,7 +154,17 @@ class Passthrough:
             del self._by_key[(node.mount.index, *node.key)]
 
     def stat(self, node: Node) -> os.stat_result:
-        return os.lstat(self.path(node))
+        try:
+            return os.lstat(self.path(node))
+        except FileNotFoundError:
+            return os.fstat(self._alive(node).fd)
+
+    def _alive(self, node: Node) -> "Handle":
+        """An open handle of an inode whose last name is gone (it lives while open)."""
+        alive = next((h for h in self.handles.values() if h.file.key == node.key), None)
+        if alive is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return alive
 
     def fs(self, st: os.stat_result, path: bytes) -> FsInfo:
         """What the kernel knows of the real file's filesystem, per device."""
@@ -272,7 +282,10 @@ class Passthrough:
     def open(self, node: Node, flags: int, task: Task) -> int:
         """Open the real file, then run the open's hooks; returns a handle."""
         path = self.path(node)
-        fd = os.open(path, self._real_flags(flags))
+        try:
+            fd = os.open(path, self._real_flags(flags))
+        except FileNotFoundError:  # reached through /proc/PID/fd after unlink
+            fd = os.open(f"/proc/self/fd/{self._alive(node).fd}", self._real_flags(flags))
         return self._opened(node, path, fd, flags, task)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, task: Task, uid: int, gid: int):

@@ -415,13 +415,14 @@ class PolicyFile:
     """
 
     def __init__(self, rules: list[Rule], parser: Parser, *, read_policy: bool, write_policy: bool,
-                 log, measure_policy_file=None):
+                 log, measure_policy_file=None, real_path=None):
         self.rules = rules
         self.parser = parser
         self.read_policy = read_policy
         self.write_policy = write_policy
         self.log = log
         self.measure_policy_file = measure_policy_file or (lambda path: None)
+        self.real_path = real_path or (lambda path: path)  # where the daemon itself finds a file
         self.custom = False  # a custom policy replaced the boot policy
         self.busy = False
         self.present = True  # the file is removed after a load on distribution kernels
@@ -498,9 +499,9 @@ class PolicyFile:
     def _load_file(self, s: Session, path: bytes) -> None:
         name = os.fsdecode(path)
         try:
-            if os.path.isdir(name):
+            if os.path.isdir(self.real_path(name)):
                 raise IsADirectoryError
-            with open(name, "rb") as f:
+            with open(self.real_path(name), "rb") as f:
                 content = f.read()
         except IsADirectoryError:
             self.log.kernel(f"ima: Unable to open file: {name} (-22)")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -64,12 +66,14 @@ def mount_imafs(tmp_path, runtime_dir):
         pytest.skip(why)
     mounts = []
 
-    def mount(*settings, profile: str | None = None) -> Mount:
+    def mount(*settings, profile: str | None = None, measure=()) -> Mount:
         mp = tmp_path / f"mnt{len(mounts)}"
         mp.mkdir()
         args = ["mount", mp]
         for s in settings:
             args += ["--set", s]
+        for src, dst in measure:
+            args += ["--measure", f"{src}:{dst}"]
         if profile:
             args += ["--profile", profile]
         imafs(*args)
@@ -81,6 +85,29 @@ def mount_imafs(tmp_path, runtime_dir):
     for m in mounts:
         if imafs("umount", m.path, check=False).returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+
+
+@pytest.fixture
+def ramfs():
+    """Factory: a fresh ramfs (the filesystem of kernel-observed.md F-13; or
+    another ``fstype``) and an empty directory beside it, both where any uid
+    can reach them."""
+    made = []
+
+    def make(fstype: str = "ramfs") -> tuple[Path, Path]:
+        base = Path(tempfile.mkdtemp(prefix="imafs-test-", dir="/tmp"))
+        base.chmod(0o755)
+        src, dst = base / "src", base / "m"
+        src.mkdir()
+        dst.mkdir()
+        subprocess.run(["mount", "-t", fstype, "-o", "mode=755", fstype, str(src)], check=True)
+        made.append(base)
+        return src, dst
+
+    yield make
+    for base in made:
+        subprocess.run(["umount", "-l", str(base / "src")], check=False)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -55,7 +55,8 @@ def test_tcb_scenario(mount_imafs, tmp_path):
     lines = m.read("ascii_runtime_measurements_sha256").splitlines(keepends=True)
     assert lines[1:] == [ng_line(10, str(a), b"first\n"), ng_line(10, str(a), b"second\n"),
                          ng_line(10, str(script), b"#!/bin/sh\necho hi\n"), ng_line(10, str(b), b"user data\n")]
-    assert [e["name"] for e in m.client.call("status")["last_events"]][-1] == "/proc/self/status"
+    last = m.client.call("status")["last_events"][-1]["name"]  # the path resolved by the CLI
+    assert last.startswith("/proc/") and last.endswith("/status") and last != "/proc/self/status"
     assert_matched(evmctl_replay(m, tmp_path))
 
 

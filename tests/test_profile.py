@@ -9,8 +9,12 @@ from imafs.profile import Profile, ProfileError, load_profile, profile_to_dict
 
 def test_defaults():
     p = load_profile()
-    assert p == Profile(staging=True)
+    assert p == Profile(staging=True, violation_limits=True)
     assert load_profile(None, ["kernel=6.12"]).staging is False
+    # Debian's 6.12.117 limits violations already (F-15); 6.1 does not
+    assert load_profile(None, ["kernel=6.12"]).violation_limits is True
+    assert load_profile(None, ["kernel=6.1"]).violation_limits is False
+    assert load_profile(None, ["kernel=6.1", "violation_limits=true"]).violation_limits is True
     assert (p.kernel, p.ima_hash, p.template.name, p.tpm_banks, p.pcr_idx) == \
         ("7.2", "sha256", "ima-ng", ("sha1", "sha256"), 10)
     assert p.kernel_version == (7, 2)
