@@ -267,3 +267,40 @@ def test_measure_option_errors(ramfs, mount_imafs, tmp_path):
                       (f"{tmp_path}/nope:{dst}", "SRC"), (f"{src}:{mp}", "outside the mount point")):
         r = imafs("mount", mp, "--measure", spec, check=False)
         assert r.returncode == 1 and msg in r.stderr, r.stderr
+
+
+STRESS_SECONDS = int(os.environ.get("IMAFS_STRESS_SECONDS", "60"))
+WORKERS = {
+    "reader": 'for f in f*.txt; do cat "$f" >/dev/null 2>&1; done',
+    "writer": 'echo "$RANDOM" >> "f$((RANDOM % 40)).txt"; echo x > "f$((RANDOM % 40)).txt"',
+    "exec": './s$((RANDOM % 8)).sh >/dev/null',
+    "churn": 'n=$((RANDOM % 20)); cp "f$n.txt" "t$n" 2>/dev/null; mv "t$n" "u$n" 2>/dev/null; '
+             'ln "u$n" "l$n" 2>/dev/null; cat "l$n" >/dev/null 2>&1; rm -f "u$n" "l$n"',
+    "user": 'setpriv --reuid 1000 --regid 1000 --clear-groups sh -c '
+            '\'cat f$((RANDOM % 40)).txt >/dev/null; ./s$((RANDOM % 8)).sh >/dev/null\'',
+}
+
+
+def test_concurrent_activity(measured, tmp_path):
+    """Many processes read, write, execute, copy and rename under the mount."""
+    m, src, dst = measured("iint_cache_size=32", "kernel=6.12")
+    for i in range(40):
+        (dst / f"f{i}.txt").write_text(f"file {i}\n")
+        os.chmod(dst / f"f{i}.txt", 0o666)
+    for i in range(8):
+        (dst / f"s{i}.sh").write_text(f"#!/bin/sh\necho {i}\n")
+        os.chmod(dst / f"s{i}.sh", 0o755)
+    procs = [subprocess.Popen(["bash", "-c", f"while [ $SECONDS -lt {STRESS_SECONDS} ]; do {body}; done"],
+                              cwd=dst, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for kind, body in WORKERS.items() for _ in range(2)]
+    for p in procs:
+        p.wait(timeout=STRESS_SECONDS + 120)
+    status = m.client.call("status")
+    cache = status["iint_cache"]
+    assert cache["size"] <= 32 and cache["evictions"] > 0 and cache["hits"] > 0
+    lines = m.read("ascii_runtime_measurements").splitlines()
+    assert len(lines) == int(m.read("runtime_measurements_count")) > 40
+    assert status["violations"] > 0
+    assert_matched(evmctl_replay(m, tmp_path, "--ignore-violations"))
+    # every open was closed again
+    assert m.client.call("status")["iint_cache"]["open_inodes"] == 0
