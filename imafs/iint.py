@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
-
 from sortedcontainers import SortedDict
 
 from . import templates as T
@@ -34,32 +32,73 @@ _ALGO_NAMES = {ident: name for name, ident in _ALGO_IDS.items()}
 _RECORD = struct.Struct("<IBQQB")  # flags, atomic flags, measured_pcrs, cookie, algo; then the digest
 
 
-@dataclass(slots=True)
-class Iint:
-    """The IMA state of one inode."""
+def _field(fmt: str, offset: int) -> property:
+    """A field of the packed record; the first change copies the record."""
+    st = struct.Struct(fmt)
 
-    key: tuple[int, int]  # (st_dev, st_ino)
-    flags: int = 0
-    atomic: int = 0
-    measured_pcrs: int = 0
-    cookie: int = 0  # the change cookie when the digest was collected
-    algo: str = ""  # the collected digest's algorithm, "" if none
-    digest: bytes = b""
+    def get(self) -> int:
+        return st.unpack_from(self._rec, offset)[0]
+
+    def set(self, value: int) -> None:
+        if type(self._rec) is bytes:
+            self._rec = bytearray(self._rec)
+        st.pack_into(self._rec, offset, value)
+    return property(get, set)
+
+
+class Iint:
+    """The IMA state of one inode: a view of its packed record.
+
+    A lookup costs one small object; fields are decoded when read."""
+
+    __slots__ = ("key", "_rec")
+
+    def __init__(self, key: tuple[int, int], flags: int = 0, atomic: int = 0, measured_pcrs: int = 0,
+                 cookie: int = 0, algo: str = "", digest: bytes = b""):
+        self.key = key  # (st_dev, st_ino)
+        self._rec = bytearray(_RECORD.pack(flags, atomic, measured_pcrs, cookie, _ALGO_IDS.get(algo, 0xFF)))
+        self._rec += digest
+
+    flags = _field("<I", 0)
+    atomic = _field("<B", 4)  # the atomic_flags bits
+    measured_pcrs = _field("<Q", 5)
+    cookie = _field("<Q", 13)  # the change cookie when the digest was collected
+    _algo = _field("<B", 21)
+
+    @property
+    def algo(self) -> str:
+        """The collected digest's algorithm, "" if none."""
+        return _ALGO_NAMES.get(self._algo, "")
+
+    @algo.setter
+    def algo(self, name: str) -> None:
+        self._algo = _ALGO_IDS[name] if name else 0xFF
+
+    @property
+    def digest(self) -> bytes:
+        return bytes(self._rec[_RECORD.size:])
+
+    @digest.setter
+    def digest(self, value: bytes) -> None:
+        self._rec = bytearray(self._rec[:_RECORD.size]) + value
+
+    def record(self) -> bytes:
+        return bytes(self._rec)
 
     def reset(self) -> None:
         """Forget what was done: the next matching access measures again."""
         self.flags &= ~IMA_DONE_MASK
         self.measured_pcrs = 0
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Iint) and (self.key, self.record()) == (other.key, other.record())
 
-def _pack(i: Iint) -> bytes:
-    return _RECORD.pack(i.flags, i.atomic, i.measured_pcrs, i.cookie,
-                        _ALGO_IDS[i.algo] if i.algo else 0xFF) + i.digest
+    def __repr__(self) -> str:
+        return (f"Iint({self.key}, flags={self.flags:#x}, atomic={self.atomic:#x}, "
+                f"measured_pcrs={self.measured_pcrs:#x}, algo={self.algo!r}, digest={self.digest.hex()})")
 
 
-def _unpack(key: tuple[int, int], rec: bytes) -> Iint:
-    flags, atomic, pcrs, cookie, algo = _RECORD.unpack_from(rec)
-    return Iint(key, flags, atomic, pcrs, cookie, _ALGO_NAMES.get(algo, ""), rec[_RECORD.size:])
+_new_iint = object.__new__  # an Iint around a stored record, without __init__
 
 
 def _int_key(key: tuple[int, int]) -> int:
@@ -82,6 +121,7 @@ class IintCache:
             raise ValueError("the iint cache needs room for at least one inode")
         self.limit = limit
         self._map: SortedDict = SortedDict()
+        self._get = self._map.get
         self._hand = 0
         self.opens: dict[tuple[int, int], list[int]] = {}  # key -> [readers, writers]
         self.hits = self.misses = self.evictions = 0
@@ -94,12 +134,15 @@ class IintCache:
 
     def find(self, key: tuple[int, int]) -> Iint | None:
         """The inode's state, if it has any (ima_iint_find)."""
-        rec = self._map.get(_int_key(key))
+        rec = self._get(key[0] << 64 | key[1])  # _int_key, inlined: the hot path
         if rec is None:
             self.misses += 1
             return None
         self.hits += 1
-        return _unpack(key, rec)
+        iint = _new_iint(Iint)
+        iint.key = key
+        iint._rec = rec
+        return iint
 
     def get(self, key: tuple[int, int]) -> Iint:
         """The inode's state, created empty when missing (ima_inode_get)."""
@@ -109,7 +152,7 @@ class IintCache:
         k = _int_key(iint.key)
         if k not in self._map and len(self._map) >= self.limit:
             self._evict_one()
-        self._map[k] = _pack(iint)
+        self._map[k] = iint.record()
 
     def remove(self, key: tuple[int, int]) -> None:
         """The inode is gone (its last link removed and nobody has it open)."""

@@ -31,6 +31,13 @@ EVM_XATTRS = ("security.selinux", "security.SMACK64", "security.SMACK64EXEC",
 _MASK64 = (1 << 64) - 1
 
 
+def _status_field(text: bytes, name: bytes) -> bytes:
+    """The value of ``name`` in /proc/<pid>/status (the fields are at line starts)."""
+    i = text.index(name) if text.startswith(name) else text.index(b"\n" + name) + 1
+    end = text.find(b"\n", i)
+    return text[i + len(name):end if end >= 0 else None].strip()
+
+
 @dataclass(frozen=True)
 class Task:
     """The credentials of the task behind a hook."""
@@ -48,16 +55,19 @@ class Task:
 
     @classmethod
     def of_pid(cls, pid: int, uid: int, gid: int) -> "Task":
-        """Read from /proc/<pid>; a task already gone keeps the ids FUSE gave
-        (its fsuid/fsgid) and no capabilities."""
+        """Read from /proc/<pid>/status; a task already gone keeps the ids
+        FUSE gave (its fsuid/fsgid) and no capabilities."""
         try:
-            with open(f"/proc/{pid}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            u = [int(x) for x in fields["Uid"].split()]
-            g = [int(x) for x in fields["Gid"].split()]
-            caps = int(fields["CapEff"], 16)
-            comm = fields["Name"].strip()
-        except (OSError, KeyError, ValueError):
+            fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 8192)
+            finally:
+                os.close(fd)
+            comm = _status_field(text, b"Name:").decode(errors="replace")
+            u = [int(x) for x in _status_field(text, b"Uid:").split()]
+            g = [int(x) for x in _status_field(text, b"Gid:").split()]
+            caps = int(_status_field(text, b"CapEff:"), 16)
+        except (OSError, ValueError, IndexError):
             return cls(pid, "?", uid, uid, uid, gid, gid, gid, False, False)
         return cls(pid, comm, u[0], u[1], u[2], g[0], g[1], g[2],
                    bool(caps >> CAP_SETUID & 1), bool(caps >> CAP_SETGID & 1))

@@ -462,9 +462,6 @@ class SecurityFs(pyfuse3.Operations):
             while self.tree.ima.store.reap():
                 await trio.sleep(0)
 
-    async def flush(self, fh):
-        pass
-
     async def fsync(self, fh, datasync):
         if self._is_pt(fh):
             self._call(self.pt.fsync, fh, datasync)

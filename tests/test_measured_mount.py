@@ -304,3 +304,16 @@ def test_concurrent_activity(measured, tmp_path):
     assert_matched(evmctl_replay(m, tmp_path, "--ignore-violations"))
     # every open was closed again
     assert m.client.call("status")["iint_cache"]["open_inodes"] == 0
+
+
+def test_policy_file_and_explicit_events_under_dst(measured):
+    """The daemon reads files under DST from SRC (never through its own loop):
+    a policy loaded from DST is measured (POLICY_CHECK) and `record --file` works."""
+    m, src, dst = measured()
+    policy = b"measure func=BPRM_CHECK\n"
+    (dst / "p.policy").write_bytes(policy)
+    with open(m.ima / "policy", "w") as p:
+        p.write(f"{dst}/p.policy\n")
+    assert entries(m) == [ng_line(f"{dst}/p.policy", policy)]
+    m.cli("record", "--name", "/etc/copy", "--file", dst / "p.policy")
+    assert entries(m)[-1] == ng_line("/etc/copy", policy)
