@@ -9,3 +9,7 @@ class FsError(Exception):
     def __init__(self, err: int, detail: str = ""):
         super().__init__(detail or os.strerror(err))
         self.errno = err
+
+
+class RequestError(ValueError):
+    """A request that the emulated kernel refuses; the message is for a human."""

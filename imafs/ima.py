@@ -13,7 +13,7 @@ import errno
 
 from . import kexec
 from . import templates as T
-from .errors import FsError
+from .errors import FsError, RequestError
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
@@ -27,10 +27,6 @@ from .tpm import PcrBanks, boot_aggregate
 
 log = logging.getLogger(__name__)
 MAY_READ = MASKS["MAY_READ"]
-
-
-class RequestError(ValueError):
-    """A request that the emulated kernel refuses; the message is for a human."""
 
 
 def _getxattr(path: str, name: str) -> bytes | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import templates as T
 from .fsinfo import FsInfo
 from .iint import EMITTED_OPENWRITERS, IMA_COLLECTED, IMA_MEASURE, IMA_MEASURED, MAY_EMIT_TOMTOU, Iint, IintCache
+from .errors import RequestError
 from .policy import MASKS, HookEvent, Rule, measure_decision
 
 MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND = (MASKS[m] for m in ("MAY_EXEC", "MAY_WRITE", "MAY_READ", "MAY_APPEND"))
@@ -261,9 +262,9 @@ class Measurer:
         ima = self.ima
         ev = T.Event(name=f.name, ima_hash=ima.ima_hash, violation=True)
         self._fill_inode(ev, f)
-        ima.add_event(ev)
+        stored = self._store(ev)
         f.violations.append(cause)
-        ima.klog.integrity(1804, "invalid_pcr", cause, 1, pid=task.pid, uid=task.uid, comm=task.comm,
+        ima.klog.integrity(1804, "invalid_pcr", cause, int(stored), pid=task.pid, uid=task.uid, comm=task.comm,
                            name=os.fsdecode(f.name), dev=f.fs.s_id, ino=f.st.st_ino)
 
     def _last_writer(self, iint: Iint, f: OpenedFile) -> None:
@@ -321,11 +322,19 @@ class Measurer:
         if "d" in template.fields:
             ev.d_digest = iint.digest if iint.algo in ("sha1", "md5") else self._sha1(f, direct)
         self._fill_inode(ev, f, xattr)
-        added = ima.add_event(ev, template, pcr)
-        if not direct:
+        added = self._store(ev, template, pcr)
+        if added is not None and not direct:
             iint.flags |= IMA_MEASURED
             iint.measured_pcrs |= 1 << pcr
-        return added
+        return bool(added)
+
+    def _store(self, ev: T.Event, template=None, pcr: int | None = None) -> bool | None:
+        """Append; None when measurements are suspended (a kexec or reboot is
+        under way): the record is dropped and the inode stays unmeasured."""
+        try:
+            return self.ima.add_event(ev, template, pcr)
+        except RequestError:
+            return None
 
     @staticmethod
     def _hash(f: OpenedFile, algo: str) -> tuple[int, bytes]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ FIRST_NODE = 1 << 32  # node ids below are the securityfs tree's
 HIDDEN_PREFIX = ".imafs-measured-"  # securityfs-root names the bind mounts are made from
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 MEASURE_XATTRS = ("security.ima", "security.evm")
+log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _AT_FDCWD = -100
 
@@ -313,7 +315,10 @@ class Passthrough:
         self._fh += 1
         self.handles[fh] = Handle(fd, f)
         if stat.S_ISREG(st.st_mode):
-            self.measurer.file_open(f, task)
+            try:
+                self.measurer.file_open(f, task)
+            except Exception:  # a bug must not take the mount down: the open goes on
+                log.exception("open hooks of %s", os.fsdecode(f.name))
         return fh
 
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -331,5 +336,7 @@ class Passthrough:
             if stat.S_ISREG(h.file.st.st_mode):
                 self.measurer.file_close(h.file)
                 self.measurer.unlinked(h.file.key, os.fstat(h.fd).st_nlink)
+        except Exception:  # as in open: never fail a close
+            log.exception("close hooks of %s", os.fsdecode(h.file.name))
         finally:
             os.close(h.fd)

@@ -317,3 +317,16 @@ def test_policy_file_and_explicit_events_under_dst(measured):
     assert entries(m) == [ng_line(f"{dst}/p.policy", policy)]
     m.cli("record", "--name", "/etc/copy", "--file", dst / "p.policy")
     assert entries(m)[-1] == ng_line("/etc/copy", policy)
+
+
+def test_suspended_measurements_drop_records_not_opens(measured):
+    """After `suspend` (kexec under way) opens still work; nothing is stored,
+    and the inode stays unmeasured, so after a reboot it is measured again."""
+    m, src, dst = measured()
+    (dst / "late.txt").write_bytes(b"late\n")
+    m.cli("suspend")
+    assert (dst / "late.txt").read_bytes() == b"late\n"
+    assert entries(m) == []
+    m.cli("reboot")
+    (dst / "late.txt").read_bytes()
+    assert entries(m) == [ng_line(f"{dst}/late.txt", b"late\n")]
