@@ -213,17 +213,16 @@ class Measurer:
             iint = self._violation_check(f, task, iint, must_measure)
         if not must_measure:
             return self._decided(f, func, rule, False)
-        readers, writers = self.cache.counts(f.key)
-        if writers == 0 and iint.flags & IMA_COLLECTED and f.fd is None:
+        if f.fd is None and iint.flags & IMA_COLLECTED and not self.cache.counts(f.key)[1]:
             self._check_unseen_change(iint, f)
         pcr = ima.profile.pcr_idx if rule.pcr is None else rule.pcr
         iint.flags |= IMA_MEASURE
-        added = False
-        if not iint.measured_pcrs >> pcr & 1:
-            added = self._measure(iint, f, rule, pcr)
+        if iint.measured_pcrs >> pcr & 1:
+            self.cache.put(iint)
+            return self._decided(f, func, rule, False, "measure: already measured into this PCR")
+        added = self._measure(iint, f, rule, pcr)
         self.cache.put(iint)
-        return self._decided(f, func, rule, added, "" if added or not iint.measured_pcrs >> pcr & 1
-                             else "measure: already measured into this PCR")
+        return self._decided(f, func, rule, added)
 
     def _hook_event(self, f: OpenedFile, task: Task, func: str, mask: int) -> HookEvent:
         return HookEvent(func, mask, uid=task.uid, euid=task.euid, suid=task.suid, gid=task.gid,
@@ -284,16 +283,19 @@ class Measurer:
 
     def _check_unseen_change(self, iint: Iint, f: OpenedFile) -> None:
         """An explicit event on a file whose writes the emulator cannot see:
-        a changed cookie stands for the last writer's close."""
+        a moved cookie stands for the last writer's close.  (Not for opens
+        under a measured mount: there the closes are seen, and a cookie moved
+        by link, chmod or rename must not measure again.)"""
         try:
             fd = f.reopen()
             try:
-                if change_cookie(fd) != iint.cookie:
-                    iint.reset()
+                changed = change_cookie(fd) != iint.cookie
             finally:
                 os.close(fd)
         except OSError:
-            pass
+            return
+        if changed:
+            iint.reset()
 
     def _measure(self, iint: Iint, f: OpenedFile, rule: Rule, pcr: int) -> bool:
         """Collect the digest (once per change) and store the measurement."""

@@ -330,3 +330,4 @@ def test_suspended_measurements_drop_records_not_opens(measured):
     m.cli("reboot")
     (dst / "late.txt").read_bytes()
     assert entries(m) == [ng_line(f"{dst}/late.txt", b"late\n")]
+
