@@ -372,28 +372,28 @@ class SecurityFs(pyfuse3.Operations):
 
     # -- measured mounts: names -----------------------------------------------------------
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._pt_entry(self.pt.mknod, self._pt_parent(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._pt_entry(self.pt.mknod, self._pt_node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._pt_entry(self.pt.mkdir, self._pt_parent(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._pt_entry(self.pt.mkdir, self._pt_node(parent_inode), name, mode, ctx.uid, ctx.gid)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._pt_entry(self.pt.symlink, self._pt_parent(parent_inode), name, target, ctx.uid, ctx.gid)
+        return self._pt_entry(self.pt.symlink, self._pt_node(parent_inode), name, target, ctx.uid, ctx.gid)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._pt_entry(self.pt.link, self._pt_parent(inode), self._pt_parent(new_parent_inode), new_name)
+        return self._pt_entry(self.pt.link, self._pt_node(inode), self._pt_node(new_parent_inode), new_name)
 
     async def unlink(self, parent_inode, name, ctx):
-        self._call(self.pt.unlink, self._pt_parent(parent_inode), name)
+        self._call(self.pt.unlink, self._pt_node(parent_inode), name)
 
     async def rmdir(self, parent_inode, name, ctx):
-        self._call(self.pt.rmdir, self._pt_parent(parent_inode), name)
+        self._call(self.pt.rmdir, self._pt_node(parent_inode), name)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self._call(self.pt.rename, self._pt_parent(parent_inode_old), name_old,
-                   self._pt_parent(parent_inode_new), name_new, flags)
+        self._call(self.pt.rename, self._pt_node(parent_inode_old), name_old,
+                   self._pt_node(parent_inode_new), name_new, flags)
 
-    def _pt_parent(self, inode: int):
+    def _pt_node(self, inode: int):
         """A node of a measured mount; the securityfs tree has no such operations."""
         if not self._is_pt(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -402,27 +402,27 @@ class SecurityFs(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if not self._is_pt(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        return self._call(self.pt.getxattr, self._pt_parent(inode), name)
+        return self._call(self.pt.getxattr, self._pt_node(inode), name)
 
     async def listxattr(self, inode, ctx):
         if not self._is_pt(inode):
             return []
-        return [os.fsencode(n) for n in self._call(self.pt.listxattr, self._pt_parent(inode))]
+        return [os.fsencode(n) for n in self._call(self.pt.listxattr, self._pt_node(inode))]
 
     async def setxattr(self, inode, name, value, ctx):
         if not self._is_pt(inode):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        self._call(self.pt.setxattr, self._pt_parent(inode), name, value)
+        self._call(self.pt.setxattr, self._pt_node(inode), name, value)
 
     async def removexattr(self, inode, name, ctx):
         if not self._is_pt(inode):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
-        self._call(self.pt.removexattr, self._pt_parent(inode), name)
+        self._call(self.pt.removexattr, self._pt_node(inode), name)
 
     # -- files --------------------------------------------------------------------------
     async def create(self, parent_inode, name, mode, flags, ctx):
         task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
-        fh, node, st = self._call(self.pt.create, self._pt_parent(parent_inode), name, mode, flags, task,
+        fh, node, st = self._call(self.pt.create, self._pt_node(parent_inode), name, mode, flags, task,
                                   ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT)), self._pt_attrs(node.nodeid, st)
 
