@@ -160,7 +160,7 @@ class Ima:
         and the file's owner and filesystem, through the iint cache."""
         func = FUNCS.get(func)
         if func is None or func in BUFFER_FUNCS:
-            raise RequestError(f"--func: not a file hook; file hooks: "
+            raise RequestError("--func: not a file hook; file hooks: "
                                + ", ".join(sorted(set(FUNCS.values()) - set(BUFFER_FUNCS))))
         real = self.real_path(path)
         try:

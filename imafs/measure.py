@@ -269,15 +269,7 @@ class Measurer:
     def _last_writer(self, iint: Iint, f: OpenedFile) -> None:
         """ima_check_last_writer: the last writer closes; a change measures again."""
         iint.atomic &= ~EMITTED_OPENWRITERS
-        try:
-            fd = f.reopen()
-            try:
-                changed = change_cookie(fd) != iint.cookie
-            finally:
-                os.close(fd)
-        except OSError:
-            changed = True  # no cookie: assume changed, as the kernel does
-        if changed:
+        if self._cookie_moved(iint, f) is not False:  # no cookie: assume changed, as the kernel does
             iint.reset()
         self.cache.put(iint)
 
@@ -286,16 +278,22 @@ class Measurer:
         a moved cookie stands for the last writer's close.  (Not for opens
         under a measured mount: there the closes are seen, and a cookie moved
         by link, chmod or rename must not measure again.)"""
+        if self._cookie_moved(iint, f):
+            iint.reset()
+
+    @staticmethod
+    def _cookie_moved(iint: Iint, f: OpenedFile) -> bool | None:
+        """Whether the change cookie differs from the collected one; None if unreadable."""
         try:
             fd = f.reopen()
-            try:
-                changed = change_cookie(fd) != iint.cookie
-            finally:
-                os.close(fd)
         except OSError:
-            return
-        if changed:
-            iint.reset()
+            return None
+        try:
+            return change_cookie(fd) != iint.cookie
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _measure(self, iint: Iint, f: OpenedFile, rule: Rule, pcr: int) -> bool:
         """Collect the digest (once per change) and store the measurement."""
