@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 
 import trio
 
+from .blocking import Runner
 from .ima import Ima, RequestError
 from .policy import BUFFER_FUNCS
 
@@ -73,6 +75,7 @@ class Client:
 
 
 def _write_file(path: str, data: bytes) -> None:
+    """A blocking step: ``path`` may be slow, or a FIFO that waits for a reader."""
     try:
         with open(path, "wb") as f:
             f.write(data)
@@ -80,11 +83,29 @@ def _write_file(path: str, data: bytes) -> None:
         raise RequestError(f"{path}: {e.strerror}") from None
 
 
+MAX_KEXEC_BUFFER = 1 << 30
+
+
+def _read_regular(path: str, limit: int) -> bytes:
+    """A blocking step: the content of a regular file of at most ``limit`` bytes."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise RequestError(f"{path}: not a regular file")
+            if st.st_size > limit:
+                raise RequestError(f"{path}: {st.st_size} bytes, more than {limit}")
+            return f.read(limit + 1)[:limit]
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+
+
 class Server:
     """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
 
-    def __init__(self, ima: Ima, on_shutdown):
+    def __init__(self, ima: Ima, runner: Runner, on_shutdown):
         self.ima = ima
+        self.runner = runner  # file I/O off the loop
         self.on_shutdown = on_shutdown
 
     async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -153,8 +174,9 @@ class Server:
 
     async def cmd_record(self, name, file=None, digest=None, buffer_hex=None,
                          violation=False, pcr=None, template=None):
-        return self.ima.record(name=name, file=file, digest=digest, buffer_hex=buffer_hex,
-                               violation=bool(violation), pcr=pcr, template=template)
+        return await self.runner.run(self.ima.record(
+            name=name, file=file, digest=digest, buffer_hex=buffer_hex, violation=bool(violation),
+            pcr=pcr, template=template))
 
     async def cmd_generate(self, count):
         if not isinstance(count, int) or count < 0:
@@ -181,7 +203,8 @@ class Server:
     async def cmd_measure(self, func, path=None, mask=0, uid=0, euid=None, gid=0, egid=None,
                           name=None, data_hex=None, keyring=None, label=None):
         if path is not None:
-            return self.ima.measure_file(path, func, mask, uid=uid, euid=euid, gid=gid, egid=egid, name=name)
+            return await self.runner.run(self.ima.measure_file(path, func, mask, uid=uid, euid=euid, gid=gid,
+                                                               egid=egid, name=name))
         if data_hex is None or not name:
             raise RequestError("measure: give a file, or --name and --data-hex for a buffer hook")
         if func not in BUFFER_FUNCS:
@@ -203,16 +226,11 @@ class Server:
         else:
             buf = self.ima.kexec()
         if dump:
-            _write_file(dump, buf)
+            await self.runner.io(_write_file, dump, buf)
         return {"buffer_bytes": len(buf), "count": self.ima.store.current.count}
 
     async def cmd_boot(self, kexec_buffer):
-        try:
-            with open(kexec_buffer, "rb") as f:
-                buf = f.read()
-        except OSError as e:
-            raise RequestError(f"{kexec_buffer}: {e.strerror}") from None
-        self.ima.boot_from_buffer(buf)
+        self.ima.boot_from_buffer(await self.runner.io(_read_regular, kexec_buffer, MAX_KEXEC_BUFFER))
         return {"count": self.ima.store.current.count}
 
     async def cmd_reboot(self):

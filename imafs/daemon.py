@@ -14,11 +14,12 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from .blocking import Runner
 from .control import Server, socket_path
 from .ima import Ima
 from .klog import KernelLog
 from .profile import Profile
-from .passthrough import HIDDEN_PREFIX, Passthrough
+from .passthrough import HIDDEN_PREFIX, MeasuredFs, Passthrough
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
 
 log = logging.getLogger(__name__)
@@ -92,14 +93,15 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
         klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         ima = Ima(profile, KernelLog(klog))
         ima.measured_dirs = measured
-        ops = SecurityFs(Tree(ima), Passthrough(ima.measurer, measured) if measured else None)
+        runner = Runner()
+        ops = SecurityFs(Tree(ima), MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
     except (MountError, RuntimeError, OSError) as e:
         ready(str(e))
         return
     binds = Binds(mountpoint, [dst for _, dst in measured])
     try:
-        trio.run(_serve, ima, ops, sock, binds, ready)
+        trio.run(_serve, ima, runner, ops, sock, binds, ready)
     finally:
         binds.detach()
         pyfuse3.close(unmount=True)
@@ -133,14 +135,14 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 MNT_DETACH = 2
 
 
-async def _serve(ima: Ima, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
+async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
     async def shutdown():
         await trio.to_thread.run_sync(binds.detach)
         pyfuse3.terminate()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ops.reaper)
-        server = Server(ima, on_shutdown=shutdown)
+        server = Server(ima, runner, on_shutdown=shutdown)
         await nursery.start(server.serve, sock)
         nursery.start_soon(_signals, shutdown)
         nursery.start_soon(_attach, binds, ready, shutdown)

@@ -13,6 +13,7 @@ import errno
 
 from . import kexec
 from . import templates as T
+from .blocking import Blocking, Steps, run_inline
 from .errors import FsError, RequestError
 from .klog import KernelLog
 from .fsinfo import fs_info
@@ -29,11 +30,54 @@ log = logging.getLogger(__name__)
 MAY_READ = MASKS["MAY_READ"]
 
 
-def _getxattr(path: str, name: str) -> bytes | None:
+def _getxattr(fd: int, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, name)
+        return os.getxattr(fd, name)
     except OSError:
         return None
+
+
+def _open_regular(path: str) -> int:
+    """A read-only descriptor of ``path`` if it is a regular file: the kernel
+    measures nothing else, and a FIFO or a device would never end (the open
+    itself must not wait for a FIFO's writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RequestError(f"{path}: not a regular file (the kernel measures regular files only)")
+    return fd
+
+
+def _file_facts(path: str, ima_hash: str | None) -> tuple[os.stat_result, bytes | None, bytes | None, dict]:
+    """A blocking step: stat, digests (``ima_hash`` and sha1/md5 for `d`,
+    when asked) and the xattrs a template can record, of a regular file."""
+    fd = _open_regular(path)
+    try:
+        st = os.fstat(fd)
+        digest = d = None
+        if ima_hash is not None:
+            h = T.new_hash(ima_hash)
+            legacy = hashlib.md5() if ima_hash == "md5" else hashlib.sha1()
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+                legacy.update(chunk)
+            digest, d = h.digest(), legacy.digest()
+        xattrs = {n: v for n in EVM_XATTRS + ("security.evm",) if (v := _getxattr(fd, n)) is not None}
+        return st, digest, d, xattrs
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _stat_fs(path: str):
+    try:
+        return os.stat(path), fs_info(path)
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
 
 
 class Ima:
@@ -52,18 +96,20 @@ class Ima:
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
+        self.boots = 0  # kernels booted: a path that waited on I/O re-checks it
         self._boot(())
 
     def _boot(self, restored) -> None:
         """A new kernel: a fresh store holding the ``restored`` kexec records,
         then this kernel's boot_aggregate."""
+        self.boots += 1
         self.suspended = False
         self.iint.clear()
         p = self.profile
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
-                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
+                                 measure_policy_file=lambda path: run_inline(self.measure_file(path, "POLICY_CHECK", MAY_READ)),
                                  real_path=self.real_path)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
@@ -112,7 +158,7 @@ class Ima:
     # -- requests (control socket) ------------------------------------------------
     def record(self, *, name: str, file: str | None = None, digest: str | None = None,
                buffer_hex: str | None = None, violation: bool = False,
-               pcr: int | None = None, template: str | None = None) -> dict:
+               pcr: int | None = None, template: str | None = None) -> Steps[dict]:
         """Append one record for the ``record`` command; returns what was done."""
         sources = [x is not None for x in (file, digest, buffer_hex)]
         if violation:
@@ -135,7 +181,16 @@ class Ima:
             raise RequestError(f"template: {e}") from None
         ev = T.Event(name=os.fsencode(name), ima_hash=self.ima_hash, violation=violation)
         if file is not None:
-            self._fill_from_file(ev, self.real_path(file), content=not violation)
+            boot = self.boots
+            st, ev.file_digest, ev.d_digest, xattrs = yield Blocking(
+                _file_facts, self.real_path(file), None if violation else self.ima_hash)
+            if self.boots != boot:
+                raise RequestError("the emulated kernel rebooted while the file was read: nothing recorded")
+            if not violation:
+                ev.file_algo = self.ima_hash
+            ev.uid, ev.gid, ev.mode = st.st_uid, st.st_gid, st.st_mode & 0xFFFF
+            ev.ima_xattr, ev.evm_xattr = xattrs.get("security.ima"), xattrs.get("security.evm")
+            ev.evm_xattrs = tuple((n, xattrs[n]) for n in EVM_XATTRS if n in xattrs)
         elif digest is not None:
             self._fill_digest(ev, digest)
         elif buffer_hex is not None:
@@ -155,7 +210,7 @@ class Ima:
 
     # -- hooks (ima_main.c process_measurement) -------------------------------------------
     def measure_file(self, path: str, func: str, mask: int = 0, *, uid: int = 0, euid: int | None = None,
-                     gid: int = 0, egid: int | None = None, name: str | None = None) -> dict:
+                     gid: int = 0, egid: int | None = None, name: str | None = None) -> Steps[dict]:
         """An explicit file hook: the policy decides with the given credentials
         and the file's owner and filesystem, through the iint cache."""
         func = FUNCS.get(func)
@@ -163,17 +218,16 @@ class Ima:
             raise RequestError("--func: not a file hook; file hooks: "
                                + ", ".join(sorted(set(FUNCS.values()) - set(BUFFER_FUNCS))))
         real = self.real_path(path)
-        try:
-            st = os.stat(real)
-            fs = fs_info(real)
-        except OSError as e:
-            raise RequestError(f"{path}: {e.strerror}") from None
+        boot = self.boots
+        st, fs = yield Blocking(_stat_fs, real)
+        if self.boots != boot:
+            raise RequestError("the emulated kernel rebooted while the file was looked up: nothing measured")
         recorded = name or (path if real != path else os.path.realpath(path))
         if not stat.S_ISREG(st.st_mode):
             return self.decided(recorded, func, None, False, "not a regular file: never measured")
         task = Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
         f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=real)
-        return self.measurer.process(f, task, func, mask)
+        return (yield from self.measurer.process(f, task, func, mask))
 
     def real_path(self, path: str) -> str:
         """Where the daemon finds ``path`` without going through its own FUSE
@@ -201,26 +255,6 @@ class Ima:
 
     def _d_of(self, content: bytes) -> bytes:
         return hashlib.md5(content).digest() if self.ima_hash == "md5" else hashlib.sha1(content).digest()
-
-    def _fill_from_file(self, ev: T.Event, path: str, content: bool) -> None:
-        try:
-            st = os.stat(path)
-            if stat.S_ISDIR(st.st_mode):
-                raise RequestError(f"{path}: is a directory")
-            if content:
-                h = T.new_hash(self.ima_hash)
-                d = hashlib.md5() if self.ima_hash == "md5" else hashlib.sha1()
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        h.update(chunk)
-                        d.update(chunk)
-                ev.file_algo, ev.file_digest, ev.d_digest = self.ima_hash, h.digest(), d.digest()
-        except OSError as e:
-            raise RequestError(f"{path}: {e.strerror}") from None
-        ev.uid, ev.gid, ev.mode = st.st_uid, st.st_gid, st.st_mode & 0xFFFF
-        ev.ima_xattr = _getxattr(path, "security.ima")
-        ev.evm_xattr = _getxattr(path, "security.evm")
-        ev.evm_xattrs = tuple((n, v) for n in EVM_XATTRS if (v := _getxattr(path, n)) is not None)
 
     def _fill_digest(self, ev: T.Event, spec: str) -> None:
         algo, sep, hexd = spec.partition(":")

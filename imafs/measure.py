@@ -5,6 +5,10 @@ policy action, violation checks, the iint cache, hashing and the store.
 mount for real opens, execs and closes, and the control socket for explicit
 hook events.  It knows files only as :class:`OpenedFile` and tasks only as
 :class:`Task`.
+
+A hook is a generator of steps (:mod:`imafs.blocking`): the decision runs on
+the caller's state, hashing is a ``Blocking`` step, and the collect-and-store
+part holds the inode's ``Exclusive`` lock, as the kernel holds iint->mutex.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 
 from . import templates as T
+from .blocking import Blocking, Exclusive, Steps
 from .fsinfo import FsInfo
 from .iint import EMITTED_OPENWRITERS, IMA_COLLECTED, IMA_MEASURE, IMA_MEASURED, MAY_EMIT_TOMTOU, Iint, IintCache
 from .errors import RequestError
@@ -171,13 +176,13 @@ class Measurer:
         self.limits = limits
 
     # -- hooks ---------------------------------------------------------------------
-    def file_open(self, f: OpenedFile, task: Task) -> list[dict]:
+    def file_open(self, f: OpenedFile, task: Task) -> Steps[list[dict]]:
         """An open: count it, then FILE_CHECK with its mask, and BPRM_CHECK for
         an exec open.  Returns how each hook was decided."""
         self.cache.opened(f.key, f.reader, f.writer)
-        done = [self.process(f, task, "FILE_CHECK", f.open_mask)]
+        done = [(yield from self.process(f, task, "FILE_CHECK", f.open_mask))]
         if f.flags & FMODE_EXEC:
-            done.append(self.process(f, task, "BPRM_CHECK", MAY_EXEC))
+            done.append((yield from self.process(f, task, "BPRM_CHECK", MAY_EXEC)))
         return done
 
     def file_close(self, f: OpenedFile) -> None:
@@ -201,18 +206,22 @@ class Measurer:
             self.cache.remove(key)
 
     # -- the decision path ------------------------------------------------------------
-    def process(self, f: OpenedFile, task: Task, func: str, mask: int) -> dict:
+    def process(self, f: OpenedFile, task: Task, func: str, mask: int) -> Steps[dict]:
         ima = self.ima
         rule = measure_decision(ima.policy.rules, self._hook_event(f, task, func, mask))
         must_measure = rule is not None and rule.action == "measure"
         violation_check = func in VIOLATION_FUNCS and any(r.action == "measure" for r in ima.policy.rules)
         if not must_measure and not violation_check:
             return self._decided(f, func, rule, False)
-        iint = self.cache.get(f.key) if must_measure else None
         if violation_check:
-            iint = self._violation_check(f, task, iint, must_measure)
+            self._violation_check(f, task, self.cache.get(f.key) if must_measure else None, must_measure)
         if not must_measure:
             return self._decided(f, func, rule, False)
+        boot = ima.boots
+        yield Exclusive(f.key)
+        if ima.boots != boot:  # a reboot or kexec while waiting: this kernel is gone
+            return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
+        iint = self.cache.get(f.key)
         if f.fd is None and iint.flags & IMA_COLLECTED and not self.cache.counts(f.key)[1]:
             self._check_unseen_change(iint, f)
         pcr = ima.profile.pcr_idx if rule.pcr is None else rule.pcr
@@ -220,7 +229,9 @@ class Measurer:
         if iint.measured_pcrs >> pcr & 1:
             self.cache.put(iint)
             return self._decided(f, func, rule, False, "measure: already measured into this PCR")
-        added = self._measure(iint, f, rule, pcr)
+        added = yield from self._measure(iint, f, rule, pcr)
+        if ima.boots != boot:
+            return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
         self.cache.put(iint)
         return self._decided(f, func, rule, added)
 
@@ -230,7 +241,7 @@ class Measurer:
                          cap_setgid=task.cap_setgid, fowner=f.st.st_uid, fgroup=f.st.st_gid,
                          fsmagic=f.fs.magic, fsname=f.fs.name, fs_subtype=f.fs.subtype, fsuuid=f.fs.uuid)
 
-    def _violation_check(self, f: OpenedFile, task: Task, iint: Iint | None, must_measure: bool) -> Iint | None:
+    def _violation_check(self, f: OpenedFile, task: Task, iint: Iint | None, must_measure: bool) -> None:
         """ima_rdwr_violation_check; the open is already counted."""
         readers, writers = self.cache.counts(f.key)
         causes = []
@@ -253,7 +264,6 @@ class Measurer:
             self.cache.put(iint)
         for cause in causes:
             self._violation(f, task, cause)
-        return iint
 
     def _violation(self, f: OpenedFile, task: Task, cause: str) -> None:
         """ima_add_violation: a zero-digest record in the default template and
@@ -295,7 +305,7 @@ class Measurer:
         finally:
             os.close(fd)
 
-    def _measure(self, iint: Iint, f: OpenedFile, rule: Rule, pcr: int) -> bool:
+    def _measure(self, iint: Iint, f: OpenedFile, rule: Rule, pcr: int) -> Steps[bool]:
         """Collect the digest (once per change) and store the measurement."""
         ima = self.ima
         template = rule.template or ima.template
@@ -311,7 +321,7 @@ class Measurer:
                 iint.algo, iint.digest = algo, bytes(T.digest_size(algo))
             else:
                 try:
-                    iint.cookie, iint.digest = self._hash(f, algo)
+                    iint.cookie, iint.digest = yield Blocking(self._hash, f, algo)
                 except OSError as e:
                     if e.errno == errno.ENOMEM:
                         return False
@@ -320,7 +330,7 @@ class Measurer:
                 iint.flags |= IMA_COLLECTED
         ev = T.Event(name=f.name, ima_hash=ima.ima_hash, file_algo=iint.algo, file_digest=iint.digest)
         if "d" in template.fields:
-            ev.d_digest = iint.digest if iint.algo in ("sha1", "md5") else self._sha1(f, direct)
+            ev.d_digest = iint.digest if iint.algo in ("sha1", "md5") else (yield Blocking(self._sha1, f, direct))
         self._fill_inode(ev, f, xattr)
         added = self._store(ev, template, pcr)
         if added is not None and not direct:
@@ -348,12 +358,13 @@ class Measurer:
         finally:
             os.close(fd)
 
-    def _sha1(self, f: OpenedFile, direct: bool) -> bytes:
+    @classmethod
+    def _sha1(cls, f: OpenedFile, direct: bool) -> bytes:
         """The `ima` template's digest is sha1 whatever the IMA hash is."""
         if direct:
             return bytes(20)
         try:
-            return self._hash(f, "sha1")[1]
+            return cls._hash(f, "sha1")[1]
         except OSError:
             return bytes(20)
 

@@ -4,7 +4,13 @@ open, exec and close of a file there is a hook event.
 :class:`Passthrough` is a plain object: the node table (one node per real
 inode of each mount, so hard links share one), path bookkeeping, and the file
 operations on the real files.  Errors surface as ``OSError`` with the errno
-of the real system call.  Opens and closes go through :class:`Measurer`.
+of the real system call.
+
+:class:`MeasuredFs` answers the FUSE operations on those nodes: names and
+attributes on the event loop, and every open, read, write, fsync and close
+of a real file, and the hashing the hooks do, in worker threads — a FIFO
+nobody writes or a file that never ends holds up its own request only.
+Opens and closes go through :class:`Measurer`.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import logging
 import os
 import stat
 from dataclasses import dataclass
 
+import pyfuse3
+
+from .blocking import Runner
 from .fsinfo import FsInfo, fs_info
 from .measure import FMODE_EXEC, Measurer, OpenedFile, Task
 
@@ -136,12 +146,12 @@ class Passthrough:
     def path(self, node: Node) -> bytes:
         return node.mount.source(node)
 
-    def _child(self, parent: Node, name: bytes) -> bytes:
+    def child(self, parent: Node, name: bytes) -> bytes:
         return self.path(parent) + b"/" + name
 
     def entry(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
         """A lookup: the node for ``name`` in ``parent``, counted once more."""
-        st = os.lstat(self._child(parent, name))
+        st = os.lstat(self.child(parent, name))
         node = self._node(parent.mount, st, parent, name)
         node.lookups += 1
         return node, st
@@ -176,10 +186,12 @@ class Passthrough:
         return info
 
     # -- metadata ------------------------------------------------------------------------
-    def setattr(self, node: Node, fh: int | None, *, size=None, mode=None, uid=None, gid=None,
+    @staticmethod
+    def setattr(path: bytes, fd: int | None, *, size=None, mode=None, uid=None, gid=None,
                 atime_ns=None, mtime_ns=None) -> os.stat_result:
-        path = self.path(node)
-        target = self.handles[fh].fd if fh in self.handles else path
+        """Blocking (a truncate may take long): the caller resolves ``path``
+        and the open's ``fd``, if any, on the loop."""
+        target = fd if fd is not None else path
         if size is not None:
             os.truncate(target, size)
         if mode is not None:
@@ -195,11 +207,9 @@ class Passthrough:
     def readlink(self, node: Node) -> bytes:
         return os.readlink(self.path(node))
 
-    def listdir(self, node: Node) -> list[bytes]:
-        return sorted(os.listdir(self.path(node)))
-
-    def statvfs(self, node: Node) -> os.statvfs_result:
-        return os.statvfs(self.path(node))
+    @staticmethod
+    def listdir(path: bytes) -> list[bytes]:
+        return sorted(os.listdir(path))
 
     # -- names ---------------------------------------------------------------------------
     def _owned(self, path: bytes, parent: Node, uid: int, gid: int) -> None:
@@ -208,40 +218,40 @@ class Passthrough:
         os.chown(path, uid, pst.st_gid if pst.st_mode & stat.S_ISGID else gid, follow_symlinks=False)
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int):
-        path = self._child(parent, name)
+        path = self.child(parent, name)
         os.mknod(path, mode, rdev)
         os.chmod(path, stat.S_IMODE(mode))
         self._owned(path, parent, uid, gid)
         return self.entry(parent, name)
 
     def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int):
-        path = self._child(parent, name)
+        path = self.child(parent, name)
         os.mkdir(path, stat.S_IMODE(mode))
         os.chmod(path, stat.S_IMODE(mode))
         self._owned(path, parent, uid, gid)
         return self.entry(parent, name)
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int):
-        path = self._child(parent, name)
+        path = self.child(parent, name)
         os.symlink(target, path)
         self._owned(path, parent, uid, gid)
         return self.entry(parent, name)
 
     def link(self, node: Node, parent: Node, name: bytes):
-        os.link(self.path(node), self._child(parent, name), follow_symlinks=False)
+        os.link(self.path(node), self.child(parent, name), follow_symlinks=False)
         return self.entry(parent, name)
 
     def unlink(self, parent: Node, name: bytes) -> None:
-        path = self._child(parent, name)
+        path = self.child(parent, name)
         st = os.lstat(path)
         os.unlink(path)
         self.measurer.unlinked((st.st_dev, st.st_ino), st.st_nlink - 1)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
-        os.rmdir(self._child(parent, name))
+        os.rmdir(self.child(parent, name))
 
     def rename(self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int) -> None:
-        src, dst = self._child(old_parent, old), self._child(new_parent, new)
+        src, dst = self.child(old_parent, old), self.child(new_parent, new)
         st = os.lstat(src)
         try:
             replaced = os.lstat(dst)
@@ -280,63 +290,234 @@ class Passthrough:
         if os.fsdecode(name) in MEASURE_XATTRS:
             self.measurer.xattr_changed(node.key)
 
-    # -- file I/O -----------------------------------------------------------------------
-    def open(self, node: Node, flags: int, task: Task) -> int:
-        """Open the real file, then run the open's hooks; returns a handle."""
+    # -- file I/O: blocking steps are static; the tables change on the loop --------------
+    def open_source(self, node: Node) -> tuple[bytes, int | None]:
+        """The path to open, and the descriptor of an open handle of the same
+        inode to open through if the path is gone (reached via /proc/PID/fd)."""
         path = self.path(node)
         try:
-            fd = os.open(path, self._real_flags(flags))
-        except FileNotFoundError:  # reached through /proc/PID/fd after unlink
-            fd = os.open(f"/proc/self/fd/{self._alive(node).fd}", self._real_flags(flags))
-        return self._opened(node, path, fd, flags, task)
+            alive = self._alive(node).fd
+        except FileNotFoundError:
+            alive = None
+        return path, alive
 
-    def create(self, parent: Node, name: bytes, mode: int, flags: int, task: Task, uid: int, gid: int):
-        path = self._child(parent, name)
-        fd = os.open(path, self._real_flags(flags) | os.O_CREAT, stat.S_IMODE(mode))
+    @classmethod
+    def open_real(cls, path: bytes, alive: int | None, flags: int) -> int:
+        try:
+            return os.open(path, cls._real_flags(flags))
+        except FileNotFoundError:  # reached through /proc/PID/fd after unlink
+            if alive is None:
+                raise
+            return os.open(f"/proc/self/fd/{alive}", cls._real_flags(flags))
+
+    @classmethod
+    def create_real(cls, path: bytes, mode: int, flags: int) -> int:
+        return os.open(path, cls._real_flags(flags) | os.O_CREAT, stat.S_IMODE(mode))
+
+    def created(self, parent: Node, name: bytes, fd: int, mode: int, uid: int, gid: int):
+        """The new file belongs to its creator; the node for it."""
         try:
             os.fchmod(fd, stat.S_IMODE(mode))
-            self._owned(path, parent, uid, gid)
-            node, st = self.entry(parent, name)
+            self._owned(self.child(parent, name), parent, uid, gid)
+            return self.entry(parent, name)
         except OSError:
             os.close(fd)
             raise
-        return self._opened(node, path, fd, flags, task), node, st
 
     @staticmethod
     def _real_flags(flags: int) -> int:
         # the daemon's own descriptor: no exec marker, no O_DIRECT alignment rules
         return (flags & ~(FMODE_EXEC | os.O_DIRECT | os.O_NOCTTY | os.O_EXCL | os.O_CREAT)) | os.O_CLOEXEC
 
-    def _opened(self, node: Node, path: bytes, fd: int, flags: int, task: Task) -> int:
+    def register(self, node: Node, fd: int, flags: int) -> tuple[int, OpenedFile]:
+        """A handle for a real descriptor, and the file as the hooks see it."""
         st = os.fstat(fd)
+        path = self.path(node)
         f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=self.fs(st, path),
                        flags=flags, fd=fd, path=os.fsdecode(path))
         fh = self._fh
         self._fh += 1
         self.handles[fh] = Handle(fd, f)
-        if stat.S_ISREG(st.st_mode):
-            try:
-                self.measurer.file_open(f, task)
-            except Exception:  # a bug must not take the mount down: the open goes on
-                log.exception("open hooks of %s", os.fsdecode(f.name))
-        return fh
+        return fh, f
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.handles[fh].fd, size, off)
+    def handle(self, fh: int) -> "Handle":
+        h = self.handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return h
 
-    def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self.handles[fh].fd, buf, off)
-
-    def fsync(self, fh: int, datasync: bool) -> None:
-        (os.fdatasync if datasync else os.fsync)(self.handles[fh].fd)
-
-    def release(self, fh: int) -> None:
-        h = self.handles.pop(fh)
+    def closing(self, fh: int) -> Handle:
+        """Forget a handle and run the close hooks; the caller closes its fd."""
+        h = self.handles.pop(fh, None)
+        if h is None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         try:
             if stat.S_ISREG(h.file.st.st_mode):
                 self.measurer.file_close(h.file)
                 self.measurer.unlinked(h.file.key, os.fstat(h.fd).st_nlink)
-        except Exception:  # as in open: never fail a close
+        except Exception:  # never fail a close
             log.exception("close hooks of %s", os.fsdecode(h.file.name))
-        finally:
-            os.close(h.fd)
+        return h
+
+
+def stat_entry(nodeid: int, st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
+    """Attributes of a real file under a measured mount, under its node id."""
+    a = pyfuse3.EntryAttributes()
+    for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize",
+                 "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
+        setattr(a, name, getattr(st, name))
+    a.st_ino = nodeid
+    a.generation = 0
+    a.entry_timeout = a.attr_timeout = timeout
+    return a
+
+
+class MeasuredFs:
+    """The FUSE operations on the nodes of measured mounts, with the errnos
+    of the real system calls."""
+
+    def __init__(self, pt: Passthrough, runner: Runner, attr_timeout: float = 1.0):
+        self.pt = pt
+        self.runner = runner
+        self.attr_timeout = attr_timeout
+
+    def owns(self, nodeid: int) -> bool:
+        return self.pt.owns(nodeid)
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        return stat_entry(node.nodeid, st, self.attr_timeout)
+
+    def root_entry(self, name: bytes) -> pyfuse3.EntryAttributes | None:
+        root = self.pt.root_of(name)
+        return None if root is None else self._entry(root, self.pt.stat(root))
+
+    # -- names and attributes: on the loop -------------------------------------------------
+    async def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        node = self.pt.node(parent)
+        if name == b".":
+            return self._entry(node, self.pt.stat(node))
+        if name == b"..":
+            up = node.parent or node
+            return self._entry(up, self.pt.stat(up))
+        return self._entry(*self.pt.entry(node, name))
+
+    def forget(self, nodeid: int, n: int) -> None:
+        self.pt.forget(nodeid, n)
+
+    async def getattr(self, nodeid: int) -> pyfuse3.EntryAttributes:
+        node = self.pt.node(nodeid)
+        return self._entry(node, self.pt.stat(node))
+
+    async def setattr(self, nodeid: int, fh: int | None, change: dict) -> pyfuse3.EntryAttributes:
+        node = self.pt.node(nodeid)
+        h = self.pt.handles.get(fh) if fh is not None else None
+        st = await self.runner.io(functools.partial(self.pt.setattr, self.pt.path(node),
+                                                    h.fd if h else None, **change))
+        return self._entry(node, st)
+
+    async def readlink(self, nodeid: int) -> bytes:
+        return self.pt.readlink(self.pt.node(nodeid))
+
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        return self._entry(*self.pt.mknod(self.pt.node(parent), name, mode, rdev, ctx.uid, ctx.gid))
+
+    async def mkdir(self, parent, name, mode, ctx):
+        return self._entry(*self.pt.mkdir(self.pt.node(parent), name, mode, ctx.uid, ctx.gid))
+
+    async def symlink(self, parent, name, target, ctx):
+        return self._entry(*self.pt.symlink(self.pt.node(parent), name, target, ctx.uid, ctx.gid))
+
+    async def link(self, nodeid, new_parent, new_name):
+        return self._entry(*self.pt.link(self.pt.node(nodeid), self.pt.node(new_parent), new_name))
+
+    async def unlink(self, parent, name) -> None:
+        self.pt.unlink(self.pt.node(parent), name)
+
+    async def rmdir(self, parent, name) -> None:
+        self.pt.rmdir(self.pt.node(parent), name)
+
+    async def rename(self, old_parent, old, new_parent, new, flags) -> None:
+        self.pt.rename(self.pt.node(old_parent), old, self.pt.node(new_parent), new, flags)
+
+    async def getxattr(self, nodeid, name) -> bytes:
+        return self.pt.getxattr(self.pt.node(nodeid), name)
+
+    async def listxattr(self, nodeid) -> list[bytes]:
+        return [os.fsencode(n) for n in self.pt.listxattr(self.pt.node(nodeid))]
+
+    async def setxattr(self, nodeid, name, value) -> None:
+        self.pt.setxattr(self.pt.node(nodeid), name, value)
+
+    async def removexattr(self, nodeid, name) -> None:
+        self.pt.removexattr(self.pt.node(nodeid), name)
+
+    # -- directories -------------------------------------------------------------------------
+    async def opendir(self, nodeid: int) -> int:
+        node = self.pt.node(nodeid)
+        if not stat.S_ISDIR(self.pt.stat(node).st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return nodeid
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        node = self.pt.node(fh)
+        names = await self.runner.io(self.pt.listdir, self.pt.path(node))
+        for i in range(start_id, len(names)):
+            try:
+                child, st = self.pt.entry(node, names[i])
+            except OSError:
+                continue  # gone meanwhile
+            if not pyfuse3.readdir_reply(token, names[i], self._entry(child, st), i + 1):
+                self.pt.forget(child.nodeid, 1)
+                break
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.runner.io(_fsync_path, self.pt.path(self.pt.node(fh)), datasync)
+
+    # -- files ---------------------------------------------------------------------------------
+    async def open(self, nodeid: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        node = self.pt.node(nodeid)
+        path, alive = self.pt.open_source(node)
+        fd = await self.runner.io(self.pt.open_real, path, alive, flags)
+        return await self._opened(node, fd, flags, ctx)
+
+    async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx):
+        parent_node = self.pt.node(parent)
+        fd = await self.runner.io(self.pt.create_real, self.pt.child(parent_node, name), mode, flags)
+        node, st = self.pt.created(parent_node, name, fd, mode, ctx.uid, ctx.gid)
+        return await self._opened(node, fd, flags, ctx), self._entry(node, st)
+
+    async def _opened(self, node: Node, fd: int, flags: int, ctx) -> pyfuse3.FileInfo:
+        """Register the open, then run its hooks: they never fail it."""
+        try:
+            fh, f = self.pt.register(node, fd, flags)
+        except OSError:
+            os.close(fd)
+            raise
+        if stat.S_ISREG(f.st.st_mode):
+            try:
+                task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
+                await self.runner.run(self.pt.measurer.file_open(f, task))
+            except Exception:
+                log.exception("open hooks of %s", os.fsdecode(f.name))
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.runner.io(os.pread, self.pt.handle(fh).fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.runner.io(os.pwrite, self.pt.handle(fh).fd, buf, off)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.runner.io(os.fdatasync if datasync else os.fsync, self.pt.handle(fh).fd)
+
+    async def release(self, fh: int) -> None:
+        h = self.pt.closing(fh)
+        await self.runner.io(os.close, h.fd)
+
+
+def _fsync_path(path: bytes, datasync: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        (os.fdatasync if datasync else os.fsync)(fd)
+    finally:
+        os.close(fd)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from imafs import templates as T
+from imafs.blocking import run_inline
 from imafs.iint import IMA_COLLECTED, IMA_MEASURED, Iint, IintCache
 from imafs.ima import Ima
 from imafs.measure import FMODE_EXEC, MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, OpenedFile, Task, \
@@ -112,9 +113,9 @@ def test_pcr_9_and_10_are_two_entries(tmp_path):
     f = tmp_path / "both"
     f.write_bytes(b"x")
     root = Task()
-    ima.measurer.process(opened(f), root, "FILE_CHECK", MAY_READ)
-    ima.measurer.process(opened(f), root, "FILE_CHECK", MAY_READ)
-    ima.measurer.process(opened(f), root, "BPRM_CHECK", MAY_EXEC)
+    run_inline(ima.measurer.process(opened(f), root, "FILE_CHECK", MAY_READ))
+    run_inline(ima.measurer.process(opened(f), root, "FILE_CHECK", MAY_READ))
+    run_inline(ima.measurer.process(opened(f), root, "BPRM_CHECK", MAY_EXEC))
     assert names(ima) == [(9, str(f)), (10, str(f))]
     assert ima.iint.find(opened(f).key).measured_pcrs == 1 << 9 | 1 << 10
 
@@ -123,7 +124,7 @@ def test_ima_template_rule_puts_sha1_in_d(tmp_path):
     ima = ima_with("measure func=FILE_CHECK template=ima\n")
     f = tmp_path / "legacy"
     f.write_bytes(b"legacy content")
-    ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ)
+    run_inline(ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ))
     pcr, digest, template, fields = records(ima)[-1]
     assert template.name == "ima" and fields[0] == hashlib.sha1(b"legacy content").digest()
 
@@ -136,7 +137,7 @@ def test_evicted_inode_is_measured_again(tmp_path, htable, expected):
     a.write_bytes(b"a")
     b.write_bytes(b"b")
     for f in (a, b, a):
-        ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ)
+        run_inline(ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ))
     assert ima.iint.evictions == 2
     assert [n for _, n in names(ima)].count(str(a)) == expected
 
@@ -145,9 +146,9 @@ def test_unseen_change_of_an_explicit_event(tmp_path):
     ima = ima_with("measure func=FILE_CHECK\n")
     f = tmp_path / "f"
     f.write_bytes(b"one")
-    ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ)
+    run_inline(ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ))
     f.write_bytes(b"two, longer")
-    ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ)
+    run_inline(ima.measurer.process(opened(f), Task(), "FILE_CHECK", MAY_READ))
     assert len(names(ima)) == 2
 
 
