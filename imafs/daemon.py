@@ -135,12 +135,19 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 MNT_DETACH = 2
 
 
-async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
-    async def shutdown():
-        await trio.to_thread.run_sync(binds.detach)
-        pyfuse3.terminate()
+SHUTDOWN_GRACE = 2.0  # seconds in-flight requests get to answer once shutdown begins
 
+
+async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
     async with trio.open_nursery() as nursery:
+        async def shutdown():
+            """Stop taking requests; those in flight get SHUTDOWN_GRACE, then
+            are cancelled (a worker thread stuck on a dead file is abandoned)."""
+            await trio.to_thread.run_sync(binds.detach)
+            pyfuse3.terminate()
+            scope = nursery.cancel_scope
+            scope.deadline = min(scope.deadline, trio.current_time() + SHUTDOWN_GRACE)
+
         nursery.start_soon(ops.reaper)
         server = Server(ima, runner, on_shutdown=shutdown)
         await nursery.start(server.serve, sock)

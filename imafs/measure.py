@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from . import templates as T
 from .blocking import Blocking, Exclusive, Steps
 from .fsinfo import FsInfo
-from .iint import EMITTED_OPENWRITERS, IMA_COLLECTED, IMA_MEASURE, IMA_MEASURED, MAY_EMIT_TOMTOU, Iint, IintCache
+from .iint import EMITTED_OPENWRITERS, IMA_COLLECTED, IMA_MEASURE, IMA_MEASURED, MAY_EMIT_TOMTOU, IintCache
 from .errors import RequestError
 from .policy import MASKS, HookEvent, Rule, measure_decision
 
@@ -123,11 +123,17 @@ class OpenedFile:
         src = f"/proc/self/fd/{self.fd}" if self.fd is not None else self.path
         return os.open(src, os.O_RDONLY | os.O_CLOEXEC)
 
-    def xattr(self, name: str) -> bytes | None:
-        try:
-            return os.getxattr(self.fd if self.fd is not None else self.path, name)
-        except OSError:
-            return None
+    def xattrs(self) -> dict[str, bytes]:
+        """A blocking step: the xattrs a template may record (security.evm
+        and those EVM protects), by name."""
+        target = self.fd if self.fd is not None else self.path
+        found = {}
+        for name in EVM_XATTRS + ("security.evm",):
+            try:
+                found[name] = os.getxattr(target, name)
+            except OSError:
+                pass
+        return found
 
 
 def change_cookie(fd: int) -> int:
@@ -168,6 +174,10 @@ class Measurer:
     store records; ``limits`` picks the violation model of 6.15+ (and of
     Debian's 6.12.117): one open_writers per writers-open period and one
     ToMToU per measured reader.
+
+    Every system call on the real file (xattrs, the change cookie, hashing)
+    is a ``Blocking`` step; an :class:`Iint` is never held across one, since
+    violation checks of other opens change its atomic flags meanwhile.
     """
 
     def __init__(self, ima, cache: IintCache, limits: bool):
@@ -185,13 +195,15 @@ class Measurer:
             done.append((yield from self.process(f, task, "BPRM_CHECK", MAY_EXEC)))
         return done
 
-    def file_close(self, f: OpenedFile) -> None:
+    def file_close(self, f: OpenedFile) -> Steps[None]:
         """The last reference to an open is gone (ima_file_free), then uncount it."""
-        if f.writer:
-            iint = self.cache.find(f.key)
-            if iint is not None and self.cache.counts(f.key)[1] == 1:
-                self._last_writer(iint, f)
-        self.cache.closed(f.key, f.reader, f.writer)
+        try:
+            if f.writer and self.cache.find(f.key) is not None:
+                yield Exclusive(f.key)
+                if self.cache.counts(f.key)[1] == 1:
+                    yield from self._last_writer(f)
+        finally:
+            self.cache.closed(f.key, f.reader, f.writer)
 
     def xattr_changed(self, key: tuple[int, int]) -> None:
         """security.ima or an EVM xattr was set or removed: measure again."""
@@ -214,25 +226,26 @@ class Measurer:
         if not must_measure and not violation_check:
             return self._decided(f, func, rule, False)
         if violation_check:
-            self._violation_check(f, task, self.cache.get(f.key) if must_measure else None, must_measure)
+            yield from self._violation_check(f, task, must_measure)
         if not must_measure:
             return self._decided(f, func, rule, False)
         boot = ima.boots
-        yield Exclusive(f.key)
+        yield Exclusive(f.key)  # iint->mutex
+        if ima.boots == boot and f.fd is None and not self.cache.counts(f.key)[1]:
+            iint = self.cache.get(f.key)
+            if iint.flags & IMA_COLLECTED and (yield Blocking(self._cookie_moved, iint.cookie, f)):
+                self._reset(f.key)
         if ima.boots != boot:  # a reboot or kexec while waiting: this kernel is gone
             return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
-        iint = self.cache.get(f.key)
-        if f.fd is None and iint.flags & IMA_COLLECTED and not self.cache.counts(f.key)[1]:
-            self._check_unseen_change(iint, f)
         pcr = ima.profile.pcr_idx if rule.pcr is None else rule.pcr
+        iint = self.cache.get(f.key)
         iint.flags |= IMA_MEASURE
+        self.cache.put(iint)
         if iint.measured_pcrs >> pcr & 1:
-            self.cache.put(iint)
             return self._decided(f, func, rule, False, "measure: already measured into this PCR")
-        added = yield from self._measure(iint, f, rule, pcr)
+        added = yield from self._measure(f, rule, pcr)
         if ima.boots != boot:
             return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
-        self.cache.put(iint)
         return self._decided(f, func, rule, added)
 
     def _hook_event(self, f: OpenedFile, task: Task, func: str, mask: int) -> HookEvent:
@@ -241,13 +254,14 @@ class Measurer:
                          cap_setgid=task.cap_setgid, fowner=f.st.st_uid, fgroup=f.st.st_gid,
                          fsmagic=f.fs.magic, fsname=f.fs.name, fs_subtype=f.fs.subtype, fsuuid=f.fs.uuid)
 
-    def _violation_check(self, f: OpenedFile, task: Task, iint: Iint | None, must_measure: bool) -> None:
+    def _violation_check(self, f: OpenedFile, task: Task, must_measure: bool) -> Steps[None]:
         """ima_rdwr_violation_check; the open is already counted."""
         readers, writers = self.cache.counts(f.key)
         causes = []
+        iint = self.cache.get(f.key) if must_measure else None
         if f.writer:
             if readers:
-                iint = iint or self.cache.find(f.key)
+                iint = self.cache.find(f.key)
                 if iint is not None and iint.atomic & MAY_EMIT_TOMTOU:
                     if self.limits:
                         iint.atomic &= ~MAY_EMIT_TOMTOU
@@ -263,79 +277,97 @@ class Measurer:
         if iint is not None and (causes or must_measure):
             self.cache.put(iint)
         for cause in causes:
-            self._violation(f, task, cause)
+            yield from self._violation(f, task, cause)
 
-    def _violation(self, f: OpenedFile, task: Task, cause: str) -> None:
+    def _violation(self, f: OpenedFile, task: Task, cause: str) -> Steps[None]:
         """ima_add_violation: a zero-digest record in the default template and
         PCR, and an INTEGRITY_PCR audit record."""
         ima = self.ima
         ev = T.Event(name=f.name, ima_hash=ima.ima_hash, violation=True)
-        self._fill_inode(ev, f)
+        self._fill_inode(ev, f, (yield Blocking(f.xattrs)))
         stored = self._store(ev)
         f.violations.append(cause)
         ima.klog.integrity(1804, "invalid_pcr", cause, int(stored), pid=task.pid, uid=task.uid, comm=task.comm,
                            name=os.fsdecode(f.name), dev=f.fs.s_id, ino=f.st.st_ino)
 
-    def _last_writer(self, iint: Iint, f: OpenedFile) -> None:
+    def _last_writer(self, f: OpenedFile) -> Steps[None]:
         """ima_check_last_writer: the last writer closes; a change measures again."""
+        iint = self.cache.find(f.key)
+        if iint is None:
+            return
+        moved = yield Blocking(self._cookie_moved, iint.cookie, f)
+        iint = self.cache.find(f.key)
+        if iint is None:
+            return
         iint.atomic &= ~EMITTED_OPENWRITERS
-        if self._cookie_moved(iint, f) is not False:  # no cookie: assume changed, as the kernel does
+        if moved is not False:  # no cookie: assume changed, as the kernel does
             iint.reset()
         self.cache.put(iint)
 
-    def _check_unseen_change(self, iint: Iint, f: OpenedFile) -> None:
-        """An explicit event on a file whose writes the emulator cannot see:
-        a moved cookie stands for the last writer's close.  (Not for opens
-        under a measured mount: there the closes are seen, and a cookie moved
-        by link, chmod or rename must not measure again.)"""
-        if self._cookie_moved(iint, f):
+    def _reset(self, key: tuple[int, int]) -> None:
+        iint = self.cache.find(key)
+        if iint is not None:
             iint.reset()
+            self.cache.put(iint)
 
     @staticmethod
-    def _cookie_moved(iint: Iint, f: OpenedFile) -> bool | None:
-        """Whether the change cookie differs from the collected one; None if unreadable."""
+    def _cookie_moved(cookie: int, f: OpenedFile) -> bool | None:
+        """Whether the change cookie differs from ``cookie``; None if unreadable.
+
+        An explicit event on a file whose writes the emulator cannot see: a
+        moved cookie stands for the last writer's close.  (Not for opens under
+        a measured mount: there the closes are seen, and a cookie moved by
+        link, chmod or rename must not measure again.)"""
         try:
             fd = f.reopen()
         except OSError:
             return None
         try:
-            return change_cookie(fd) != iint.cookie
+            return change_cookie(fd) != cookie
         except OSError:
             return None
         finally:
             os.close(fd)
 
-    def _measure(self, iint: Iint, f: OpenedFile, rule: Rule, pcr: int) -> Steps[bool]:
+    def _measure(self, f: OpenedFile, rule: Rule, pcr: int) -> Steps[bool]:
         """Collect the digest (once per change) and store the measurement."""
         ima = self.ima
         template = rule.template or ima.template
         direct = bool(f.flags & os.O_DIRECT)
-        xattr = f.xattr("security.ima")
+        xattrs = yield Blocking(f.xattrs)
+        iint = self.cache.get(f.key)
         if not iint.flags & IMA_COLLECTED or direct:
-            algo = (xattr_hash_algo(xattr) if template.name != "ima" else None) or ima.ima_hash
+            algo = (xattr_hash_algo(xattrs.get("security.ima")) if template.name != "ima" else None) \
+                or ima.ima_hash
             try:
                 T.hasher(algo)
             except T.UnknownHashError:
                 return False  # the kernel cannot allocate the hash: nothing is stored
             if direct:  # hashing an O_DIRECT open fails: a zero digest, not collected
-                iint.algo, iint.digest = algo, bytes(T.digest_size(algo))
+                digest, cookie = bytes(T.digest_size(algo)), iint.cookie
             else:
                 try:
-                    iint.cookie, iint.digest = yield Blocking(self._hash, f, algo)
+                    cookie, digest = yield Blocking(self._hash, f, algo)
                 except OSError as e:
                     if e.errno == errno.ENOMEM:
                         return False
-                    iint.digest = bytes(T.digest_size(algo))
-                iint.algo = algo
+                    cookie, digest = iint.cookie, bytes(T.digest_size(algo))
+            iint = self.cache.get(f.key)
+            iint.cookie, iint.digest, iint.algo = cookie, digest, algo
+            if not direct:
                 iint.flags |= IMA_COLLECTED
-        ev = T.Event(name=f.name, ima_hash=ima.ima_hash, file_algo=iint.algo, file_digest=iint.digest)
+            self.cache.put(iint)
+        algo, digest = iint.algo, iint.digest
+        ev = T.Event(name=f.name, ima_hash=ima.ima_hash, file_algo=algo, file_digest=digest)
         if "d" in template.fields:
-            ev.d_digest = iint.digest if iint.algo in ("sha1", "md5") else (yield Blocking(self._sha1, f, direct))
-        self._fill_inode(ev, f, xattr)
+            ev.d_digest = digest if algo in ("sha1", "md5") else (yield Blocking(self._sha1, f, direct))
+        self._fill_inode(ev, f, xattrs)
         added = self._store(ev, template, pcr)
         if added is not None and not direct:
+            iint = self.cache.get(f.key)
             iint.flags |= IMA_MEASURED
             iint.measured_pcrs |= 1 << pcr
+            self.cache.put(iint)
         return bool(added)
 
     def _store(self, ev: T.Event, template=None, pcr: int | None = None) -> bool | None:
@@ -369,11 +401,11 @@ class Measurer:
             return bytes(20)
 
     @staticmethod
-    def _fill_inode(ev: T.Event, f: OpenedFile, ima_xattr: bytes | None = None) -> None:
+    def _fill_inode(ev: T.Event, f: OpenedFile, xattrs: dict[str, bytes]) -> None:
         ev.uid, ev.gid, ev.mode = f.st.st_uid, f.st.st_gid, f.st.st_mode & 0xFFFF
-        ev.ima_xattr = ima_xattr if ima_xattr is not None else f.xattr("security.ima")
-        ev.evm_xattr = f.xattr("security.evm")
-        ev.evm_xattrs = tuple((n, v) for n in EVM_XATTRS if (v := f.xattr(n)) is not None)
+        ev.ima_xattr = xattrs.get("security.ima")
+        ev.evm_xattr = xattrs.get("security.evm")
+        ev.evm_xattrs = tuple((n, xattrs[n]) for n in EVM_XATTRS if n in xattrs)
 
     def _decided(self, f: OpenedFile, func: str, rule: Rule | None, added: bool, why: str = "") -> dict:
         return self.ima.decided(os.fsdecode(f.name), func, rule, added, why, f.violations)

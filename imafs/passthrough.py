@@ -96,6 +96,10 @@ class Handle:
 
 
 class Passthrough:
+    """The node and handle tables of the measured mounts: the event loop's
+    state.  Every system call on a real file is a function of this module,
+    run in a worker thread by :class:`MeasuredFs`."""
+
     def __init__(self, measurer: Measurer, mounts: list[tuple[str, str]]):
         self.measurer = measurer
         self.nodes: dict[int, Node] = {}
@@ -105,8 +109,7 @@ class Passthrough:
         self.mounts: list[MeasuredMount] = []
         for i, (src, dst) in enumerate(mounts):
             m = MeasuredMount(os.fsencode(src), os.fsencode(dst), i)
-            st = os.lstat(m.src)
-            m.root = self._node(m, st, None, b"")
+            m.root = self._node(m, os.lstat(m.src), None, b"")  # at start, before the loop
             m.root.lookups = 1 << 62  # never forgotten
             self.mounts.append(m)
         self.handles: dict[int, Handle] = {}
@@ -149,12 +152,11 @@ class Passthrough:
     def child(self, parent: Node, name: bytes) -> bytes:
         return self.path(parent) + b"/" + name
 
-    def entry(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
-        """A lookup: the node for ``name`` in ``parent``, counted once more."""
-        st = os.lstat(self.child(parent, name))
+    def adopt(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        """A lookup's result: the node for ``name`` in ``parent``, counted once more."""
         node = self._node(parent.mount, st, parent, name)
         node.lookups += 1
-        return node, st
+        return node
 
     def forget(self, nodeid: int, n: int) -> None:
         node = self.nodes.get(nodeid)
@@ -165,102 +167,13 @@ class Passthrough:
             del self.nodes[nodeid]
             del self._by_key[(node.mount.index, *node.key)]
 
-    def stat(self, node: Node) -> os.stat_result:
-        try:
-            return os.lstat(self.path(node))
-        except FileNotFoundError:
-            return os.fstat(self._alive(node).fd)
+    def alive_fd(self, node: Node) -> int | None:
+        """A descriptor of an open handle of ``node``'s inode: it lives while
+        open, after its last name is gone (reached via /proc/PID/fd)."""
+        return next((h.fd for h in self.handles.values() if h.file.key == node.key), None)
 
-    def _alive(self, node: Node) -> "Handle":
-        """An open handle of an inode whose last name is gone (it lives while open)."""
-        alive = next((h for h in self.handles.values() if h.file.key == node.key), None)
-        if alive is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        return alive
-
-    def fs(self, st: os.stat_result, path: bytes) -> FsInfo:
-        """What the kernel knows of the real file's filesystem, per device."""
-        info = self._fs.get(st.st_dev)
-        if info is None:
-            info = self._fs[st.st_dev] = fs_info(os.fsdecode(path))
-        return info
-
-    # -- metadata ------------------------------------------------------------------------
-    @staticmethod
-    def setattr(path: bytes, fd: int | None, *, size=None, mode=None, uid=None, gid=None,
-                atime_ns=None, mtime_ns=None) -> os.stat_result:
-        """Blocking (a truncate may take long): the caller resolves ``path``
-        and the open's ``fd``, if any, on the loop."""
-        target = fd if fd is not None else path
-        if size is not None:
-            os.truncate(target, size)
-        if mode is not None:
-            os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
-        if uid is not None or gid is not None:
-            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
-        if atime_ns is not None or mtime_ns is not None:
-            st = os.lstat(path)
-            os.utime(path, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
-                               st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
-        return os.lstat(path)
-
-    def readlink(self, node: Node) -> bytes:
-        return os.readlink(self.path(node))
-
-    @staticmethod
-    def listdir(path: bytes) -> list[bytes]:
-        return sorted(os.listdir(path))
-
-    # -- names ---------------------------------------------------------------------------
-    def _owned(self, path: bytes, parent: Node, uid: int, gid: int) -> None:
-        """A new file belongs to its creator (and to a setgid directory's group)."""
-        pst = os.lstat(self.path(parent))
-        os.chown(path, uid, pst.st_gid if pst.st_mode & stat.S_ISGID else gid, follow_symlinks=False)
-
-    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int):
-        path = self.child(parent, name)
-        os.mknod(path, mode, rdev)
-        os.chmod(path, stat.S_IMODE(mode))
-        self._owned(path, parent, uid, gid)
-        return self.entry(parent, name)
-
-    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int):
-        path = self.child(parent, name)
-        os.mkdir(path, stat.S_IMODE(mode))
-        os.chmod(path, stat.S_IMODE(mode))
-        self._owned(path, parent, uid, gid)
-        return self.entry(parent, name)
-
-    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int):
-        path = self.child(parent, name)
-        os.symlink(target, path)
-        self._owned(path, parent, uid, gid)
-        return self.entry(parent, name)
-
-    def link(self, node: Node, parent: Node, name: bytes):
-        os.link(self.path(node), self.child(parent, name), follow_symlinks=False)
-        return self.entry(parent, name)
-
-    def unlink(self, parent: Node, name: bytes) -> None:
-        path = self.child(parent, name)
-        st = os.lstat(path)
-        os.unlink(path)
-        self.measurer.unlinked((st.st_dev, st.st_ino), st.st_nlink - 1)
-
-    def rmdir(self, parent: Node, name: bytes) -> None:
-        os.rmdir(self.child(parent, name))
-
-    def rename(self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int) -> None:
-        src, dst = self.child(old_parent, old), self.child(new_parent, new)
-        st = os.lstat(src)
-        try:
-            replaced = os.lstat(dst)
-        except FileNotFoundError:
-            replaced = None
-        if flags:
-            _renameat2(src, dst, flags)
-        else:
-            os.rename(src, dst)
+    def renamed(self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int,
+                st: os.stat_result, replaced: os.stat_result | None) -> None:
         node = self._by_key.get((old_parent.mount.index, st.st_dev, st.st_ino))
         if node is not None and node.parent is old_parent and node.name == old:
             node.parent, node.name = new_parent, new
@@ -271,93 +184,170 @@ class Passthrough:
         elif replaced is not None and not stat.S_ISDIR(replaced.st_mode):
             self.measurer.unlinked((replaced.st_dev, replaced.st_ino), replaced.st_nlink - 1)
 
-    # -- xattrs --------------------------------------------------------------------------
-    def getxattr(self, node: Node, name: bytes) -> bytes:
-        return os.getxattr(self.path(node), name, follow_symlinks=False)
-
-    def listxattr(self, node: Node) -> list[str]:
-        return os.listxattr(self.path(node), follow_symlinks=False)
-
-    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        os.setxattr(self.path(node), name, value, follow_symlinks=False)
-        self._xattr_changed(node, name)
-
-    def removexattr(self, node: Node, name: bytes) -> None:
-        os.removexattr(self.path(node), name, follow_symlinks=False)
-        self._xattr_changed(node, name)
-
-    def _xattr_changed(self, node: Node, name: bytes) -> None:
+    def xattr_changed(self, node: Node, name: bytes) -> None:
         if os.fsdecode(name) in MEASURE_XATTRS:
             self.measurer.xattr_changed(node.key)
 
-    # -- file I/O: blocking steps are static; the tables change on the loop --------------
-    def open_source(self, node: Node) -> tuple[bytes, int | None]:
-        """The path to open, and the descriptor of an open handle of the same
-        inode to open through if the path is gone (reached via /proc/PID/fd)."""
-        path = self.path(node)
-        try:
-            alive = self._alive(node).fd
-        except FileNotFoundError:
-            alive = None
-        return path, alive
+    # -- handles -----------------------------------------------------------------------
+    def known_fs(self, st: os.stat_result) -> FsInfo | None:
+        """Per device; called from worker threads too (a dict read)."""
+        return self._fs.get(st.st_dev)
 
-    @classmethod
-    def open_real(cls, path: bytes, alive: int | None, flags: int) -> int:
-        try:
-            return os.open(path, cls._real_flags(flags))
-        except FileNotFoundError:  # reached through /proc/PID/fd after unlink
-            if alive is None:
-                raise
-            return os.open(f"/proc/self/fd/{alive}", cls._real_flags(flags))
-
-    @classmethod
-    def create_real(cls, path: bytes, mode: int, flags: int) -> int:
-        return os.open(path, cls._real_flags(flags) | os.O_CREAT, stat.S_IMODE(mode))
-
-    def created(self, parent: Node, name: bytes, fd: int, mode: int, uid: int, gid: int):
-        """The new file belongs to its creator; the node for it."""
-        try:
-            os.fchmod(fd, stat.S_IMODE(mode))
-            self._owned(self.child(parent, name), parent, uid, gid)
-            return self.entry(parent, name)
-        except OSError:
-            os.close(fd)
-            raise
-
-    @staticmethod
-    def _real_flags(flags: int) -> int:
-        # the daemon's own descriptor: no exec marker, no O_DIRECT alignment rules
-        return (flags & ~(FMODE_EXEC | os.O_DIRECT | os.O_NOCTTY | os.O_EXCL | os.O_CREAT)) | os.O_CLOEXEC
-
-    def register(self, node: Node, fd: int, flags: int) -> tuple[int, OpenedFile]:
+    def register(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int) -> tuple[int, OpenedFile]:
         """A handle for a real descriptor, and the file as the hooks see it."""
-        st = os.fstat(fd)
+        self._fs[st.st_dev] = fs
         path = self.path(node)
-        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=self.fs(st, path),
+        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs,
                        flags=flags, fd=fd, path=os.fsdecode(path))
         fh = self._fh
         self._fh += 1
         self.handles[fh] = Handle(fd, f)
         return fh, f
 
-    def handle(self, fh: int) -> "Handle":
+    def handle(self, fh: int) -> Handle:
         h = self.handles.get(fh)
         if h is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return h
 
     def closing(self, fh: int) -> Handle:
-        """Forget a handle and run the close hooks; the caller closes its fd."""
+        """Forget a handle; the caller runs the close hooks and closes its fd."""
         h = self.handles.pop(fh, None)
         if h is None:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        try:
-            if stat.S_ISREG(h.file.st.st_mode):
-                self.measurer.file_close(h.file)
-                self.measurer.unlinked(h.file.key, os.fstat(h.fd).st_nlink)
-        except Exception:  # never fail a close
-            log.exception("close hooks of %s", os.fsdecode(h.file.name))
         return h
+
+
+# -- system calls on the real files: blocking steps ------------------------------------------
+def stat_real(path: bytes, alive: int | None) -> os.stat_result:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        if alive is None:
+            raise
+        return os.fstat(alive)
+
+
+def setattr_real(path: bytes, fd: int | None, *, size=None, mode=None, uid=None, gid=None,
+                 atime_ns=None, mtime_ns=None) -> os.stat_result:
+    if size is not None:
+        os.truncate(fd if fd is not None else path, size)
+    if mode is not None:
+        os.chmod(path, stat.S_IMODE(mode), follow_symlinks=False)
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+    if atime_ns is not None or mtime_ns is not None:
+        st = os.lstat(path)
+        os.utime(path, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                           st.st_mtime_ns if mtime_ns is None else mtime_ns), follow_symlinks=False)
+    return os.lstat(path)
+
+
+def listdir_real(path: bytes) -> list[bytes]:
+    return sorted(os.listdir(path))
+
+
+def _owned(path: bytes, parent: bytes, uid: int, gid: int) -> os.stat_result:
+    """A new file belongs to its creator (and to a setgid directory's group)."""
+    pst = os.lstat(parent)
+    os.chown(path, uid, pst.st_gid if pst.st_mode & stat.S_ISGID else gid, follow_symlinks=False)
+    return os.lstat(path)
+
+
+def mknod_real(parent: bytes, path: bytes, mode: int, rdev: int, uid: int, gid: int) -> os.stat_result:
+    os.mknod(path, mode, rdev)
+    os.chmod(path, stat.S_IMODE(mode))
+    return _owned(path, parent, uid, gid)
+
+
+def mkdir_real(parent: bytes, path: bytes, mode: int, uid: int, gid: int) -> os.stat_result:
+    os.mkdir(path, stat.S_IMODE(mode))
+    os.chmod(path, stat.S_IMODE(mode))
+    return _owned(path, parent, uid, gid)
+
+
+def symlink_real(parent: bytes, path: bytes, target: bytes, uid: int, gid: int) -> os.stat_result:
+    os.symlink(target, path)
+    return _owned(path, parent, uid, gid)
+
+
+def link_real(src: bytes, dst: bytes) -> os.stat_result:
+    os.link(src, dst, follow_symlinks=False)
+    return os.lstat(dst)
+
+
+def unlink_real(path: bytes) -> os.stat_result:
+    st = os.lstat(path)
+    os.unlink(path)
+    return st
+
+
+def rename_real(src: bytes, dst: bytes, flags: int) -> tuple[os.stat_result, os.stat_result | None]:
+    st = os.lstat(src)
+    try:
+        replaced = os.lstat(dst)
+    except FileNotFoundError:
+        replaced = None
+    if flags:
+        _renameat2(src, dst, flags)
+    else:
+        os.rename(src, dst)
+    return st, replaced
+
+
+def _real_flags(flags: int) -> int:
+    # the daemon's own descriptor: no exec marker, no O_DIRECT alignment rules
+    return (flags & ~(FMODE_EXEC | os.O_DIRECT | os.O_NOCTTY | os.O_EXCL | os.O_CREAT)) | os.O_CLOEXEC
+
+
+def _opened_facts(fd: int, path: bytes, known_fs) -> tuple[int, os.stat_result, FsInfo]:
+    """The descriptor, its stat, and what the kernel knows of its filesystem
+    (``known_fs(st)`` remembers it per device)."""
+    try:
+        st = os.fstat(fd)
+        return fd, st, known_fs(st) or fs_info(os.fsdecode(path))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_real(path: bytes, alive: int | None, flags: int, known_fs):
+    """Open the real file (through a live descriptor once its last name is
+    gone); its descriptor, stat and filesystem."""
+    try:
+        fd = os.open(path, _real_flags(flags))
+    except FileNotFoundError:
+        if alive is None:
+            raise
+        fd = os.open(f"/proc/self/fd/{alive}", _real_flags(flags))
+    return _opened_facts(fd, path, known_fs)
+
+
+def create_real(parent: bytes, path: bytes, mode: int, flags: int, uid: int, gid: int, known_fs):
+    fd = os.open(path, _real_flags(flags) | os.O_CREAT, stat.S_IMODE(mode))
+    try:
+        os.fchmod(fd, stat.S_IMODE(mode))
+        _owned(path, parent, uid, gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _opened_facts(fd, path, known_fs)
+
+
+def close_real(fd: int) -> int:
+    """Close; the links the inode had just before (0: it dies with this close)."""
+    try:
+        return os.fstat(fd).st_nlink
+    finally:
+        os.close(fd)
+
+
+def fsync_dir_real(path: bytes, datasync: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        (os.fdatasync if datasync else os.fsync)(fd)
+    finally:
+        os.close(fd)
 
 
 def stat_entry(nodeid: int, st: os.stat_result, timeout: float) -> pyfuse3.EntryAttributes:
@@ -374,11 +364,12 @@ def stat_entry(nodeid: int, st: os.stat_result, timeout: float) -> pyfuse3.Entry
 
 class MeasuredFs:
     """The FUSE operations on the nodes of measured mounts, with the errnos
-    of the real system calls."""
+    of the real system calls, each of which runs in a worker thread."""
 
     def __init__(self, pt: Passthrough, runner: Runner, attr_timeout: float = 1.0):
         self.pt = pt
         self.runner = runner
+        self.io = runner.io
         self.attr_timeout = attr_timeout
 
     def owns(self, nodeid: int) -> bool:
@@ -387,113 +378,134 @@ class MeasuredFs:
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         return stat_entry(node.nodeid, st, self.attr_timeout)
 
-    def root_entry(self, name: bytes) -> pyfuse3.EntryAttributes | None:
-        root = self.pt.root_of(name)
-        return None if root is None else self._entry(root, self.pt.stat(root))
+    async def _stat(self, node: Node) -> pyfuse3.EntryAttributes:
+        return self._entry(node, await self.io(stat_real, self.pt.path(node), self.pt.alive_fd(node)))
 
-    # -- names and attributes: on the loop -------------------------------------------------
+    async def _adopt(self, parent: Node, name: bytes, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        return self._entry(self.pt.adopt(parent, name, st), st)
+
+    async def root_entry(self, name: bytes) -> pyfuse3.EntryAttributes | None:
+        root = self.pt.root_of(name)
+        return None if root is None else await self._stat(root)
+
+    # -- names and attributes ---------------------------------------------------------------
     async def lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
         node = self.pt.node(parent)
         if name == b".":
-            return self._entry(node, self.pt.stat(node))
+            return await self._stat(node)
         if name == b"..":
-            up = node.parent or node
-            return self._entry(up, self.pt.stat(up))
-        return self._entry(*self.pt.entry(node, name))
+            return await self._stat(node.parent or node)
+        return await self._adopt(node, name, await self.io(os.lstat, self.pt.child(node, name)))
 
     def forget(self, nodeid: int, n: int) -> None:
         self.pt.forget(nodeid, n)
 
     async def getattr(self, nodeid: int) -> pyfuse3.EntryAttributes:
-        node = self.pt.node(nodeid)
-        return self._entry(node, self.pt.stat(node))
+        return await self._stat(self.pt.node(nodeid))
 
     async def setattr(self, nodeid: int, fh: int | None, change: dict) -> pyfuse3.EntryAttributes:
         node = self.pt.node(nodeid)
         h = self.pt.handles.get(fh) if fh is not None else None
-        st = await self.runner.io(functools.partial(self.pt.setattr, self.pt.path(node),
-                                                    h.fd if h else None, **change))
+        st = await self.io(functools.partial(setattr_real, self.pt.path(node), h.fd if h else None, **change))
         return self._entry(node, st)
 
     async def readlink(self, nodeid: int) -> bytes:
-        return self.pt.readlink(self.pt.node(nodeid))
+        return await self.io(os.readlink, self.pt.path(self.pt.node(nodeid)))
 
     async def mknod(self, parent, name, mode, rdev, ctx):
-        return self._entry(*self.pt.mknod(self.pt.node(parent), name, mode, rdev, ctx.uid, ctx.gid))
+        p = self.pt.node(parent)
+        st = await self.io(mknod_real, self.pt.path(p), self.pt.child(p, name), mode, rdev, ctx.uid, ctx.gid)
+        return await self._adopt(p, name, st)
 
     async def mkdir(self, parent, name, mode, ctx):
-        return self._entry(*self.pt.mkdir(self.pt.node(parent), name, mode, ctx.uid, ctx.gid))
+        p = self.pt.node(parent)
+        st = await self.io(mkdir_real, self.pt.path(p), self.pt.child(p, name), mode, ctx.uid, ctx.gid)
+        return await self._adopt(p, name, st)
 
     async def symlink(self, parent, name, target, ctx):
-        return self._entry(*self.pt.symlink(self.pt.node(parent), name, target, ctx.uid, ctx.gid))
+        p = self.pt.node(parent)
+        st = await self.io(symlink_real, self.pt.path(p), self.pt.child(p, name), target, ctx.uid, ctx.gid)
+        return await self._adopt(p, name, st)
 
     async def link(self, nodeid, new_parent, new_name):
-        return self._entry(*self.pt.link(self.pt.node(nodeid), self.pt.node(new_parent), new_name))
+        node, p = self.pt.node(nodeid), self.pt.node(new_parent)
+        st = await self.io(link_real, self.pt.path(node), self.pt.child(p, new_name))
+        return await self._adopt(p, new_name, st)
 
     async def unlink(self, parent, name) -> None:
-        self.pt.unlink(self.pt.node(parent), name)
+        st = await self.io(unlink_real, self.pt.child(self.pt.node(parent), name))
+        self.pt.measurer.unlinked((st.st_dev, st.st_ino), st.st_nlink - 1)
 
     async def rmdir(self, parent, name) -> None:
-        self.pt.rmdir(self.pt.node(parent), name)
+        await self.io(os.rmdir, self.pt.child(self.pt.node(parent), name))
 
     async def rename(self, old_parent, old, new_parent, new, flags) -> None:
-        self.pt.rename(self.pt.node(old_parent), old, self.pt.node(new_parent), new, flags)
+        op, np = self.pt.node(old_parent), self.pt.node(new_parent)
+        st, replaced = await self.io(rename_real, self.pt.child(op, old), self.pt.child(np, new), flags)
+        self.pt.renamed(op, old, np, new, flags, st, replaced)
 
     async def getxattr(self, nodeid, name) -> bytes:
-        return self.pt.getxattr(self.pt.node(nodeid), name)
+        return await self.io(functools.partial(os.getxattr, self.pt.path(self.pt.node(nodeid)), name,
+                                               follow_symlinks=False))
 
     async def listxattr(self, nodeid) -> list[bytes]:
-        return [os.fsencode(n) for n in self.pt.listxattr(self.pt.node(nodeid))]
+        names = await self.io(functools.partial(os.listxattr, self.pt.path(self.pt.node(nodeid)),
+                                                follow_symlinks=False))
+        return [os.fsencode(n) for n in names]
 
     async def setxattr(self, nodeid, name, value) -> None:
-        self.pt.setxattr(self.pt.node(nodeid), name, value)
+        node = self.pt.node(nodeid)
+        await self.io(functools.partial(os.setxattr, self.pt.path(node), name, value, follow_symlinks=False))
+        self.pt.xattr_changed(node, name)
 
     async def removexattr(self, nodeid, name) -> None:
-        self.pt.removexattr(self.pt.node(nodeid), name)
+        node = self.pt.node(nodeid)
+        await self.io(functools.partial(os.removexattr, self.pt.path(node), name, follow_symlinks=False))
+        self.pt.xattr_changed(node, name)
 
     # -- directories -------------------------------------------------------------------------
     async def opendir(self, nodeid: int) -> int:
         node = self.pt.node(nodeid)
-        if not stat.S_ISDIR(self.pt.stat(node).st_mode):
+        st = await self.io(stat_real, self.pt.path(node), None)
+        if not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return nodeid
 
     async def readdir(self, fh: int, start_id: int, token) -> None:
         node = self.pt.node(fh)
-        names = await self.runner.io(self.pt.listdir, self.pt.path(node))
-        for i in range(start_id, len(names)):
-            try:
-                child, st = self.pt.entry(node, names[i])
-            except OSError:
+        path = self.pt.path(node)
+        names = await self.io(listdir_real, path)
+        wanted = names[start_id:]
+        stats = await self.io(_lstat_all, path, wanted)
+        for i, (name, st) in enumerate(zip(wanted, stats), start_id):
+            if st is None:
                 continue  # gone meanwhile
-            if not pyfuse3.readdir_reply(token, names[i], self._entry(child, st), i + 1):
+            child = self.pt.adopt(node, name, st)
+            if not pyfuse3.readdir_reply(token, name, self._entry(child, st), i + 1):
                 self.pt.forget(child.nodeid, 1)
                 break
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.runner.io(_fsync_path, self.pt.path(self.pt.node(fh)), datasync)
+        await self.io(fsync_dir_real, self.pt.path(self.pt.node(fh)), datasync)
 
     # -- files ---------------------------------------------------------------------------------
     async def open(self, nodeid: int, flags: int, ctx) -> pyfuse3.FileInfo:
         node = self.pt.node(nodeid)
-        path, alive = self.pt.open_source(node)
-        fd = await self.runner.io(self.pt.open_real, path, alive, flags)
-        return await self._opened(node, fd, flags, ctx)
+        opened = await self.io(open_real, self.pt.path(node), self.pt.alive_fd(node), flags, self.pt.known_fs)
+        return await self._opened(node, *opened, flags, ctx)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, ctx):
-        parent_node = self.pt.node(parent)
-        fd = await self.runner.io(self.pt.create_real, self.pt.child(parent_node, name), mode, flags)
-        node, st = self.pt.created(parent_node, name, fd, mode, ctx.uid, ctx.gid)
-        return await self._opened(node, fd, flags, ctx), self._entry(node, st)
+        p = self.pt.node(parent)
+        fd, st, fs = await self.io(create_real, self.pt.path(p), self.pt.child(p, name), mode, flags,
+                                   ctx.uid, ctx.gid, self.pt.known_fs)
+        node = self.pt.adopt(p, name, st)
+        return await self._opened(node, fd, st, fs, flags, ctx), self._entry(node, st)
 
-    async def _opened(self, node: Node, fd: int, flags: int, ctx) -> pyfuse3.FileInfo:
+    async def _opened(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
+                      ctx) -> pyfuse3.FileInfo:
         """Register the open, then run its hooks: they never fail it."""
-        try:
-            fh, f = self.pt.register(node, fd, flags)
-        except OSError:
-            os.close(fd)
-            raise
-        if stat.S_ISREG(f.st.st_mode):
+        fh, f = self.pt.register(node, fd, st, fs, flags)
+        if stat.S_ISREG(st.st_mode):
             try:
                 task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
                 await self.runner.run(self.pt.measurer.file_open(f, task))
@@ -502,22 +514,32 @@ class MeasuredFs:
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.runner.io(os.pread, self.pt.handle(fh).fd, size, off)
+        return await self.io(os.pread, self.pt.handle(fh).fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await self.runner.io(os.pwrite, self.pt.handle(fh).fd, buf, off)
+        return await self.io(os.pwrite, self.pt.handle(fh).fd, buf, off)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.runner.io(os.fdatasync if datasync else os.fsync, self.pt.handle(fh).fd)
+        await self.io(os.fdatasync if datasync else os.fsync, self.pt.handle(fh).fd)
 
     async def release(self, fh: int) -> None:
         h = self.pt.closing(fh)
-        await self.runner.io(os.close, h.fd)
+        f = h.file
+        try:
+            if stat.S_ISREG(f.st.st_mode):
+                await self.runner.run(self.pt.measurer.file_close(f))
+        except Exception:  # never fail a close
+            log.exception("close hooks of %s", os.fsdecode(f.name))
+        nlink = await self.io(close_real, h.fd)
+        if stat.S_ISREG(f.st.st_mode):
+            self.pt.measurer.unlinked(f.key, nlink)
 
 
-def _fsync_path(path: bytes, datasync: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        (os.fdatasync if datasync else os.fsync)(fd)
-    finally:
-        os.close(fd)
+def _lstat_all(path: bytes, names: list[bytes]) -> list[os.stat_result | None]:
+    out = []
+    for name in names:
+        try:
+            out.append(os.lstat(path + b"/" + name))
+        except OSError:
+            out.append(None)
+    return out

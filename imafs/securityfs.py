@@ -465,7 +465,7 @@ class SecurityFs(pyfuse3.Operations):
         if self._measured(parent_inode):
             return await self.measured.lookup(parent_inode, name)
         if parent_inode == pyfuse3.ROOT_INODE and self.measured is not None:
-            root = self.measured.root_entry(name)
+            root = await self.measured.root_entry(name)
             if root is not None:
                 return root
         return self._entry(self._node(parent_inode).lookup(os.fsdecode(name)))
