@@ -168,9 +168,13 @@ def cmd_dmesg(args) -> int:
     path = _client(args).call("status")["kernel_log"]
     try:
         with open(path, "rb") as f:
-            sys.stdout.buffer.write(f.read())
-    except FileNotFoundError:
-        pass  # nothing logged yet
+            log = f.read()
+    except FileNotFoundError:  # created by the first line logged
+        log = b""
+    if log:
+        sys.stdout.buffer.write(log)
+    else:
+        print("imafs: the emulated kernel has logged nothing yet", file=sys.stderr)
     return 0
 
 
@@ -205,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount the emulated IMA securityfs tree")
-    m.add_argument("mountpoint")
+    m.add_argument("mountpoint", help="directory to mount the emulated securityfs on")
     m.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one profile key (repeatable)")
@@ -217,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="stop the daemon and unmount")
-    u.add_argument("mountpoint")
+    u.add_argument("mountpoint", help="mount point of the emulator")
     u.set_defaults(fn=cmd_umount)
 
     def with_mount(sp):
@@ -231,20 +235,24 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--digest", metavar="ALG:HEX", help="a file digest given directly")
     src.add_argument("--buffer-hex", metavar="HEX", help="a buffer event (template ima-buf)")
     src.add_argument("--violation", action="store_true", help="a violation record")
-    r.add_argument("--pcr", type=int)
-    r.add_argument("--template", metavar="NAME|FMT")
+    r.add_argument("--pcr", type=int, help="PCR of the record (default: the profile's pcr_idx)")
+    r.add_argument("--template", metavar="NAME|FMT",
+                   help="template of the record, a built-in name or a format such as d-ng|n-ng "
+                        "(default: the boot template; ima-buf for --buffer-hex)")
     r.set_defaults(fn=cmd_record)
 
     g = with_mount(sub.add_parser("generate", help="append N synthetic file records"))
-    g.add_argument("--count", type=int, required=True)
+    g.add_argument("--count", type=int, required=True, help="number of records to append")
     g.set_defaults(fn=cmd_generate)
 
     s = with_mount(sub.add_parser("status", help="profile, counters and PCRs as JSON"))
     s.set_defaults(fn=cmd_status)
 
     c = with_mount(sub.add_parser("pcrs", help="PCR values"))
-    c.add_argument("--bank", metavar="ALG")
-    c.add_argument("--format", choices=("hex", "evmctl"), default="hex")
+    c.add_argument("--bank", metavar="ALG", help="only this PCR bank (default: every bank)")
+    c.add_argument("--format", choices=("hex", "evmctl"), default="hex",
+                   help="hex: 'BANK NN VALUE' lines (default); evmctl: the 'PCR-NN: hex' file "
+                        "that evmctl --pcrs reads (needs --bank)")
     c.set_defaults(fn=cmd_pcrs)
 
     k = with_mount(sub.add_parser("kexec", help="kexec into a new kernel carrying the list"))
@@ -254,7 +262,8 @@ def _parser() -> argparse.ArgumentParser:
     k.set_defaults(fn=cmd_kexec)
 
     b = with_mount(sub.add_parser("boot", help="boot a new kernel from a captured kexec buffer"))
-    b.add_argument("--kexec-buffer", required=True, metavar="FILE")
+    b.add_argument("--kexec-buffer", required=True, metavar="FILE",
+                   help="a kexec buffer, as written by imafs kexec --dump")
     b.set_defaults(fn=cmd_boot)
 
     rb = with_mount(sub.add_parser("reboot", help="cold boot: empty list, PCRs reset"))
@@ -266,13 +275,13 @@ def _parser() -> argparse.ArgumentParser:
                     "buffer hook: KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA")
     ms.add_argument("--mask", help="MAY_READ|MAY_WRITE|MAY_APPEND|MAY_EXEC")
     for cred in ("uid", "euid", "gid", "egid"):
-        ms.add_argument(f"--{cred}", type=int, help="the task's credentials (default: yours)")
+        ms.add_argument(f"--{cred}", type=int, help=f"the task's {cred} (default: yours)")
     ms.add_argument("--as", dest="as_name", metavar="NAME", help="record under this name")
     ms.add_argument("--name", help="event name of a buffer hook")
     ms.add_argument("--data-hex", help="the buffer of a buffer hook")
     grp = ms.add_mutually_exclusive_group()
-    grp.add_argument("--keyring")
-    grp.add_argument("--label")
+    grp.add_argument("--keyring", help="keyring of a KEY_CHECK event (the policy's keyrings=)")
+    grp.add_argument("--label", help="label of a CRITICAL_DATA event (the policy's label=)")
     ms.set_defaults(fn=cmd_measure)
 
     dm = with_mount(sub.add_parser("dmesg", help="the emulated kernel's log (audit records included)"))

@@ -3,10 +3,19 @@
 A profile comes from a TOML file and ``KEY=VALUE`` overrides. Keys are named
 after the kernel's. The kernel's boot-time rules are applied when the
 profile is loaded, so a profile always describes what the kernel would use.
+
+Every value is checked for its type before its meaning: a TOML value must be
+the key's own type (a string, a boolean, an integer, never a float; for
+``tpm_banks`` an array of strings or a comma-separated string; for
+``boot_pcrs`` a table of path strings), and an override, always a string, must
+spell one. A bad value is a ProfileError naming the key.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
@@ -21,10 +30,16 @@ class ProfileError(ValueError):
     """A bad profile key or value; the message names the key and what is allowed."""
 
 
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ProfileError(f"{key}: {v!r} is not a string")
+    return v
+
+
 def _bool(key: str, v: Any) -> bool:
     if isinstance(v, bool):
         return v
-    s = str(v).strip().lower()
+    s = v.strip().lower() if isinstance(v, str) else None
     if s in ("1", "true", "yes", "on", "y"):
         return True
     if s in ("0", "false", "no", "off", "n"):
@@ -34,7 +49,7 @@ def _bool(key: str, v: Any) -> bool:
 
 def _choice(allowed):
     def check(key: str, v: Any) -> str:
-        s = str(v)
+        s = _str(key, v)
         if s not in allowed:
             raise ProfileError(f"{key}: {v!r} is not allowed; allowed: {', '.join(allowed)}")
         return s
@@ -42,17 +57,18 @@ def _choice(allowed):
 
 
 def _hash(key: str, v: Any) -> str:
-    s = str(v)
+    s = _str(key, v)
     try:
         T.new_hash(s)
     except T.UnknownHashError as e:
-        raise ProfileError(f"{key}: {e}; allowed: {', '.join(_available_hashes())}") from None
+        raise ProfileError(f"{key}: {e}; allowed: {', '.join(_available(T.HASH_ALGOS))}") from None
     return s
 
 
-def _available_hashes() -> list[str]:
+def _available(names) -> list[str]:
+    """The hash algorithms of ``names`` that this machine can compute."""
     out = []
-    for name in T.HASH_ALGOS:
+    for name in names:
         try:
             T.new_hash(name)
             out.append(name)
@@ -61,42 +77,66 @@ def _available_hashes() -> list[str]:
     return out
 
 
+# The algorithms the kernel uses as TPM 2.0 PCR banks (tpm2_hash_map), by their
+# kernel crypto names, which name the per-bank files: TPM_ALG_SM3_256 is "sm3".
+TPM_BANKS = ("sha1", "sha256", "sha384", "sha512", "sm3")
+
+
 def _banks(key: str, v: Any) -> tuple[str, ...]:
-    items = v if isinstance(v, (list, tuple)) else [x.strip() for x in str(v).split(",")]
-    if items in (["none"], [""], []):
+    if isinstance(v, str):
+        items = [x.strip() for x in v.split(",")]
+    elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+        items = v
+    else:
+        raise ProfileError(f"{key}: {v!r} is neither a list of bank names nor a comma-separated string")
+    available = _available(TPM_BANKS)
+    if items in ([], [""]):
+        raise ProfileError(f"{key}: empty; name the PCR banks ({', '.join(available)}) "
+                           "or use none for TPM-bypass")
+    if items == ["none"]:
         return ()
-    banks = tuple(_hash(key, b) for b in items)
-    if len(set(banks)) != len(banks):
-        raise ProfileError(f"{key}: a bank is listed twice in {','.join(banks)}")
-    return banks
+    for b in items:
+        if b not in available:
+            why = "is not available on this machine" if b in TPM_BANKS else "is not a TPM 2.0 PCR bank"
+            raise ProfileError(f"{key}: {b!r} {why}; allowed: {', '.join(available)}, "
+                               "or none alone (TPM-bypass)")
+    if len(set(items)) != len(items):
+        raise ProfileError(f"{key}: a bank is listed twice in {','.join(items)}")
+    return tuple(items)
 
 
 def _template(key: str, v: Any) -> str:
-    s = str(v)
+    s = _str(key, v)
     if s not in T.BUILTIN_TEMPLATES:
         raise ProfileError(f"{key}: unknown template {s!r}; allowed: {', '.join(T.BUILTIN_TEMPLATES)}")
     return s
 
 
 def _fmt(key: str, v: Any) -> str | None:
-    if v in (None, ""):
+    s = _str(key, v)
+    if not s:
         return None
     try:
-        T.lookup_template(str(v))
+        T.lookup_template(s)
     except T.TemplateError as e:
         raise ProfileError(f"{key}: {e}") from None
-    return str(v)
+    return s
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9]+")
 
 
 def _int_range(lo: int, hi: int):
+    """An integer in lo..hi: a TOML integer, or a decimal string (``--set``).
+    A bool is not an integer here, nor is a float, even 2.0."""
     def check(key: str, v: Any) -> int:
-        try:
-            i = int(v)
-        except (TypeError, ValueError):
-            raise ProfileError(f"{key}: {v!r} is not an integer; allowed: {lo}..{hi}") from None
-        if not lo <= i <= hi:
-            raise ProfileError(f"{key}: {i} out of range; allowed: {lo}..{hi}")
-        return i
+        if isinstance(v, str) and _DECIMAL.fullmatch(v.strip()):
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ProfileError(f"{key}: {v!r} is not an integer; allowed: {lo}..{hi}")
+        if not lo <= v <= hi:
+            raise ProfileError(f"{key}: {v} out of range; allowed: {lo}..{hi}")
+        return v
     return check
 
 
@@ -104,7 +144,7 @@ BUILTIN_POLICIES = ("tcb", "appraise_tcb", "secure_boot", "critical_data", "fail
 
 
 def _policy(key: str, v: Any) -> str:
-    names = [n for n in str(v).split("|") if n]
+    names = [n for n in _str(key, v).split("|") if n]
     for n in names:
         if n not in BUILTIN_POLICIES:
             raise ProfileError(f"{key}: unknown built-in policy {n!r}; allowed: {', '.join(BUILTIN_POLICIES)}")
@@ -126,11 +166,11 @@ KEYS = {
     "ima_flush_htable": _bool,
     "kexec": _bool,
     "ima_policy": _policy,
-    "uts_release": lambda key, v: str(v),
+    "uts_release": _str,
     "read_policy": _bool,
     "write_policy": _bool,
     "appraise_modsig": _bool,
-    "kernel_log": lambda key, v: str(v),
+    "kernel_log": _str,
     "violation_limits": _bool,
     "iint_cache_size": _int_range(1, 1 << 40),
 }
@@ -211,14 +251,45 @@ def _apply_boot_rules(p: Profile) -> Profile:
     return p
 
 
+# A PCR file is 24 lines of at most 137 bytes ("PCR-23: " and a sha512 value).
+_PCR_FILE_MAX = 64 * 1024
+
+
+def _check_regular(key: str, path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise ProfileError(f"{key}: {path} is not a regular file")
+
+
+def _read_pcr_file(key: str, path: Any) -> str:
+    """The text of a PCR file. Only a regular file is opened: a FIFO would block
+    the daemon's start, a device like /dev/zero never ends, and opening some
+    devices does something; so stat first, and check the opened file again."""
+    if not isinstance(path, str) or not path:
+        raise ProfileError(f"{key}: {path!r} is not a file path; expected the path of a "
+                           "'PCR-NN: hex' file")
+    try:
+        _check_regular(key, path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            _check_regular(key, path, os.fstat(fd).st_mode)
+            data = f.read(_PCR_FILE_MAX + 1)
+    except OSError as e:
+        raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if len(data) > _PCR_FILE_MAX:
+        raise ProfileError(f"{key}: {path} is larger than a PCR file can be ({_PCR_FILE_MAX} bytes)")
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{key}: {path} is not a 'PCR-NN: hex' file "
+                           f"(byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
 def _load_boot_pcrs(key: str, bank: str, path: Any, banks: tuple[str, ...]):
     if bank not in banks:
         raise ProfileError(f"{key}: {bank!r} is not a TPM bank of this profile ({','.join(banks) or 'none'})")
+    text = _read_pcr_file(key, path)
     try:
-        with open(path) as f:
-            values = parse_pcr_file(f.read())
-    except OSError as e:
-        raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+        values = parse_pcr_file(text)
     except ValueError as e:
         raise ProfileError(f"{key}: {path}: {e}") from None
     size = T.digest_size(bank)
@@ -235,9 +306,15 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
                 raw = tomllib.load(f)
         except OSError as e:
             raise ProfileError(f"profile {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ProfileError(f"profile {path}: not UTF-8 text, as TOML must be "
+                               f"(byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except tomllib.TOMLDecodeError as e:
             raise ProfileError(f"profile {path}: {e}") from None
-    pcr_files = dict(raw.pop("boot_pcrs", {}) or {})
+    pcr_files = raw.pop("boot_pcrs", {})
+    if not isinstance(pcr_files, dict):
+        raise ProfileError(f"boot_pcrs: {pcr_files!r} is not a table; expected a [boot_pcrs] "
+                           'table of <bank> = "FILE" lines')
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
