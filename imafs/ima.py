@@ -61,7 +61,7 @@ class Ima:
         self.iint.clear()
         p = self.profile
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
-                                 Parser(p.kernel_version, p.appraise_modsig),
+                                 Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
                                  measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
                                  real_path=self.real_path)

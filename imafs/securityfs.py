@@ -173,7 +173,9 @@ class Tree:
             return OpenFile(node, flags, locked=write)
         if node.kind == "policy":
             policy = self.ima.policy
-            return OpenFile(node, flags, session=policy.open(flags, has_cap_sys_admin(pid)), policy=policy)
+            # FUSE names the task of an open only: the session keeps it for its writes and close
+            opener = Task.of_pid(pid, 0, 0).subject()  # (0, 0): the ids of a task already gone
+            return OpenFile(node, flags, session=policy.open(flags, has_cap_sys_admin(pid), opener), policy=policy)
         return OpenFile(node, flags)
 
     def release(self, f: OpenFile) -> None:

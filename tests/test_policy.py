@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from imafs.errors import FsError
-from imafs.policy import Parser, builtin_rules
+from imafs.klog import KernelLog, Subject
+from imafs.policy import Parser, PolicyFile, builtin_rules
 
 V612, V61, V72 = (6, 12), (6, 1), (7, 2)
 
@@ -349,12 +350,10 @@ writes = st.lists(st.binary(max_size=120) | st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(writes, max_size=4))
 def test_fuzz_sessions_change_policy_only_when_valid(sessions):
-    from imafs.klog import KernelLog
-    from imafs.policy import PolicyFile
     pf = PolicyFile([], Parser(V72), read_policy=True, write_policy=True, log=KernelLog(None))
     for chunks in sessions:
         before = list(pf.rules)
-        s = pf.open(os.O_WRONLY, True)
+        s = pf.open(os.O_WRONLY, True, Subject(0, 0, b"imafs"))
         ok = True
         for data in chunks:
             try:
