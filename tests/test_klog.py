@@ -1,9 +1,10 @@
 """The emulated kernel's log, line for line: policy records (types 1807 and
-1802), violation records (1804) and the store step's refusal while suspended.
+1802), violation records (1804), the store step's refusal while suspended,
+and the boot lines.
 
 The expected lines are the kernel's texts (ima_parse_rule, ima_parse_add_rule,
-ima_release_policy, ima_read_policy, integrity_audit_message) with the
-printk timestamp dropped and the audit time and serial written ``…``.
+ima_release_policy, ima_read_policy, integrity_audit_message, ima_init) with
+the printk timestamp dropped and the audit time and serial written ``…``.
 The writing and reading processes are real: a shell that names itself
 ``imat`` (/proc/self/comm) and sets its login uid (/proc/self/loginuid), so
 that pid, comm, auid and ses are known to the test, not read by imafs alone.
@@ -43,8 +44,9 @@ def klog(m) -> list[str]:
 
 
 def session_lines(m) -> list[str]:
-    """The log of what the test did (nothing else is logged yet)."""
-    return klog(m)
+    """The log after the boot lines."""
+    lines = klog(m)
+    return lines[lines.index("ima: No architecture policies found") + 1:]
 
 
 IMAT = """
@@ -184,6 +186,18 @@ def test_suspended_store_step_records(measured):
         refused,
     ]
     assert m.read("runtime_measurements_count") == b"1\n"  # boot_aggregate alone
+
+
+def test_boot_lines(mount_imafs):
+    """ima_init: no TPM → TPM-bypass; the IMA hash; no arch policy. Each boot logs them."""
+    m = mount_imafs("tpm_banks=none")
+    boot = ["ima: No TPM chip found, activating TPM-bypass!", "ima: Allocated hash algorithm: sha256",
+            "ima: No architecture policies found"]
+    assert klog(m) == boot
+    m.cli("reboot")
+    assert klog(m) == boot + boot
+    m2 = mount_imafs("ima_hash=sha512")
+    assert klog(m2) == ["ima: Allocated hash algorithm: sha512", "ima: No architecture policies found"]
 
 
 # -- what ima_parse_rule logs, rule by rule (unit) ------------------------------------
