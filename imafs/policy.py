@@ -281,7 +281,9 @@ class Parser:
             if not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", value):
                 bad()
             fields["fsmagic"] = int(value, 16)
-        elif key in ("fsname", "fs_subtype"):
+        elif key == "fsname":
+            fields[key] = value  # a repeated fsname= is accepted: the last wins
+        elif key == "fs_subtype":
             once()
             fields[key] = value
         elif key == "fsuuid":
@@ -290,7 +292,7 @@ class Parser:
                 bad()
             fields["fsuuid"] = str(uuid.UUID(value))
         elif key in ID_KEYS:
-            once()
+            once(key.removeprefix("e"))  # uid and euid share one slot of the rule, gid and egid another
             if not _DEC.fullmatch(value) or int(value) >= 0xFFFFFFFF:
                 bad()  # not a valid kuid/kgid
             fields["ids"].append((key, op, int(value)))
@@ -301,7 +303,7 @@ class Parser:
                 bad("empty item")
             fields[key] = items
         elif key == "pcr":
-            if action != "measure" or not _DEC.fullmatch(value) or int(value) > 63:
+            if not _DEC.fullmatch(value) or int(value) > 63:
                 bad()
             fields["pcr"] = int(value)  # a repeated pcr= is accepted: the last wins (R-2)
         elif key == "template":
@@ -317,6 +319,8 @@ class Parser:
             allowed = ["imasig", "sigv3"] + (["imasig|modsig"] if self.modsig else [])
             if value not in allowed:
                 bad()
+            if self.kv < (7, 1) and (value == "sigv3") != ("digest_type" in fields):
+                bad("before 7.1, sigv3 needs digest_type=verity before it, and the other types refuse it")
             fields["appraise_type"] = value
         elif key == "appraise_flag":
             if self.kv < (6, 12):
@@ -334,11 +338,10 @@ class Parser:
             fields["appraise_algos"] = algos
         elif key == "digest_type":
             once()
-            if value != "verity":
+            if value != "verity" or (self.kv < (7, 1) and "appraise_type" in fields):
                 bad()
             fields["digest_type"] = value
         else:  # LSM_KEYS
-            once()
             log.messages.append(f"ima: rule for LSM '{value}' is undefined")
             if lsm_rejected:
                 bad(f"rule for LSM '{value}' is undefined")
@@ -349,6 +352,8 @@ class Parser:
         def bad(why):
             raise FsError(errno.EINVAL, why)
         appraise = r.action in ("appraise", "dont_appraise")
+        if r.pcr is not None and r.action != "measure":
+            bad("pcr= on a rule that does not measure")
         if (r.appraise_type or r.appraise_algos) and not appraise:
             bad("appraise options on a non-appraise rule")
         if r.keyrings is not None and r.func != "KEY_CHECK":
@@ -359,8 +364,6 @@ class Parser:
             bad(f"{r.func} only with measure or dont_measure")
         if r.func == "SETXATTR_CHECK" and (r.action != "appraise" or not r.appraise_algos):
             bad("SETXATTR_CHECK only as appraise ... appraise_algos=")
-        if r.appraise_type == "sigv3" and r.digest_type != "verity" and self.kv < (7, 1):
-            bad("sigv3 needs digest_type=verity before 7.1")
 
     def _notices(self, r: Rule, log: RuleLog) -> None:
         """What the kernel notes once per boot about an accepted rule's template."""

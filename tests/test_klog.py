@@ -221,8 +221,11 @@ V61, V612, V72 = (6, 1), (6, 12), (7, 2)
     (V612, "MEASURE func=BPRM_CHECK", "UNKNOWN=MEASURE res=0", []),
     (V612, "measure fsname= func=BPRM_CHECK", "action=measure UNKNOWN=fsname= res=0", []),
     (V612, "measure func>BPRM_CHECK", "action=measure UNKNOWN=func>BPRM_CHECK res=0", []),
+    (V612, "measure uid=0 euid=0", "action=measure uid=0 euid=0 res=0", []),  # one slot for both
     # ima_validate_rule fails after every token was logged
+    (V612, "dont_measure pcr=9 func=BPRM_CHECK", "action=dont_measure pcr=9 func=BPRM_CHECK res=0", []),
     (V612, "func=BPRM_CHECK", "func=BPRM_CHECK res=0", []),
+    (V612, "pcr=9 measure", "pcr=9 action=measure res=1", []),
     # suffix comments: unknown before 6.14, the end of the rule after
     (V612, "measure func=BPRM_CHECK # x", "action=measure func=BPRM_CHECK UNKNOWN=# res=0", []),
     (V72, "measure func=BPRM_CHECK # x", "action=measure func=BPRM_CHECK res=1", []),

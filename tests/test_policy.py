@@ -225,6 +225,33 @@ def test_f6_path_writes(mnt, tmp_path):
     assert mnt.client.call("status")["policy"] == ["measure func=BPRM_CHECK", "measure func=MODULE_CHECK"]
 
 
+@pytest.mark.parametrize("rule, accepted", [
+    ("pcr=9 measure", True),  # the action is checked against pcr= after the whole rule
+    ("measure uid=0 euid=0", False),  # uid and euid fill one slot of the rule
+    ("measure egid=0 gid<5", False),
+    ("measure fowner=0 uid=0 fgroup=0 gid=0", True),
+    ("measure fsname=ext4 fsname=xfs", True),  # no check for a second fsname=
+    # before 7.1: digest_type=verity must come first, and only sigv3 goes with it
+    ("appraise digest_type=verity appraise_type=sigv3", True),
+    ("appraise appraise_type=sigv3 digest_type=verity", False),
+    ("appraise digest_type=verity appraise_type=imasig", False),
+    ("appraise appraise_type=imasig digest_type=verity", False),
+])
+def test_kernel_parse_order_612(rule, accepted):
+    try:
+        Parser(V612).parse(rule, lsm_rejected=True)
+    except FsError:
+        assert not accepted
+    else:
+        assert accepted
+
+
+def test_options_the_kernel_takes_twice():
+    assert Parser(V612).parse("measure fsname=ext4 fsname=xfs", True).render() == "measure fsname=xfs \n"
+    r = Parser(V612).parse("measure subj_type=a subj_type=b", lsm_rejected=False)
+    assert r.inert and r.lsm == (("subj_type", "a"), ("subj_type", "b"))
+
+
 def test_f8_shell_writes_and_sessions(mnt, tmp_path):
     ima = mnt.ima
     r = subprocess.run(["sh", "-c", 'echo "" > policy'], cwd=ima, capture_output=True, text=True)
