@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 
@@ -515,9 +516,9 @@ class PolicyFile:
         if offset not in (0, s.consumed):
             raise FsError(errno.EINVAL, "no partial writes")
         if data.startswith(b"/"):
-            path = data.split(b"\n", 1)[0].split(b"\0", 1)[0]
-            self._load_file(s, path)
-            return len(data)
+            text = data.split(b"\0", 1)[0]  # the kernel reads a C string
+            self._load_file(s, text.split(b"\n", 1)[0])
+            return len(text)
         if needs_signed_policy(self.rules):
             self.log.kernel("ima: signed policy file (specified as an absolute pathname) required")
             self.log.integrity(1802, s.writer, "policy_update", "signed policy required", 0)
@@ -550,27 +551,41 @@ class PolicyFile:
         self.log.audit(1807, " ".join(log.fields + [f"res={res}"]))
 
     def _load_file(self, s: Session, path: bytes) -> None:
+        """ima_read_policy: every line of the file is a rule; the lengths
+        the rules account for must add up to the file's size."""
         name = os.fsdecode(path)
-        try:
-            if os.path.isdir(self.real_path(name)):
-                raise IsADirectoryError
-            with open(self.real_path(name), "rb") as f:
-                content = f.read()
-        except IsADirectoryError:
-            self.log.kernel(f"ima: Unable to open file: {name} (-22)")
-            raise FsError(errno.EINVAL) from None
-        except OSError as e:
-            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
-            raise FsError(e.errno or errno.EINVAL) from None
+        content = self._read_file(name)
         self.measure_policy_file(name)
         if needs_signed_policy(self.rules):  # an unsigned file fails appraisal (R-5)
-            self.log.kernel(f"ima: Unable to open file: {name} (-13)")
+            self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
             raise FsError(errno.EACCES)
-        lines = content.split(b"\n")
-        if lines[-1]:
-            raise FsError(errno.EINVAL, "last line has no newline")
-        for raw in lines[:-1]:
-            self._parse_line(s, raw.split(b"\0", 1)[0])
+        size = len(content)
+        for raw in content.split(b"\n"):
+            if size <= 0:
+                break
+            line, nul, _ = raw.partition(b"\0")
+            self._parse_line(s, line)
+            size -= len(line) + 1
+            if nul:
+                break  # the kernel splits the file as a C string: it ends here
+        if size:  # a last line without a newline, or a NUL
+            raise FsError(errno.EINVAL, "the rules do not account for the whole file")
+
+    def _read_file(self, name: str) -> bytes:
+        """kernel_read_file_from_path: the content of a regular file."""
+        try:
+            # O_NONBLOCK: a FIFO must not hang the daemon (the kernel would wait for a writer)
+            fd = os.open(self.real_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                with open(fd, "rb", closefd=False) as f:
+                    return f.read()
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
+            raise FsError(e.errno) from None
 
     def release(self, s: Session | None) -> None:
         if s is None:

@@ -225,6 +225,36 @@ def test_f6_path_writes(mnt, tmp_path):
     assert mnt.client.call("status")["policy"] == ["measure func=BPRM_CHECK", "measure func=MODULE_CHECK"]
 
 
+@pytest.mark.parametrize("content, logged", [
+    # the last line is parsed, then its missing newline fails the write
+    (b"measure func=BPRM_CHECK\nmeasure", ["action=measure func=BPRM_CHECK res=1", "action=measure res=1"]),
+    # the kernel splits the file as a C string: nothing after a NUL is read
+    (b"measure func=BPRM_CHECK\0x\nmeasure func=FILE_CHECK\n", ["action=measure func=BPRM_CHECK res=1"]),
+])
+def test_path_load_accounts_for_every_byte(tmp_path, content, logged):
+    """ima_read_policy: the rules' lengths must add up to the file's size."""
+    f = tmp_path / "pol"
+    f.write_bytes(content)
+    kmsg = tmp_path / "kmsg"
+    pf = PolicyFile([], Parser(V612), read_policy=False, write_policy=False, log=KernelLog(kmsg))
+    s = pf.open(os.O_WRONLY, True, Subject(1, 0, b"imat"))
+    with pytest.raises(FsError) as e:
+        pf.write(s, 0, os.fsencode(f) + b"\n")
+    assert e.value.errno == errno.EINVAL
+    assert [line.split("): ", 1)[1] for line in kmsg.read_text().splitlines()] == logged
+
+
+def test_path_load_of_a_fifo(mnt, tmp_path):
+    """Not a regular file: EINVAL, as the kernel answers once a writer lets its
+    open return; the daemon does not wait for one."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = subprocess.run(["bash", "-c", f"printf '%s\\n' {fifo} > policy"], cwd=mnt.ima, capture_output=True,
+                       text=True, timeout=30)
+    assert "write error: Invalid argument" in r.stderr
+    assert f"ima: Unable to open file: {fifo} (-22)" in mnt.cli("dmesg").stdout
+
+
 @pytest.mark.parametrize("rule, accepted", [
     ("pcr=9 measure", True),  # the action is checked against pcr= after the whole rule
     ("measure uid=0 euid=0", False),  # uid and euid fill one slot of the rule
