@@ -454,7 +454,9 @@ class Session:
         self.writer = writer
         self.rules: list[Rule] = []
         self.failed = False
-        self.consumed = 0  # bytes the writes returned: where FUSE puts the file position
+        # Where FUSE believes the descriptor's position is if every write was a
+        # plain write(): the sum of what the writes taken there returned.
+        self.position = 0
 
 
 class PolicyFile:
@@ -501,20 +503,28 @@ class PolicyFile:
         return text[offset:offset + size]
 
     def write(self, s: Session, offset: int, data: bytes) -> int:
-        """One write(): what it returns, or FsError (the session then fails)."""
+        """One write(): what it returns, or FsError (the session then fails).
+
+        The kernel never moves the file position, so only a write at a
+        non-zero position (a pwrite, or after an lseek) is refused.  FUSE
+        moves it by what each plain write returned and sends it as the
+        offset, and a pwrite's offset as given: a write at ``s.position`` is
+        taken as a plain write at 0 and moves it on; a write at 0 anywhere
+        else is taken as a pwrite at 0 and leaves it (docs/deviations.md).
+        """
+        plain = offset == s.position
         try:
-            n = self._write(s, offset, data[:MAX_WRITE])
+            if not plain and offset != 0:
+                raise FsError(errno.EINVAL, "no partial writes")
+            n = self._write(s, data[:MAX_WRITE])
         except FsError:
             s.failed = True
             raise
-        s.consumed = offset + n
+        if plain:
+            s.position += n
         return n
 
-    def _write(self, s: Session, offset: int, data: bytes) -> int:
-        # The kernel never moves the file position, FUSE does: a write where the
-        # previous one left it counts as a write at 0 (docs/deviations.md).
-        if offset not in (0, s.consumed):
-            raise FsError(errno.EINVAL, "no partial writes")
+    def _write(self, s: Session, data: bytes) -> int:
         if data.startswith(b"/"):
             text = data.split(b"\0", 1)[0]  # the kernel reads a C string
             self._load_file(s, text.split(b"\n", 1)[0])

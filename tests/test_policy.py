@@ -13,6 +13,8 @@ from imafs.errors import FsError
 from imafs.klog import KernelLog, Subject
 from imafs.policy import Parser, PolicyFile, builtin_rules
 
+from .test_klog import session_lines
+
 V612, V61, V72 = (6, 12), (6, 1), (7, 2)
 
 # kernel-observed.md F-7, accepted on 6.12
@@ -186,16 +188,79 @@ def test_f6_write_returns(mnt, data, ret):
         os.close(fd)
 
 
-def test_f6_offsets(mnt):
-    fd = os.open(mnt.ima / "policy", os.O_WRONLY)
+# One descriptor on `policy` of a real 6.12 kernel (F-6), call by call: write()
+# or pwrite() at an offset, or lseek() then write(); what imafs returns
+# (negative: an errno), and where the kernel differs (docs/deviations.md).
+ONE_DESCRIPTOR = [
+    ("write", None, b"measure func=BPRM_CHECK\nmeasure func=FILE_CHECK\n", 24),
+    ("write", None, b"measure func=MODULE_CHECK", 25),  # the kernel: 26
+    ("pwrite", 5, b"measure\n", -errno.EINVAL),
+    ("pwrite", 0, b"measure\n", 8),
+    ("write", None, b"measure func=FIRMWARE_CHECK".ljust(5000), 4095),  # the kernel: 4096
+    ("write", None, b"measure func=FILE_CHECK\n\n", 24),
+    ("write", None, b"\nmeasure func=FILE_CHECK\n", 1),
+    ("write", None, b"measure func=FILE_CHECK\0junk\n", 24),
+    ("write", None, b"/nonexistent/policy\n", -errno.ENOENT),
+    ("lseek", 10, b"measure\n", -errno.EINVAL),
+    ("lseek", 0, b"measure\n", 8),
+]
+# what the kernel logs for it: every rule parsed, then the failed session's close
+ONE_DESCRIPTOR_LOG = [f"audit: type=1807 audit(…): action=measure{r} res=1" for r in (
+    " func=BPRM_CHECK", " func=MODULE_CHECK", "", " func=FIRMWARE_CHECK", " func=FILE_CHECK", " func=FILE_CHECK")] + [
+    "ima: Unable to open file: /nonexistent/policy (-2)",
+    "audit: type=1807 audit(…): action=measure res=1",
+    "ima: policy update failed",
+]
+
+
+def test_f6_one_descriptor(mount_imafs):
+    """A pwrite never moves the position: plain writes after pwrite(0) are still at 0."""
+    m = mount_imafs("kernel=6.12", "read_policy=true", "write_policy=true")
+    pol = m.ima / "policy"
+    fd = os.open(pol, os.O_WRONLY)
+    got = []
     try:
-        with pytest.raises(OSError) as e:
-            os.pwrite(fd, b"measure\n", 5)
-        assert e.value.errno == errno.EINVAL
-        assert os.pwrite(fd, b"measure\n", 0) == 8
+        for call, where, data, _ in ONE_DESCRIPTOR:
+            try:
+                if call == "pwrite":
+                    got.append(os.pwrite(fd, data, where))
+                    continue
+                if call == "lseek":
+                    os.lseek(fd, where, os.SEEK_SET)
+                got.append(os.write(fd, data))
+            except OSError as e:
+                got.append(-e.errno)
     finally:
         os.close(fd)
-    assert "policy" in os.listdir(mnt.ima)  # the failed session left the file
+    assert got == [ret for *_, ret in ONE_DESCRIPTOR]
+    # the session saw errors: the kernel discards all its rules at close
+    log = session_lines(m)
+    assert log[:-1] == ONE_DESCRIPTOR_LOG
+    assert "op=policy_update cause=failed" in log[-1]
+    assert m.read("policy") == b""
+    os.close(os.open(pol, os.O_WRONLY))  # and the file is free again
+
+
+def test_f6_one_descriptor_unit():
+    """The same calls as FUSE sends them: a write at the descriptor's
+    position, which only plain writes move, by what they returned."""
+    pf = PolicyFile([], Parser(V612), read_policy=True, write_policy=True, log=KernelLog(None))
+    s = pf.open(os.O_WRONLY, True, Subject(1, 0, b"imat"))
+    position, got = 0, []
+    for call, where, data, _ in ONE_DESCRIPTOR:
+        if call == "lseek":
+            position = where
+        try:
+            n = pf.write(s, where if call == "pwrite" else position, data)
+        except FsError as e:
+            n = -e.errno
+        else:
+            position += n if call != "pwrite" else 0
+        got.append(n)
+    assert got == [ret for *_, ret in ONE_DESCRIPTOR]
+    assert len(s.rules) == 7 and s.failed
+    pf.release(s)
+    assert pf.rules == [] and not pf.busy
 
 
 def test_f6_path_writes(mnt, tmp_path):
