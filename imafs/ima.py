@@ -106,8 +106,11 @@ class Ima:
         self.suspended = False
         self.iint.clear()
         p = self.profile
+        if not p.tpm_banks:
+            self.klog.kernel("ima: No TPM chip found, activating TPM-bypass!")
+        self.klog.kernel(f"ima: Allocated hash algorithm: {self.ima_hash}")
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
-                                 Parser(p.kernel_version, p.appraise_modsig),
+                                 Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
                                  measure_policy_file=lambda path: run_inline(self.measure_file(path, "POLICY_CHECK", MAY_READ)),
                                  real_path=self.real_path)
@@ -119,6 +122,7 @@ class Ima:
         algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
         self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
                                ima_hash=self.ima_hash, d_digest=sha1))
+        self.klog.kernel("ima: No architecture policies found")  # imafs emulates no arch policy
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
 
     def critical_data(self, name: str, label: str, buf: bytes) -> None:

@@ -24,6 +24,7 @@ from .blocking import Blocking, Exclusive, Steps
 from .fsinfo import FsInfo
 from .iint import EMITTED_OPENWRITERS, IMA_COLLECTED, IMA_MEASURE, IMA_MEASURED, MAY_EMIT_TOMTOU, IintCache
 from .errors import RequestError
+from .klog import Subject
 from .policy import MASKS, HookEvent, Rule, measure_decision
 
 MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND = (MASKS[m] for m in ("MAY_EXEC", "MAY_WRITE", "MAY_READ", "MAY_APPEND"))
@@ -49,7 +50,7 @@ class Task:
     """The credentials of the task behind a hook."""
 
     pid: int = 0
-    comm: str = "imafs"
+    comm: str = "imafs"  # the status Name; audit records read /proc/<pid>/comm (see subject)
     uid: int = 0
     euid: int = 0
     suid: int = 0
@@ -83,6 +84,11 @@ class Task:
         """A task described by hand (``imafs measure``): saved ids equal the real
         ones, and euid 0 holds CAP_SETUID/CAP_SETGID."""
         return cls(0, "imafs", uid, euid, uid, gid, egid, gid, euid == 0, euid == 0)
+
+    def subject(self) -> Subject:
+        """The task as the kernel's audit records name it, read now: while a
+        hook runs, the task waits on the request that caused it."""
+        return Subject.of_pid(self.pid, self.uid, self.comm)
 
 
 @dataclass
@@ -243,7 +249,7 @@ class Measurer:
         self.cache.put(iint)
         if iint.measured_pcrs >> pcr & 1:
             return self._decided(f, func, rule, False, "measure: already measured into this PCR")
-        added = yield from self._measure(f, rule, pcr)
+        added = yield from self._measure(f, task, rule, pcr)
         if ima.boots != boot:
             return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
         return self._decided(f, func, rule, added)
@@ -285,10 +291,10 @@ class Measurer:
         ima = self.ima
         ev = T.Event(name=f.name, ima_hash=ima.ima_hash, violation=True)
         self._fill_inode(ev, f, (yield Blocking(f.xattrs)))
-        stored = self._store(ev)
+        stored = self._store(ev, f, task)
         f.violations.append(cause)
-        ima.klog.integrity(1804, "invalid_pcr", cause, int(stored), pid=task.pid, uid=task.uid, comm=task.comm,
-                           name=os.fsdecode(f.name), dev=f.fs.s_id, ino=f.st.st_ino)
+        ima.klog.integrity(1804, task.subject(), "invalid_pcr", cause, int(stored is not None),
+                           name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
 
     def _last_writer(self, f: OpenedFile) -> Steps[None]:
         """ima_check_last_writer: the last writer closes; a change measures again."""
@@ -329,7 +335,7 @@ class Measurer:
         finally:
             os.close(fd)
 
-    def _measure(self, f: OpenedFile, rule: Rule, pcr: int) -> Steps[bool]:
+    def _measure(self, f: OpenedFile, task: Task, rule: Rule, pcr: int) -> Steps[bool]:
         """Collect the digest (once per change) and store the measurement."""
         ima = self.ima
         template = rule.template or ima.template
@@ -362,7 +368,7 @@ class Measurer:
         if "d" in template.fields:
             ev.d_digest = digest if algo in ("sha1", "md5") else (yield Blocking(self._sha1, f, direct))
         self._fill_inode(ev, f, xattrs)
-        added = self._store(ev, template, pcr)
+        added = self._store(ev, f, task, template, pcr)
         if added is not None and not direct:
             iint = self.cache.get(f.key)
             iint.flags |= IMA_MEASURED
@@ -370,12 +376,15 @@ class Measurer:
             self.cache.put(iint)
         return bool(added)
 
-    def _store(self, ev: T.Event, template=None, pcr: int | None = None) -> bool | None:
-        """Append; None when measurements are suspended (a kexec or reboot is
-        under way): the record is dropped and the inode stays unmeasured."""
+    def _store(self, ev: T.Event, f: OpenedFile, task: Task, template=None, pcr: int | None = None) -> bool | None:
+        """Append (ima_store_template); None when measurements are suspended (a
+        kexec or reboot is under way): the record is dropped, the inode stays
+        unmeasured, and the kernel's store step audits the refusal."""
         try:
             return self.ima.add_event(ev, template, pcr)
         except RequestError:
+            self.ima.klog.integrity(1804, task.subject(), "add_template_measure", "measurements_suspended", 0,
+                                    name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
             return None
 
     @staticmethod

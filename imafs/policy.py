@@ -10,11 +10,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import uuid
 from dataclasses import dataclass, field
 
 from . import templates as T
 from .errors import FsError
+from .klog import KernelLog, Subject
 
 ACTIONS = ("measure", "dont_measure", "appraise", "dont_appraise", "audit", "dont_audit",
            "hash", "dont_hash")
@@ -178,20 +180,49 @@ class HookEvent:
 # -- parsing (ima_parse_rule) ---------------------------------------------------------
 _TOKEN = re.compile(r"([a-z_]+)(=|<|>)(.*)", re.S)
 _DEC = re.compile(r"\+?[0-9]+")
+# the kernel's "key=%s" tokens; ID_KEYS also take < and >
+OPTION_KEYS = ("func", "mask", "fsmagic", "fsname", "fsuuid", *ID_KEYS, "keyrings", "label", "pcr", "template",
+               "appraise_type", "appraise_flag", "appraise_algos", "digest_type", *LSM_KEYS)
+
+
+@dataclass
+class RuleLog:
+    """What ima_parse_rule logs for one rule, in the kernel's order: the
+    messages it prints as it goes (``ima: …``), then the fields of its
+    AUDIT_INTEGRITY_POLICY_RULE record: every token as it was parsed, up to
+    and including the one that failed (``permit_directio`` is never logged,
+    a token the kernel does not know is ``UNKNOWN=<token>``)."""
+
+    messages: list[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
 
 
 class Parser:
-    """Parses rule lines the way the kernel of ``profile`` does."""
+    """Parses rule lines the way the kernel of ``profile`` does.
 
-    def __init__(self, kernel_version: tuple[int, int], modsig: bool = False):
+    ``template`` is the boot template, which rules without ``template=`` use.
+    One parser lives as long as one boot: notices the kernel prints once per
+    boot are printed once per parser.
+    """
+
+    def __init__(self, kernel_version: tuple[int, int], modsig: bool = False,
+                 template: T.Template = T.BUILTIN_TEMPLATES["ima-ng"]):
         self.kv = kernel_version
         self.modsig = modsig
+        self.template = template
+        self.actions = ACTIONS if kernel_version >= (6, 19) else tuple(a for a in ACTIONS if a != "dont_audit")
+        self.keys = OPTION_KEYS + (("fs_subtype",) if kernel_version >= (6, 19) else ())
+        self._modsig_checked = False
+        self._verity_noted = False
 
-    def parse(self, line: str, lsm_rejected: bool) -> Rule | None:
-        """One line (without its newline). None for blank and comment lines.
+    def parse(self, line: str, lsm_rejected: bool, log: RuleLog | None = None) -> Rule | None:
+        """One line (without its newline). None for blank and comment lines,
+        which the kernel skips before it starts a rule (and its record).
 
         ``lsm_rejected``: the boot policy is still active, so a rule with an
-        undefined LSM label is refused (R-2)."""
+        undefined LSM label is refused (R-2).  ``log`` receives what the
+        kernel logs while parsing, whether the rule is accepted or not."""
+        log = RuleLog() if log is None else log
         line = line.lstrip(" \t")
         if not line or line.startswith("#"):
             return None
@@ -201,33 +232,32 @@ class Parser:
         for tok in re.split(r"[ \t]+", line):
             if not tok:
                 continue
-            if tok.startswith("#"):
-                if self.kv < (6, 14):
-                    raise FsError(errno.EINVAL, "suffix comments need kernel 6.14")
-                break
-            if tok in ACTIONS:
-                if action is not None or (tok == "dont_audit" and self.kv < (6, 19)):
-                    raise FsError(errno.EINVAL, f"bad action {tok}")
+            if tok.startswith("#") and self.kv >= (6, 14):
+                break  # a suffix comment; before 6.14 an unknown token
+            if tok in self.actions:
+                log.fields.append(f"action={tok}")
+                if action is not None:
+                    raise FsError(errno.EINVAL, f"a second action {tok}")
                 action = tok
                 continue
             if tok == "permit_directio":
                 fields["permit_directio"] = True
                 continue
             m = _TOKEN.fullmatch(tok)
-            if not m:
+            if not m or not m[3] or m[1] not in (self.keys if m[2] == "=" else ID_KEYS):
+                log.fields.append(f"UNKNOWN={tok}")
                 raise FsError(errno.EINVAL, f"unknown token {tok!r}")
-            key, op, value = m.groups()
-            self._option(key, op, value, action, fields, seen)
+            log.fields.append(tok)
+            self._option(*m.groups(), action, fields, seen, lsm_rejected, log)
         if action is None:
             raise FsError(errno.EINVAL, "no action")
-        if fields["lsm"] and lsm_rejected:
-            raise FsError(errno.EINVAL, f"rule for LSM '{fields['lsm'][0][1]}' is undefined")
         rule = Rule(action=action, **{k: (tuple(v) if isinstance(v, list) else v)
                                       for k, v in fields.items()}, text=line)
         self._validate(rule)
+        self._notices(rule, log)
         return rule
 
-    def _option(self, key, op, value, action, fields, seen) -> None:
+    def _option(self, key, op, value, action, fields, seen, lsm_rejected, log) -> None:
         def once(name=key):
             if name in seen:
                 raise FsError(errno.EINVAL, f"{name} given twice")
@@ -236,8 +266,6 @@ class Parser:
         def bad(why=""):
             raise FsError(errno.EINVAL, why or f"bad {key}{op}{value}")
 
-        if op != "=" and key not in ID_KEYS:
-            bad()
         if key == "func":
             once()
             func = FUNCS.get(value)
@@ -254,12 +282,10 @@ class Parser:
             if not re.fullmatch(r"(0[xX])?[0-9a-fA-F]+", value):
                 bad()
             fields["fsmagic"] = int(value, 16)
-        elif key in ("fsname", "fs_subtype"):
-            if key == "fs_subtype" and self.kv < (6, 19):
-                bad()
+        elif key == "fsname":
+            fields[key] = value  # a repeated fsname= is accepted: the last wins
+        elif key == "fs_subtype":
             once()
-            if not value:
-                bad()
             fields[key] = value
         elif key == "fsuuid":
             once()
@@ -267,7 +293,7 @@ class Parser:
                 bad()
             fields["fsuuid"] = str(uuid.UUID(value))
         elif key in ID_KEYS:
-            once()
+            once(key.removeprefix("e"))  # uid and euid share one slot of the rule, gid and egid another
             if not _DEC.fullmatch(value) or int(value) >= 0xFFFFFFFF:
                 bad()  # not a valid kuid/kgid
             fields["ids"].append((key, op, int(value)))
@@ -278,7 +304,7 @@ class Parser:
                 bad("empty item")
             fields[key] = items
         elif key == "pcr":
-            if action != "measure" or not _DEC.fullmatch(value) or int(value) > 63:
+            if not _DEC.fullmatch(value) or int(value) > 63:
                 bad()
             fields["pcr"] = int(value)  # a repeated pcr= is accepted: the last wins (R-2)
         elif key == "template":
@@ -294,6 +320,8 @@ class Parser:
             allowed = ["imasig", "sigv3"] + (["imasig|modsig"] if self.modsig else [])
             if value not in allowed:
                 bad()
+            if self.kv < (7, 1) and (value == "sigv3") != ("digest_type" in fields):
+                bad("before 7.1, sigv3 needs digest_type=verity before it, and the other types refuse it")
             fields["appraise_type"] = value
         elif key == "appraise_flag":
             if self.kv < (6, 12):
@@ -301,26 +329,32 @@ class Parser:
         elif key == "appraise_algos":
             once()
             algos = value.split(",")
-            known = BUILTIN_HASHES_61 if self.kv < (6, 12) else tuple(T.HASH_ALGOS)
-            if not all(a in known and _available(a) for a in algos):
-                bad(f"unavailable hash algorithm in {value}")
+            for a in algos:
+                if a not in T.HASH_ALGOS:
+                    log.messages.append(f'ima: unknown hash algorithm "{a}"')
+                    bad()
+                if not (_available(a) and (self.kv >= (6, 12) or a in BUILTIN_HASHES_61)):
+                    log.messages.append(f'ima: unavailable hash algorithm "{a}", check your kernel configuration')
+                    bad()
             fields["appraise_algos"] = algos
         elif key == "digest_type":
             once()
-            if value != "verity":
+            if value != "verity" or (self.kv < (7, 1) and "appraise_type" in fields):
                 bad()
             fields["digest_type"] = value
-        elif key in LSM_KEYS:
-            once()
+        else:  # LSM_KEYS
+            log.messages.append(f"ima: rule for LSM '{value}' is undefined")
+            if lsm_rejected:
+                bad(f"rule for LSM '{value}' is undefined")
             fields["lsm"].append((key, value))
-        else:
-            bad(f"unknown token {key}{op}")
 
     def _validate(self, r: Rule) -> None:
         """ima_validate_rule: which options go with which action and func."""
         def bad(why):
             raise FsError(errno.EINVAL, why)
         appraise = r.action in ("appraise", "dont_appraise")
+        if r.pcr is not None and r.action != "measure":
+            bad("pcr= on a rule that does not measure")
         if (r.appraise_type or r.appraise_algos) and not appraise:
             bad("appraise options on a non-appraise rule")
         if r.keyrings is not None and r.func != "KEY_CHECK":
@@ -331,8 +365,18 @@ class Parser:
             bad(f"{r.func} only with measure or dont_measure")
         if r.func == "SETXATTR_CHECK" and (r.action != "appraise" or not r.appraise_algos):
             bad("SETXATTR_CHECK only as appraise ... appraise_algos=")
-        if r.appraise_type == "sigv3" and r.digest_type != "verity" and self.kv < (7, 1):
-            bad("sigv3 needs digest_type=verity before 7.1")
+
+    def _notices(self, r: Rule, log: RuleLog) -> None:
+        """What the kernel notes once per boot about an accepted rule's template."""
+        if r.appraise_type == "imasig|modsig" and not self._modsig_checked:
+            self._modsig_checked = True  # check_template_modsig looks at the first such rule only
+            fields = self.template.fields
+            if "modsig" in fields and "d-modsig" not in fields:
+                log.messages.append("ima: template with 'modsig' field also needs 'd-modsig' field")
+        if r.action == "measure" and r.digest_type == "verity" and not self._verity_noted \
+                and "d-ngv2" not in (r.template or self.template).fields:
+            self._verity_noted = True  # pr_notice_once
+            log.messages.append("ima: verity rules should include d-ngv2")
 
 
 def _available(alg: str) -> bool:
@@ -399,23 +443,31 @@ MAX_WRITE = 4095  # PAGE_SIZE - 1
 
 
 class Session:
-    """One open...close of the policy file for writing."""
+    """One open...close of the policy file for writing.
 
-    def __init__(self):
+    ``writer`` is the task that opened the file: FUSE names the task of an
+    open but not of a write or a release, so the kernel's records about the
+    session's writes and its close name the opener (docs/deviations.md).
+    """
+
+    def __init__(self, writer: Subject):
+        self.writer = writer
         self.rules: list[Rule] = []
         self.failed = False
-        self.consumed = 0  # bytes the writes returned: where FUSE puts the file position
+        # Where FUSE believes the descriptor's position is if every write was a
+        # plain write(): the sum of what the writes taken there returned.
+        self.position = 0
 
 
 class PolicyFile:
     """The active policy and the `policy` file's state machine.
 
     ``read_policy``/``write_policy`` are CONFIG_IMA_READ_POLICY and
-    CONFIG_IMA_WRITE_POLICY; ``log`` gets the kernel's log lines.
+    CONFIG_IMA_WRITE_POLICY; ``log`` is the :class:`~imafs.klog.KernelLog`.
     """
 
     def __init__(self, rules: list[Rule], parser: Parser, *, read_policy: bool, write_policy: bool,
-                 log, measure_policy_file=None, real_path=None):
+                 log: KernelLog, measure_policy_file=None, real_path=None):
         self.rules = rules
         self.parser = parser
         self.read_policy = read_policy
@@ -432,14 +484,14 @@ class PolicyFile:
     def mode(self) -> int:
         return (0o400 if self.read_policy else 0) | (0o200 if self.writable else 0)
 
-    def open(self, flags: int, cap_sys_admin: bool) -> Session | None:
+    def open(self, flags: int, cap_sys_admin: bool, task: Subject) -> Session | None:
         """A Session for a writer, None for a reader."""
         acc = flags & os.O_ACCMODE
         if acc == os.O_WRONLY:
             if self.busy:
                 raise FsError(errno.EBUSY)
             self.busy = True
-            return Session()
+            return Session(task)
         if acc != os.O_RDONLY or not self.read_policy:
             raise FsError(errno.EACCES)
         if not cap_sys_admin:
@@ -451,27 +503,35 @@ class PolicyFile:
         return text[offset:offset + size]
 
     def write(self, s: Session, offset: int, data: bytes) -> int:
-        """One write(): what it returns, or FsError (the session then fails)."""
+        """One write(): what it returns, or FsError (the session then fails).
+
+        The kernel never moves the file position, so only a write at a
+        non-zero position (a pwrite, or after an lseek) is refused.  FUSE
+        moves it by what each plain write returned and sends it as the
+        offset, and a pwrite's offset as given: a write at ``s.position`` is
+        taken as a plain write at 0 and moves it on; a write at 0 anywhere
+        else is taken as a pwrite at 0 and leaves it (docs/deviations.md).
+        """
+        plain = offset == s.position
         try:
-            n = self._write(s, offset, data[:MAX_WRITE])
+            if not plain and offset != 0:
+                raise FsError(errno.EINVAL, "no partial writes")
+            n = self._write(s, data[:MAX_WRITE])
         except FsError:
             s.failed = True
             raise
-        s.consumed = offset + n
+        if plain:
+            s.position += n
         return n
 
-    def _write(self, s: Session, offset: int, data: bytes) -> int:
-        # The kernel never moves the file position, FUSE does: a write where the
-        # previous one left it counts as a write at 0 (docs/deviations.md).
-        if offset not in (0, s.consumed):
-            raise FsError(errno.EINVAL, "no partial writes")
+    def _write(self, s: Session, data: bytes) -> int:
         if data.startswith(b"/"):
-            path = data.split(b"\n", 1)[0].split(b"\0", 1)[0]
-            self._load_file(s, path)
-            return len(data)
+            text = data.split(b"\0", 1)[0]  # the kernel reads a C string
+            self._load_file(s, text.split(b"\n", 1)[0])
+            return len(text)
         if needs_signed_policy(self.rules):
             self.log.kernel("ima: signed policy file (specified as an absolute pathname) required")
-            self.log.audit(1802, "op=update_policy cause=signed policy required", 0)
+            self.log.integrity(1802, s.writer, "policy_update", "signed policy required", 0)
             raise FsError(errno.EACCES)
         line, newline, _ = data.partition(b"\n")
         nul = line.find(b"\0")
@@ -483,54 +543,72 @@ class PolicyFile:
         return len(line) + 1 if newline else len(data)
 
     def _parse_line(self, s: Session, raw: bytes) -> None:
-        text = raw.decode("utf-8", "surrogateescape")
-        shown = text.strip(" \t")
+        """ima_parse_add_rule: one rule, its messages and records."""
+        log = RuleLog()
         try:
-            rule = self.parser.parse(text, lsm_rejected=not self.custom)
-        except FsError as e:
-            if str(e).startswith("rule for LSM"):
-                self.log.kernel(f"ima: {e}")
-            self.log.audit(1807, f"action={shown}", 0)
+            rule = self.parser.parse(raw.decode("utf-8", "surrogateescape"), lsm_rejected=not self.custom, log=log)
+        except FsError:
+            self._logged(log, res=0)
+            self.log.integrity(1802, s.writer, "update_policy", "invalid-policy", 0)
             raise
         if rule is not None:
-            self.log.audit(1807, f"action={shown}", 1)
+            self._logged(log, res=1)
             s.rules.append(rule)
 
+    def _logged(self, log: RuleLog, res: int) -> None:
+        for message in log.messages:
+            self.log.kernel(message)
+        self.log.audit(1807, " ".join(log.fields + [f"res={res}"]))
+
     def _load_file(self, s: Session, path: bytes) -> None:
+        """ima_read_policy: every line of the file is a rule; the lengths
+        the rules account for must add up to the file's size."""
         name = os.fsdecode(path)
-        try:
-            if os.path.isdir(self.real_path(name)):
-                raise IsADirectoryError
-            with open(self.real_path(name), "rb") as f:
-                content = f.read()
-        except IsADirectoryError:
-            self.log.kernel(f"ima: Unable to open file: {name} (-22)")
-            raise FsError(errno.EINVAL) from None
-        except OSError as e:
-            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
-            raise FsError(e.errno or errno.EINVAL) from None
+        content = self._read_file(name)
         self.measure_policy_file(name)
         if needs_signed_policy(self.rules):  # an unsigned file fails appraisal (R-5)
-            self.log.kernel(f"ima: Unable to open file: {name} (-13)")
+            self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
             raise FsError(errno.EACCES)
-        lines = content.split(b"\n")
-        if lines[-1]:
-            raise FsError(errno.EINVAL, "last line has no newline")
-        for raw in lines[:-1]:
-            self._parse_line(s, raw.split(b"\0", 1)[0])
+        size = len(content)
+        for raw in content.split(b"\n"):
+            if size <= 0:
+                break
+            line, nul, _ = raw.partition(b"\0")
+            self._parse_line(s, line)
+            size -= len(line) + 1
+            if nul:
+                break  # the kernel splits the file as a C string: it ends here
+        if size:  # a last line without a newline, or a NUL
+            raise FsError(errno.EINVAL, "the rules do not account for the whole file")
+
+    def _read_file(self, name: str) -> bytes:
+        """kernel_read_file_from_path: the content of a regular file."""
+        try:
+            # O_NONBLOCK: a FIFO must not hang the daemon (the kernel would wait for a writer)
+            fd = os.open(self.real_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                with open(fd, "rb", closefd=False) as f:
+                    return f.read()
+            finally:
+                os.close(fd)
+        except OSError as e:
+            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
+            raise FsError(e.errno) from None
 
     def release(self, s: Session | None) -> None:
         if s is None:
             return
-        if s.failed or not s.rules:
-            self.log.kernel("ima: policy update failed")
-            self.log.audit(1802, "op=policy_update cause=failed", 0)
+        ok = not s.failed and bool(s.rules)
+        cause = "completed" if ok else "failed"
+        self.log.kernel(f"ima: policy update {cause}")
+        self.log.integrity(1802, s.writer, "policy_update", cause, int(ok))
+        if not ok:
             self.busy = False
             return
         self.rules = s.rules if not self.custom else self.rules + s.rules
         self.custom = True
-        self.log.kernel("ima: policy update completed")
-        self.log.audit(1802, "op=policy_update cause=completed", 1)
         if self.write_policy:
             self.busy = False
         elif self.read_policy:

@@ -32,6 +32,7 @@ import trio
 
 from .errors import FsError
 from .ima import Ima
+from .measure import Task
 from .passthrough import MeasuredFs
 from .staging import MeasureLock, parse_command
 from .store import View
@@ -311,7 +312,10 @@ class PolicyNode(Node):
 
     def open(self, flags: int, pid: int) -> OpenFile:
         policy = self.tree.ima.policy
-        return OpenFile(self, flags, pid, session=policy.open(flags, has_cap_sys_admin(pid)), policy=policy)
+        # FUSE names the task of an open only: the session keeps it for its writes and close
+        opener = Task.of_pid(pid, 0, 0).subject()  # (0, 0): the ids of a task already gone
+        return OpenFile(self, flags, pid, session=policy.open(flags, has_cap_sys_admin(pid), opener),
+                        policy=policy)
 
     def release(self, f: OpenFile) -> None:
         f.policy.release(f.session)

@@ -86,7 +86,7 @@ def test_open_masks():
 # -- the decision path without a mount -------------------------------------------------
 def ima_with(policy: str, *settings) -> Ima:
     ima = Ima(load_profile(None, list(settings)))
-    s = ima.policy.open(os.O_WRONLY, True)
+    s = ima.policy.open(os.O_WRONLY, True, Task().subject())
     data, offset = policy.encode(), 0
     while offset < len(data):  # the kernel takes one rule per write
         offset += ima.policy.write(s, offset, data[offset:])

@@ -88,7 +88,9 @@ def test_f13_shell_scenario(measured, tmp_path):
     assert m.read("violations") == b"1\n"
     assert m.read("runtime_measurements_count") == b"8\n"
     klog = m.cli("dmesg").stdout
-    assert re.search(r'audit: type=1804 audit\([0-9.:]+\): pid=\d+ uid=0 auid=4294967295 ses=4294967295 '
+    with open("/proc/self/loginuid") as a, open("/proc/self/sessionid") as b:
+        auid, ses = int(a.read()), int(b.read())  # what the shell inherited
+    assert re.search(rf'audit: type=1804 audit\([0-9.:]+\): pid=\d+ uid=0 auid={auid} ses={ses} subj=unconfined '
                      rf'op=invalid_pcr cause=open_writers comm="cat" name="{d}/del.txt" dev="ramfs" '
                      r'ino=\d+ res=1 errno=0', klog), klog
     # the interpreter's read of run.sh was decided, and found measured already

@@ -10,7 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from imafs.errors import FsError
-from imafs.policy import Parser, builtin_rules
+from imafs.klog import KernelLog, Subject
+from imafs.policy import Parser, PolicyFile, builtin_rules
+
+from .test_klog import session_lines
 
 V612, V61, V72 = (6, 12), (6, 1), (7, 2)
 
@@ -185,16 +188,79 @@ def test_f6_write_returns(mnt, data, ret):
         os.close(fd)
 
 
-def test_f6_offsets(mnt):
-    fd = os.open(mnt.ima / "policy", os.O_WRONLY)
+# One descriptor on `policy` of a real 6.12 kernel (F-6), call by call: write()
+# or pwrite() at an offset, or lseek() then write(); what imafs returns
+# (negative: an errno), and where the kernel differs (docs/deviations.md).
+ONE_DESCRIPTOR = [
+    ("write", None, b"measure func=BPRM_CHECK\nmeasure func=FILE_CHECK\n", 24),
+    ("write", None, b"measure func=MODULE_CHECK", 25),  # the kernel: 26
+    ("pwrite", 5, b"measure\n", -errno.EINVAL),
+    ("pwrite", 0, b"measure\n", 8),
+    ("write", None, b"measure func=FIRMWARE_CHECK".ljust(5000), 4095),  # the kernel: 4096
+    ("write", None, b"measure func=FILE_CHECK\n\n", 24),
+    ("write", None, b"\nmeasure func=FILE_CHECK\n", 1),
+    ("write", None, b"measure func=FILE_CHECK\0junk\n", 24),
+    ("write", None, b"/nonexistent/policy\n", -errno.ENOENT),
+    ("lseek", 10, b"measure\n", -errno.EINVAL),
+    ("lseek", 0, b"measure\n", 8),
+]
+# what the kernel logs for it: every rule parsed, then the failed session's close
+ONE_DESCRIPTOR_LOG = [f"audit: type=1807 audit(…): action=measure{r} res=1" for r in (
+    " func=BPRM_CHECK", " func=MODULE_CHECK", "", " func=FIRMWARE_CHECK", " func=FILE_CHECK", " func=FILE_CHECK")] + [
+    "ima: Unable to open file: /nonexistent/policy (-2)",
+    "audit: type=1807 audit(…): action=measure res=1",
+    "ima: policy update failed",
+]
+
+
+def test_f6_one_descriptor(mount_imafs):
+    """A pwrite never moves the position: plain writes after pwrite(0) are still at 0."""
+    m = mount_imafs("kernel=6.12", "read_policy=true", "write_policy=true")
+    pol = m.ima / "policy"
+    fd = os.open(pol, os.O_WRONLY)
+    got = []
     try:
-        with pytest.raises(OSError) as e:
-            os.pwrite(fd, b"measure\n", 5)
-        assert e.value.errno == errno.EINVAL
-        assert os.pwrite(fd, b"measure\n", 0) == 8
+        for call, where, data, _ in ONE_DESCRIPTOR:
+            try:
+                if call == "pwrite":
+                    got.append(os.pwrite(fd, data, where))
+                    continue
+                if call == "lseek":
+                    os.lseek(fd, where, os.SEEK_SET)
+                got.append(os.write(fd, data))
+            except OSError as e:
+                got.append(-e.errno)
     finally:
         os.close(fd)
-    assert "policy" in os.listdir(mnt.ima)  # the failed session left the file
+    assert got == [ret for *_, ret in ONE_DESCRIPTOR]
+    # the session saw errors: the kernel discards all its rules at close
+    log = session_lines(m)
+    assert log[:-1] == ONE_DESCRIPTOR_LOG
+    assert "op=policy_update cause=failed" in log[-1]
+    assert m.read("policy") == b""
+    os.close(os.open(pol, os.O_WRONLY))  # and the file is free again
+
+
+def test_f6_one_descriptor_unit():
+    """The same calls as FUSE sends them: a write at the descriptor's
+    position, which only plain writes move, by what they returned."""
+    pf = PolicyFile([], Parser(V612), read_policy=True, write_policy=True, log=KernelLog(None))
+    s = pf.open(os.O_WRONLY, True, Subject(1, 0, b"imat"))
+    position, got = 0, []
+    for call, where, data, _ in ONE_DESCRIPTOR:
+        if call == "lseek":
+            position = where
+        try:
+            n = pf.write(s, where if call == "pwrite" else position, data)
+        except FsError as e:
+            n = -e.errno
+        else:
+            position += n if call != "pwrite" else 0
+        got.append(n)
+    assert got == [ret for *_, ret in ONE_DESCRIPTOR]
+    assert len(s.rules) == 7 and s.failed
+    pf.release(s)
+    assert pf.rules == [] and not pf.busy
 
 
 def test_f6_path_writes(mnt, tmp_path):
@@ -222,6 +288,63 @@ def test_f6_path_writes(mnt, tmp_path):
     assert os.write(fd, data) == len(data)
     os.close(fd)
     assert mnt.client.call("status")["policy"] == ["measure func=BPRM_CHECK", "measure func=MODULE_CHECK"]
+
+
+@pytest.mark.parametrize("content, logged", [
+    # the last line is parsed, then its missing newline fails the write
+    (b"measure func=BPRM_CHECK\nmeasure", ["action=measure func=BPRM_CHECK res=1", "action=measure res=1"]),
+    # the kernel splits the file as a C string: nothing after a NUL is read
+    (b"measure func=BPRM_CHECK\0x\nmeasure func=FILE_CHECK\n", ["action=measure func=BPRM_CHECK res=1"]),
+])
+def test_path_load_accounts_for_every_byte(tmp_path, content, logged):
+    """ima_read_policy: the rules' lengths must add up to the file's size."""
+    f = tmp_path / "pol"
+    f.write_bytes(content)
+    kmsg = tmp_path / "kmsg"
+    pf = PolicyFile([], Parser(V612), read_policy=False, write_policy=False, log=KernelLog(kmsg))
+    s = pf.open(os.O_WRONLY, True, Subject(1, 0, b"imat"))
+    with pytest.raises(FsError) as e:
+        pf.write(s, 0, os.fsencode(f) + b"\n")
+    assert e.value.errno == errno.EINVAL
+    assert [line.split("): ", 1)[1] for line in kmsg.read_text().splitlines()] == logged
+
+
+def test_path_load_of_a_fifo(mnt, tmp_path):
+    """Not a regular file: EINVAL, as the kernel answers once a writer lets its
+    open return; the daemon does not wait for one."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    r = subprocess.run(["bash", "-c", f"printf '%s\\n' {fifo} > policy"], cwd=mnt.ima, capture_output=True,
+                       text=True, timeout=30)
+    assert "write error: Invalid argument" in r.stderr
+    assert f"ima: Unable to open file: {fifo} (-22)" in mnt.cli("dmesg").stdout
+
+
+@pytest.mark.parametrize("rule, accepted", [
+    ("pcr=9 measure", True),  # the action is checked against pcr= after the whole rule
+    ("measure uid=0 euid=0", False),  # uid and euid fill one slot of the rule
+    ("measure egid=0 gid<5", False),
+    ("measure fowner=0 uid=0 fgroup=0 gid=0", True),
+    ("measure fsname=ext4 fsname=xfs", True),  # no check for a second fsname=
+    # before 7.1: digest_type=verity must come first, and only sigv3 goes with it
+    ("appraise digest_type=verity appraise_type=sigv3", True),
+    ("appraise appraise_type=sigv3 digest_type=verity", False),
+    ("appraise digest_type=verity appraise_type=imasig", False),
+    ("appraise appraise_type=imasig digest_type=verity", False),
+])
+def test_kernel_parse_order_612(rule, accepted):
+    try:
+        Parser(V612).parse(rule, lsm_rejected=True)
+    except FsError:
+        assert not accepted
+    else:
+        assert accepted
+
+
+def test_options_the_kernel_takes_twice():
+    assert Parser(V612).parse("measure fsname=ext4 fsname=xfs", True).render() == "measure fsname=xfs \n"
+    r = Parser(V612).parse("measure subj_type=a subj_type=b", lsm_rejected=False)
+    assert r.inert and r.lsm == (("subj_type", "a"), ("subj_type", "b"))
 
 
 def test_f8_shell_writes_and_sessions(mnt, tmp_path):
@@ -349,12 +472,10 @@ writes = st.lists(st.binary(max_size=120) | st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(writes, max_size=4))
 def test_fuzz_sessions_change_policy_only_when_valid(sessions):
-    from imafs.klog import KernelLog
-    from imafs.policy import PolicyFile
     pf = PolicyFile([], Parser(V72), read_policy=True, write_policy=True, log=KernelLog(None))
     for chunks in sessions:
         before = list(pf.rules)
-        s = pf.open(os.O_WRONLY, True)
+        s = pf.open(os.O_WRONLY, True, Subject(0, 0, b"imafs"))
         ok = True
         for data in chunks:
             try:
