@@ -33,8 +33,11 @@ def cmd_mount(args) -> int:
 
         def ready(error):
             if ready_fd is not None:
-                os.write(ready_fd, (error or "ok").encode() + b"\n")
-                os.close(ready_fd)
+                try:
+                    os.write(ready_fd, (error or "ok").encode() + b"\n")
+                    os.close(ready_fd)
+                except OSError:
+                    pass  # the `imafs mount` that waited is gone: nobody to tell
             elif error:
                 print(f"imafs: {error}", file=sys.stderr)
             ready.error = error

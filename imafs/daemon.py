@@ -1,5 +1,15 @@
 """The emulator daemon: one trio nursery owns the FUSE loop, the control
-socket and the signal handler."""
+socket, the signal handler and the background tasks.
+
+Only a deliberate shutdown ends the daemon: the ``shutdown`` command,
+SIGTERM/SIGINT/SIGHUP, or an unmount from outside.  A failing request is
+answered with an error and a failing background task is restarted.  Shutdown
+never waits on a request: it detaches the measured mounts' binds while the
+loop still answers their lookups, ends the FUSE loop and cancels the nursery,
+abandoning worker threads (they run with ``abandon_on_cancel``); then
+``pyfuse3.close`` closes /dev/fuse, which fails whatever the kernel still
+waits for, and detaches the mount.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +32,10 @@ from .passthrough import HIDDEN_PREFIX, Passthrough
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
 
 log = logging.getLogger(__name__)
+
+DETACH_TIMEOUT = 2.0  # seconds shutdown gives the binds' detach before it ends the loop anyway
+BIND_TIMEOUT = 30.0  # seconds mount(8) has to bind a measured mount
+RESTART_DELAY = 1.0  # seconds before a failed background task is started again
 
 
 class MountError(Exception):
@@ -101,8 +115,10 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     try:
         trio.run(_serve, ima, ops, sock, binds, ready)
     finally:
-        binds.detach()
-        pyfuse3.close(unmount=True)
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            binds.detach()
 
 
 class Binds:
@@ -116,42 +132,78 @@ class Binds:
     def attach(self) -> None:
         """Runs in a thread: mount(8) looks the source up through the FUSE loop."""
         for src, dst in zip(self.sources, self.dsts):
-            r = subprocess.run(["mount", "--bind", src, dst], capture_output=True, text=True)
+            try:
+                r = subprocess.run(["mount", "--bind", src, dst], capture_output=True, text=True,
+                                   timeout=BIND_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise MountError(f"cannot bind the measured mount at {dst}: {e}") from None
             if r.returncode != 0:
                 raise MountError(f"cannot bind the measured mount at {dst}: {r.stderr.strip()}")
             self.done.append(dst)
 
     def detach(self) -> None:
-        """Lazy unmounts by path: nothing here waits on the FUSE loop."""
-        while self.done:
-            dst = self.done.pop()
-            if _libc.umount2(os.fsencode(dst), MNT_DETACH) != 0:
-                log.warning("cannot unmount %s: %s", dst, os.strerror(ctypes.get_errno()))
+        """Lazy unmounts by path: nothing here waits on the FUSE loop.  Shutdown
+        may run this in a thread it abandons while the daemon's last step runs
+        it again, so each bind is taken from the list exactly once."""
+        while True:
+            try:
+                dst = self.done.pop()
+            except IndexError:
+                return
+            try:
+                _detach(dst)
+            except OSError as e:
+                log.warning("cannot unmount %s: %s", dst, e.strerror)
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 MNT_DETACH = 2
 
 
-async def _serve(ima: Ima, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
-    async def shutdown():
-        await trio.to_thread.run_sync(binds.detach)
-        pyfuse3.terminate()
+def _detach(path: str) -> None:
+    """umount2(MNT_DETACH): takes the mount away at once, asking nothing of its filesystem."""
+    if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
 
+
+async def _serve(ima: Ima, ops: SecurityFs, sock: Path, binds: Binds, ready) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(ops.reaper)
-        server = Server(ima, on_shutdown=shutdown)
-        await nursery.start(server.serve, sock)
+        async def shutdown() -> None:
+            """Detach the binds while the loop still answers their lookups,
+            then end the loop and every task without waiting on any of them."""
+            try:
+                with trio.move_on_after(DETACH_TIMEOUT):
+                    await trio.to_thread.run_sync(binds.detach, abandon_on_cancel=True)
+            finally:
+                pyfuse3.terminate()
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(_supervised, "the reaper of deleted records", ops.reaper)
+        await nursery.start(Server(ima, on_shutdown=shutdown).serve, sock)
         nursery.start_soon(_signals, shutdown)
         nursery.start_soon(_attach, binds, ready, shutdown)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
+async def _supervised(what: str, task) -> None:
+    """Run a background task; if it fails, log it and start it again."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            log.exception("%s failed; it starts again in %g s", what, RESTART_DELAY)
+        await trio.sleep(RESTART_DELAY)
+
+
 async def _attach(binds: Binds, ready, shutdown) -> None:
     try:
-        await trio.to_thread.run_sync(binds.attach)
-    except MountError as e:
+        await trio.to_thread.run_sync(binds.attach, abandon_on_cancel=True)
+    except Exception as e:
+        if not isinstance(e, MountError):
+            log.exception("binding the measured mounts failed")
         ready(str(e))
         await shutdown()
         return

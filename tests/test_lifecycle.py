@@ -1,0 +1,113 @@
+"""The daemon's life on a real mount: what a bad request, a signal or a
+failing background task does to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import trio
+
+from imafs import daemon
+
+NESTED = b'{"cmd":"status","x":' + b"[" * 100000 + b"]" * 100000 + b"}\n"
+
+
+def _mountinfo_has(path) -> bool:
+    """Whether anything is mounted at ``path`` (read from mountinfo: never asks the mount)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def _alive(pid: int) -> bool:
+    """The daemon is not our child: once dead it may stay a zombie nobody reaps."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_dead(pid: int, timeout: float) -> float:
+    """Seconds until ``pid`` is dead; fails after ``timeout``."""
+    t0 = time.monotonic()
+    while _alive(pid):
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"pid {pid} still alive after {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_nested_json_line_answers_an_error(mnt):
+    pid = mnt.client.call("status")["pid"]
+    before = mnt.read("ascii_runtime_measurements")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(mnt.client.path))
+        s.sendall(NESTED)
+        answer = s.makefile("rb").readline()
+    assert answer == b'{"ok": false, "error": "malformed JSON request: nested too deeply"}\n'
+    assert mnt.client.call("status")["pid"] == pid
+    assert mnt.read("ascii_runtime_measurements") == before
+
+
+def _hold_connection(m):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(m.client.path))
+    s.sendall(b'{"cmd": "sta')
+    return s.close
+
+
+def _cat_in_progress(m):
+    """A `cat` of the list that has read its first chunk and waits to write
+    the rest into a pipe nobody reads: the list stays open, mid-read."""
+    m.cli("generate", "--count", 5000)
+    r, w = os.pipe()
+    cat = subprocess.Popen(["cat", str(m.ima / "ascii_runtime_measurements")], stdout=w)
+    os.close(w)
+    deadline = time.monotonic() + 10
+    while not any("/integrity/ima/ascii_runtime_measurements" in os.readlink(f"/proc/{cat.pid}/fd/{fd}")
+                  for fd in os.listdir(f"/proc/{cat.pid}/fd")):
+        assert time.monotonic() < deadline, "cat did not open the list"
+        time.sleep(0.02)
+
+    def done():
+        cat.kill()
+        cat.wait(timeout=10)
+        os.close(r)
+    return done
+
+
+@pytest.mark.parametrize("busy", [None, _hold_connection, _cat_in_progress],
+                         ids=["idle", "client-connected", "cat-in-progress"])
+def test_sigterm_stops_the_daemon(mount_imafs, busy):
+    m = mount_imafs()
+    pid = m.client.call("status")["pid"]
+    release = busy(m) if busy else None
+    try:
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_dead(pid, 10) < 5
+    finally:
+        if release:
+            release()
+    assert not _mountinfo_has(m.path)
+    assert not m.client.path.exists()
+
+
+def test_a_failing_background_task_is_logged_and_started_again(monkeypatch, caplog):
+    monkeypatch.setattr(daemon, "RESTART_DELAY", 0.01)
+    runs = []
+
+    async def task():
+        runs.append(trio.current_time())
+        if len(runs) < 3:
+            raise RuntimeError(f"failure {len(runs)}")
+
+    trio.run(daemon._supervised, "the test task", task)
+    assert len(runs) == 3
+    assert [(r.levelname, r.getMessage(), str(r.exc_info[1])) for r in caplog.records] == [
+        ("ERROR", "the test task failed; it starts again in 0.01 s", f"failure {i}") for i in (1, 2)]
