@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from .control import Client, ControlError, runtime_dir, socket_path
+from .control import Client, ControlError, NoAnswer, runtime_dir, socket_path
 from .profile import ProfileError, load_profile
 from .tpm import format_pcr_file
 
@@ -21,6 +21,9 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 # -- mount / umount ------------------------------------------------------------
+UMOUNT_TIMEOUT = 5.0  # seconds a daemon has to answer `shutdown`, then to be unmounted
+
+
 def cmd_mount(args) -> int:
     try:
         profile = load_profile(args.profile, args.set)
@@ -80,16 +83,57 @@ def _spawn_daemon(args) -> int:
 
 
 def cmd_umount(args) -> int:
-    try:
-        Client(args.mountpoint, timeout=10).call("shutdown")
-    except ControlError as e:
-        return _fail(str(e))
     from .daemon import mounted_at
-    for _ in range(100):
-        if mounted_at(args.mountpoint) is None:
-            return 0
+    mp = args.mountpoint
+    try:
+        Client(mp, timeout=UMOUNT_TIMEOUT).call("shutdown")
+    except NoAnswer as e:
+        return _umount_unanswered(mp, e)
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while mounted_at(mp) == "fuse.imafs":
+        if time.monotonic() > deadline:
+            return _clear(mp, f"its daemon answered `shutdown`, but {mp} was still mounted "
+                               f"{UMOUNT_TIMEOUT:g} s later", "detached it lazily")
         time.sleep(0.05)
-    return _fail(f"{args.mountpoint} is still mounted (busy?)")
+    return 0
+
+
+def _umount_unanswered(mp: str, no_answer: NoAnswer) -> int:
+    """``imafs umount`` of a mount whose daemon did not answer: clear what a
+    dead daemon left, detach what a stuck one holds."""
+    from .daemon import ELSEWHERE, GONE, diagnose, mounted_at
+    sock = socket_path(mp)
+    if mounted_at(mp) != "fuse.imafs":
+        if not no_answer.listening and sock.exists():
+            sock.unlink()
+            return _fail(f"nothing is mounted at {mp}; removed {sock}, the control socket a dead "
+                         "daemon left")
+        return _fail(f"no imafs mount at {mp} ({no_answer})")
+    kind, why = diagnose(mp, no_answer)
+    if kind == ELSEWHERE:
+        return _fail(f"{mp}: {why}; not unmounted")
+    if kind == GONE:
+        sock.unlink(missing_ok=True)
+        return _clear(mp, why, "removed its dead mount")
+    return _clear(mp, why, "detached it lazily: the daemon ends when it runs again")
+
+
+def _clear(mp: str, why: str, done: str) -> int:
+    """Detach the mount at ``mp`` and its measured mounts; say why, and where the logs are."""
+    from .daemon import detach_mount
+    try:
+        points = detach_mount(mp)
+    except OSError as e:
+        return _fail(f"{mp}: {why}; cannot detach it: {e.strerror}")
+    sock = socket_path(mp)
+    msg = f"{mp}: {why}; {done}"
+    if points[1:]:
+        msg += f" and its measured mounts at {', '.join(points[1:])}"
+    logs = [str(p) for p in (sock.with_suffix(".log"), sock.with_suffix(".kmsg")) if p.exists()]
+    if logs:
+        msg += f"; its logs: {', '.join(logs)}"
+    print(f"imafs: {msg}", file=sys.stderr)
+    return 0
 
 
 # -- requests to a running daemon -------------------------------------------------------

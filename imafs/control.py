@@ -13,6 +13,7 @@ longest for a request is closed to make room, so a new client always gets in.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import json
@@ -43,10 +44,27 @@ def runtime_dir() -> Path:
     return Path(os.environ.get("IMAFS_RUNTIME_DIR", "/run/imafs"))
 
 
+def mount_path(mountpoint: str) -> str:
+    """The absolute, symlink-free path of ``mountpoint``, found without
+    stat'ing it: stat on a FUSE mount whose daemon is stopped blocks, and on
+    one whose daemon is gone fails with ENOTCONN.  The parent is resolved by
+    realpath(); the last component by readlink(2), which fails with EINVAL on
+    a mount's root directory without asking its filesystem."""
+    path = os.path.abspath(mountpoint)
+    for _ in range(40):  # the kernel's MAXSYMLINKS
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return path
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), mountpoint)
+
+
 def socket_path(mountpoint: str) -> Path:
     """Where the control socket of the mount at ``mountpoint`` lives."""
-    real = os.path.realpath(mountpoint)
-    return runtime_dir() / (hashlib.sha256(os.fsencode(real)).hexdigest()[:16] + ".sock")
+    return runtime_dir() / (hashlib.sha256(os.fsencode(mount_path(mountpoint))).hexdigest()[:16] + ".sock")
 
 
 class ControlError(Exception):

@@ -1,8 +1,10 @@
-"""The daemon's life on a real mount: what a bad request, a signal or a
-failing background task does to it."""
+"""The daemon's life on a real mount: a bad request, signals, a killed or
+stopped daemon and what `imafs umount` and `imafs mount` make of what it
+left, a failing background task."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -13,6 +15,9 @@ import pytest
 import trio
 
 from imafs import daemon
+from imafs.control import Client
+
+from .conftest import imafs
 
 NESTED = b'{"cmd":"status","x":' + b"[" * 100000 + b"]" * 100000 + b"}\n"
 
@@ -96,6 +101,66 @@ def test_sigterm_stops_the_daemon(mount_imafs, busy):
             release()
     assert not _mountinfo_has(m.path)
     assert not m.client.path.exists()
+
+
+def test_kill_9_then_umount_clears_and_mount_works(mount_imafs, runtime_dir, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a").write_text("a\n")
+    m = mount_imafs(measure=[(src, dst)])
+    pid = m.client.call("status")["pid"]
+    sock = m.client.path
+    os.kill(pid, signal.SIGKILL)
+    _wait_dead(pid, 10)
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path)
+    assert e.value.errno == errno.ENOTCONN
+
+    r = imafs("mount", m.path, check=False)
+    assert r.returncode == 1
+    assert r.stderr == (f"imafs: {m.path} is a dead imafs mount: its daemon is gone (ENOTCONN); "
+                        f"`imafs umount {m.path}` removes it\n")
+
+    r = imafs("umount", m.path, check=False)
+    log = sock.with_suffix(".log")
+    assert (r.returncode, r.stderr) == (0, f"imafs: {m.path}: its daemon is gone (ENOTCONN); removed its "
+                                           f"dead mount and its measured mounts at {dst}; its logs: {log}\n")
+    assert not _mountinfo_has(m.path) and not _mountinfo_has(dst)
+    assert not sock.exists() and log.exists()
+
+    imafs("mount", m.path)
+    assert Client(str(m.path), timeout=10).call("status")["pid"] != pid
+    assert os.listdir(m.path) == ["integrity", "ima"]
+
+
+def test_umount_of_a_stopped_daemon(mount_imafs):
+    m = mount_imafs()
+    pid = m.client.call("status")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = imafs("mount", m.path, check=False)
+        assert r.returncode == 1 and "its daemon does not answer" in r.stderr
+        assert f"`imafs umount {m.path}` detaches it" in r.stderr
+        t0 = time.monotonic()
+        r = imafs("umount", m.path, check=False)
+        assert time.monotonic() - t0 < 10
+        assert r.returncode == 0
+        assert r.stderr.startswith(f"imafs: {m.path}: its daemon does not answer (no answer from the "
+                                   f"daemon at {m.client.path} within 5 s); detached it lazily")
+        assert not _mountinfo_has(m.path)
+        os.kill(pid, signal.SIGCONT)
+        _wait_dead(pid, 10)  # it runs again, finds its mount gone (and a `shutdown` waiting): it ends
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_umount_of_nothing(tmp_path, runtime_dir):
+    r = imafs("umount", tmp_path, check=False)
+    assert r.returncode == 1 and r.stderr.startswith(f"imafs: no imafs mount at {tmp_path} (no imafs "
+                                                     "daemon listens at ")
 
 
 def test_a_failing_background_task_is_logged_and_started_again(monkeypatch, caplog):
