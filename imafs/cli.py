@@ -46,7 +46,7 @@ def cmd_mount(args) -> int:
             ready.error = error
 
         ready.error = None
-        run(args.mountpoint, profile, ready, args.measure)
+        run(args.mountpoint, profile, ready, args.measure, args.log_file)
         return 1 if ready.error else 0
     try:
         check_mountpoint(args.mountpoint)
@@ -59,17 +59,17 @@ def cmd_mount(args) -> int:
 
 def _spawn_daemon(args) -> int:
     """Start ``imafs mount --foreground`` in its own session; wait until it is ready."""
+    runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    logfile = socket_path(args.mountpoint).with_suffix(".log")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "imafs", "mount", "--foreground", "--ready-fd", str(w),
-           args.mountpoint]
+           "--log-file", str(logfile), args.mountpoint]
     if args.profile:
         cmd += ["--profile", args.profile]
     for kv in args.set:
         cmd += ["--set", kv]
     for spec in args.measure:
         cmd += ["--measure", spec]
-    runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-    logfile = socket_path(args.mountpoint).with_suffix(".log")
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -261,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(repeatable)")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="stop the daemon and unmount")

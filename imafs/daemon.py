@@ -8,9 +8,11 @@ never waits on a request: it detaches the measured mounts' binds while the
 loop still answers their lookups, ends the FUSE loop and cancels the nursery,
 abandoning worker threads (they run with ``abandon_on_cancel``); then
 ``pyfuse3.close`` closes /dev/fuse, which fails whatever the kernel still
-waits for, and detaches the mount.  ``imafs umount`` clears the dead mount
-a killed daemon left (:func:`diagnose` tells a dead mount from a stopped
-daemon without ever blocking on either).
+waits for, and detaches the mount.  A daemon that ends cleanly and logged no
+error removes its log and kernel log from the runtime directory; otherwise
+they stay, and ``imafs umount`` clears the dead mount a killed daemon left
+(:func:`diagnose` tells a dead mount from a stopped daemon without ever
+blocking on either).
 """
 
 from __future__ import annotations
@@ -208,14 +210,28 @@ def parse_measure(spec: str, mountpoint: str) -> tuple[str, str]:
     return src, dst
 
 
-def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: list[str] = ()) -> None:
+class _ErrorCount(logging.Handler):
+    """Counts the records logged at ERROR or above."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: list[str] = (),
+        log_file: str | None = None) -> None:
     """Mount and serve until unmounted, shut down or signalled.
 
     Each ``measure`` entry SRC:DST re-exports SRC at DST as a measured mount:
     a directory of this one FUSE filesystem, reached by a name the securityfs
     root does not list, bind-mounted at DST.  ``ready`` is called once: with
     None when everything is mounted and the control socket answers, or with
-    an error message.
+    an error message.  ``log_file`` is the file the daemon's output goes to;
+    it and the kernel log beside the control socket are removed when the
+    daemon ends cleanly without having logged an error.
     """
     try:
         check_mountpoint(mountpoint)
@@ -230,9 +246,16 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     except (MountError, ControlError, RuntimeError, OSError) as e:
         ready(str(e))
         return
+    # a kernel_log the profile names is the user's file: never removed
+    own = [Path(p) for p in (log_file, None if profile.kernel_log else klog) if p]
+    errors = _ErrorCount()
+    logging.getLogger().addHandler(errors)
     binds = Binds(mountpoint, [dst for _, dst in measured])
     try:
         trio.run(_serve, ima, ops, sock, binds, ready)
+        if not errors.count:  # before the unmount, which `imafs umount` waits for
+            for path in own:
+                path.unlink(missing_ok=True)
     finally:
         try:
             pyfuse3.close(unmount=True)

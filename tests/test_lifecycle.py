@@ -1,6 +1,6 @@
-"""The daemon's life on a real mount: a bad request, signals, a killed or
-stopped daemon and what `imafs umount` and `imafs mount` make of what it
-left, a failing background task."""
+"""The daemon's life on a real mount: signals, a killed or stopped daemon,
+what `imafs umount` and `imafs mount` make of what it left, and the files it
+keeps in the runtime directory."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ def _wait_dead(pid: int, timeout: float) -> float:
     return time.monotonic() - t0
 
 
+def _runtime_files(runtime_dir) -> list[str]:
+    return sorted(p.name for p in runtime_dir.iterdir())
+
+
 def test_nested_json_line_answers_an_error(mnt):
     pid = mnt.client.call("status")["pid"]
     before = mnt.read("ascii_runtime_measurements")
@@ -89,7 +93,7 @@ def _cat_in_progress(m):
 
 @pytest.mark.parametrize("busy", [None, _hold_connection, _cat_in_progress],
                          ids=["idle", "client-connected", "cat-in-progress"])
-def test_sigterm_stops_the_daemon(mount_imafs, busy):
+def test_sigterm_stops_the_daemon(mount_imafs, runtime_dir, busy):
     m = mount_imafs()
     pid = m.client.call("status")["pid"]
     release = busy(m) if busy else None
@@ -100,7 +104,29 @@ def test_sigterm_stops_the_daemon(mount_imafs, busy):
         if release:
             release()
     assert not _mountinfo_has(m.path)
-    assert not m.client.path.exists()
+    assert _runtime_files(runtime_dir) == []  # socket, log and kernel log: a clean end
+
+
+def test_shutdown_answers_and_leaves_nothing(mount_imafs, runtime_dir, tmp_path):
+    """`imafs umount` of a healthy daemon: the answer to `shutdown` arrives
+    (no complaint), the mount goes, and so do the socket, the daemon's log and
+    the kernel log beside it; a kernel log the profile names stays."""
+    m = mount_imafs()
+    with open(m.ima / "policy", "w") as f:
+        f.write("measure func=BPRM_CHECK\n")  # the kernel logs the policy update
+    assert {p.suffix for p in runtime_dir.iterdir()} == {".sock", ".log", ".kmsg"}
+    r = imafs("umount", m.path)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    assert not _mountinfo_has(m.path)
+    assert _runtime_files(runtime_dir) == []
+
+    kmsg = tmp_path / "my-kernel.log"
+    m = mount_imafs(f"kernel_log={kmsg}")
+    with open(m.ima / "policy", "w") as f:
+        f.write("measure func=BPRM_CHECK\n")
+    assert imafs("umount", m.path).returncode == 0
+    assert b"policy update completed" in kmsg.read_bytes()
+    assert _runtime_files(runtime_dir) == []
 
 
 def test_kill_9_then_umount_clears_and_mount_works(mount_imafs, runtime_dir, tmp_path):
@@ -127,7 +153,7 @@ def test_kill_9_then_umount_clears_and_mount_works(mount_imafs, runtime_dir, tmp
     assert (r.returncode, r.stderr) == (0, f"imafs: {m.path}: its daemon is gone (ENOTCONN); removed its "
                                            f"dead mount and its measured mounts at {dst}; its logs: {log}\n")
     assert not _mountinfo_has(m.path) and not _mountinfo_has(dst)
-    assert not sock.exists() and log.exists()
+    assert not sock.exists() and log.exists()  # the log of a crash stays
 
     imafs("mount", m.path)
     assert Client(str(m.path), timeout=10).call("status")["pid"] != pid
