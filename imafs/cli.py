@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 # -- mount / umount ------------------------------------------------------------
+READY_TIMEOUT = 60.0  # seconds a new daemon has to say it is mounted
 UMOUNT_TIMEOUT = 5.0  # seconds a daemon has to answer `shutdown`, then to be unmounted
 
 
@@ -75,10 +77,17 @@ def _spawn_daemon(args) -> int:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     os.close(w)
     with os.fdopen(r) as pipe:
-        answer = pipe.read().strip()
+        answer = pipe.read().strip() if select.select([pipe], [], [], READY_TIMEOUT)[0] else None
     if answer == "ok":
         return 0
-    proc.wait(timeout=10)
+    if answer is None:
+        proc.terminate()  # its shutdown unmounts whatever it mounted
+        answer = f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s; stopped it; see {logfile}"
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     return _fail(answer or f"the daemon died at start (exit {proc.returncode}); see {logfile}")
 
 

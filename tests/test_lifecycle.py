@@ -4,17 +4,19 @@ keeps in the runtime directory."""
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 import trio
 
-from imafs import daemon
+from imafs import cli, daemon
 from imafs.control import Client
 
 from .conftest import imafs
@@ -202,3 +204,21 @@ def test_a_failing_background_task_is_logged_and_started_again(monkeypatch, capl
     assert len(runs) == 3
     assert [(r.levelname, r.getMessage(), str(r.exc_info[1])) for r in caplog.records] == [
         ("ERROR", "the test task failed; it starts again in 0.01 s", f"failure {i}") for i in (1, 2)]
+
+
+def test_mount_gives_up_on_a_daemon_that_never_says_ready(tmp_path, runtime_dir, monkeypatch, capsys):
+    """`imafs mount` waits READY_TIMEOUT for its daemon (here a stand-in that
+    never answers), then stops it and says so."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setattr(cli, "READY_TIMEOUT", 0.5)
+    args = argparse.Namespace(mountpoint=str(tmp_path), profile=None, set=[], measure=[])
+    t0 = time.monotonic()
+    assert cli._spawn_daemon(args) == 1
+    assert time.monotonic() - t0 < 10
+    log = cli.socket_path(str(tmp_path)).with_suffix(".log")
+    assert capsys.readouterr().err == (f"imafs: the daemon did not say it was mounted within 0.5 s; "
+                                       f"stopped it; see {log}\n")
+    assert not _alive(int((tmp_path / "pid").read_text()))
