@@ -82,7 +82,8 @@ def _spawn_daemon(args) -> int:
         return 0
     if answer is None:
         proc.terminate()  # its shutdown unmounts whatever it mounted
-        answer = f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s; stopped it; see {logfile}"
+        answer = (f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s; stopped it; "
+                  f"see {logfile}")
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:

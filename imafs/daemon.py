@@ -92,7 +92,8 @@ def mounted_at(mountpoint: str) -> str | None:
 def statfs_errno(path: str, timeout: float) -> int | None:
     """statfs(2) of the filesystem at ``path``, which FUSE always forwards to
     its daemon, asked from a thread: None if it answers, else its errno
-    (ENOTCONN: the daemon is gone), or ETIMEDOUT if no answer came within
+    (ENOTCONN, or ECONNABORTED for a request the kernel had queued when the
+    daemon died: the daemon is gone), or ETIMEDOUT if no answer came within
     ``timeout`` (the thread stays blocked until the mount goes; it is a
     daemon thread and ends with the process)."""
     result: list[int | None] = []
@@ -122,8 +123,8 @@ def diagnose(mountpoint: str, no_answer: NoAnswer) -> tuple[str, str]:
     if err is None:
         return ELSEWHERE, (f"its filesystem answers, but {no_answer} "
                            "(was it mounted with another IMAFS_RUNTIME_DIR?)")
-    if err == errno.ENOTCONN:
-        return GONE, "its daemon is gone (ENOTCONN)"
+    if err in (errno.ENOTCONN, errno.ECONNABORTED):
+        return GONE, f"its daemon is gone ({errno.errorcode[err]})"
     if err == errno.ETIMEDOUT:
         return STUCK, f"{no_answer}, and its filesystem does not answer statfs within {STATFS_TIMEOUT:g} s"
     return STUCK, f"{no_answer}, and statfs fails: {os.strerror(err)}"
