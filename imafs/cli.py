@@ -6,11 +6,12 @@ import argparse
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import time
 
-from .control import Client, ControlError, runtime_dir, socket_path
+from .control import Client, ControlError, NoAnswer, runtime_dir, socket_path
 from .profile import ProfileError, load_profile
 from .tpm import format_pcr_file
 
@@ -21,6 +22,10 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 # -- mount / umount ------------------------------------------------------------
+READY_TIMEOUT = 60.0  # seconds a new daemon has to say it is mounted
+UMOUNT_TIMEOUT = 5.0  # seconds a daemon has to answer `shutdown`, then to be unmounted
+
+
 def cmd_mount(args) -> int:
     try:
         profile = load_profile(args.profile, args.set)
@@ -33,14 +38,17 @@ def cmd_mount(args) -> int:
 
         def ready(error):
             if ready_fd is not None:
-                os.write(ready_fd, (error or "ok").encode() + b"\n")
-                os.close(ready_fd)
+                try:
+                    os.write(ready_fd, (error or "ok").encode() + b"\n")
+                    os.close(ready_fd)
+                except OSError:
+                    pass  # the `imafs mount` that waited is gone: nobody to tell
             elif error:
                 print(f"imafs: {error}", file=sys.stderr)
             ready.error = error
 
         ready.error = None
-        run(args.mountpoint, profile, ready, args.measure)
+        run(args.mountpoint, profile, ready, args.measure, args.log_file)
         return 1 if ready.error else 0
     try:
         check_mountpoint(args.mountpoint)
@@ -53,40 +61,89 @@ def cmd_mount(args) -> int:
 
 def _spawn_daemon(args) -> int:
     """Start ``imafs mount --foreground`` in its own session; wait until it is ready."""
+    runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    logfile = socket_path(args.mountpoint).with_suffix(".log")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "imafs", "mount", "--foreground", "--ready-fd", str(w),
-           args.mountpoint]
+           "--log-file", str(logfile), args.mountpoint]
     if args.profile:
         cmd += ["--profile", args.profile]
     for kv in args.set:
         cmd += ["--set", kv]
     for spec in args.measure:
         cmd += ["--measure", spec]
-    runtime_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-    logfile = socket_path(args.mountpoint).with_suffix(".log")
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(cmd, pass_fds=(w,), start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     os.close(w)
     with os.fdopen(r) as pipe:
-        answer = pipe.read().strip()
+        answer = pipe.read().strip() if select.select([pipe], [], [], READY_TIMEOUT)[0] else None
     if answer == "ok":
         return 0
-    proc.wait(timeout=10)
+    if answer is None:
+        proc.terminate()  # its shutdown unmounts whatever it mounted
+        answer = (f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s; stopped it; "
+                  f"see {logfile}")
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     return _fail(answer or f"the daemon died at start (exit {proc.returncode}); see {logfile}")
 
 
 def cmd_umount(args) -> int:
-    try:
-        Client(args.mountpoint, timeout=10).call("shutdown")
-    except ControlError as e:
-        return _fail(str(e))
     from .daemon import mounted_at
-    for _ in range(100):
-        if mounted_at(args.mountpoint) is None:
-            return 0
+    mp = args.mountpoint
+    try:
+        Client(mp, timeout=UMOUNT_TIMEOUT).call("shutdown")
+    except NoAnswer as e:
+        return _umount_unanswered(mp, e)
+    deadline = time.monotonic() + UMOUNT_TIMEOUT
+    while mounted_at(mp) == "fuse.imafs":
+        if time.monotonic() > deadline:
+            return _clear(mp, f"its daemon answered `shutdown`, but {mp} was still mounted "
+                               f"{UMOUNT_TIMEOUT:g} s later", "detached it lazily")
         time.sleep(0.05)
-    return _fail(f"{args.mountpoint} is still mounted (busy?)")
+    return 0
+
+
+def _umount_unanswered(mp: str, no_answer: NoAnswer) -> int:
+    """``imafs umount`` of a mount whose daemon did not answer: clear what a
+    dead daemon left, detach what a stuck one holds."""
+    from .daemon import ELSEWHERE, GONE, diagnose, mounted_at
+    sock = socket_path(mp)
+    if mounted_at(mp) != "fuse.imafs":
+        if not no_answer.listening and sock.exists():
+            sock.unlink()
+            return _fail(f"nothing is mounted at {mp}; removed {sock}, the control socket a dead "
+                         "daemon left")
+        return _fail(f"no imafs mount at {mp} ({no_answer})")
+    kind, why = diagnose(mp, no_answer)
+    if kind == ELSEWHERE:
+        return _fail(f"{mp}: {why}; not unmounted")
+    if kind == GONE:
+        sock.unlink(missing_ok=True)
+        return _clear(mp, why, "removed its dead mount")
+    return _clear(mp, why, "detached it lazily: the daemon ends when it runs again")
+
+
+def _clear(mp: str, why: str, done: str) -> int:
+    """Detach the mount at ``mp`` and its measured mounts; say why, and where the logs are."""
+    from .daemon import detach_mount
+    try:
+        points = detach_mount(mp)
+    except OSError as e:
+        return _fail(f"{mp}: {why}; cannot detach it: {e.strerror}")
+    sock = socket_path(mp)
+    msg = f"{mp}: {why}; {done}"
+    if points[1:]:
+        msg += f" and its measured mounts at {', '.join(points[1:])}"
+    logs = [str(p) for p in (sock.with_suffix(".log"), sock.with_suffix(".kmsg")) if p.exists()]
+    if logs:
+        msg += f"; its logs: {', '.join(logs)}"
+    print(f"imafs: {msg}", file=sys.stderr)
+    return 0
 
 
 # -- requests to a running daemon -------------------------------------------------------
@@ -218,6 +275,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(repeatable)")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="stop the daemon and unmount")

@@ -2,17 +2,28 @@
 
 Each request is one JSON object on one line, ``{"cmd": NAME, ...args}``; each
 answer is one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": MSG}``.
-A bad request never changes the list and never stops the daemon.
+A bad request never changes the list and never stops the daemon: whatever a
+client sends, and however it behaves (a line that never ends, bytes that are
+not JSON, a disconnect mid-answer, hundreds of connections), the worst it gets
+is an error answer and a closed connection.  Connections are bounded: each
+must send a whole request line within ``IDLE_TIMEOUT`` of connecting or of its
+previous answer, and when ``MAX_CONNECTIONS`` are open the one that has waited
+longest for a request is closed to make room, so a new client always gets in.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import inspect
 import json
 import logging
 import os
 import socket
 import stat
+import time
+import types
+import typing
 from pathlib import Path
 
 import trio
@@ -24,6 +35,12 @@ from .policy import BUFFER_FUNCS
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
+MAX_CONNECTIONS = 128  # well below the default limit of 1024 open files
+IDLE_TIMEOUT = 60.0  # seconds a connection may take to send a whole request line
+SEND_TIMEOUT = 2.0  # an answer fits the socket buffer: only a client that stopped reading waits
+ACCEPT_RETRY = 0.5  # seconds between accept() attempts that fail (EMFILE, ENOMEM, ...)
+RECEIVE_SIZE = 65536
+MAX_ERROR = 1000  # characters of an error message
 GENERATE_BATCH = 500  # ~5 ms of ingest between checkpoints
 
 
@@ -31,18 +48,54 @@ def runtime_dir() -> Path:
     return Path(os.environ.get("IMAFS_RUNTIME_DIR", "/run/imafs"))
 
 
+def mount_path(mountpoint: str) -> str:
+    """The absolute, symlink-free path of ``mountpoint``, found without
+    stat'ing it: stat on a FUSE mount whose daemon is stopped blocks, and on
+    one whose daemon is gone fails with ENOTCONN.  The parent is resolved by
+    realpath(); the last component by readlink(2), which fails with EINVAL on
+    a mount's root directory without asking its filesystem."""
+    path = os.path.abspath(mountpoint)
+    for _ in range(40):  # the kernel's MAXSYMLINKS
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return path
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), mountpoint)
+
+
 def socket_path(mountpoint: str) -> Path:
     """Where the control socket of the mount at ``mountpoint`` lives."""
-    real = os.path.realpath(mountpoint)
-    return runtime_dir() / (hashlib.sha256(os.fsencode(real)).hexdigest()[:16] + ".sock")
+    return runtime_dir() / (hashlib.sha256(os.fsencode(mount_path(mountpoint))).hexdigest()[:16] + ".sock")
 
 
 class ControlError(Exception):
     """The daemon answered with an error, or could not be reached."""
 
 
+class NoAnswer(ControlError):
+    """No answer came.  ``listening`` tells whether a daemon took the
+    connection (and then did not answer in time, or closed it) or nothing
+    listens at the socket (no socket, or one a dead daemon left)."""
+
+    def __init__(self, message: str, listening: bool):
+        super().__init__(message)
+        self.listening = listening
+
+
+def _left(deadline: float) -> float:
+    """Seconds left until ``deadline``; raises TimeoutError once it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
 class Client:
-    """A blocking client, for the CLI and for tests."""
+    """A blocking client, for the CLI and for tests.  ``timeout`` bounds a
+    whole call: connecting, sending and waiting for the answer."""
 
     def __init__(self, mountpoint: str | None = None, path: str | os.PathLike | None = None,
                  timeout: float = 600.0):
@@ -51,33 +104,85 @@ class Client:
 
     def call(self, cmd: str, **args) -> dict:
         req = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+        deadline = time.monotonic() + self.timeout
+        buf = bytearray()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(self.timeout)
-                s.connect(str(self.path))
+                while True:
+                    s.settimeout(_left(deadline))
+                    try:
+                        s.connect(str(self.path))
+                        break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        raise NoAnswer(f"no imafs daemon listens at {self.path}", listening=False) from None
+                    except BlockingIOError:  # a full backlog: Unix sockets say EAGAIN, never wait
+                        time.sleep(0.01)
+                s.settimeout(_left(deadline))
                 s.sendall(req)
-                buf = b""
                 while not buf.endswith(b"\n"):
+                    s.settimeout(_left(deadline))
                     chunk = s.recv(65536)
                     if not chunk:
-                        break
+                        raise NoAnswer("the daemon closed the connection without an answer", listening=True)
                     buf += chunk
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise ControlError(f"no imafs daemon answers at {self.path} (is it mounted?)") from None
+        except TimeoutError:
+            raise NoAnswer(f"no answer from the daemon at {self.path} within {self.timeout:g} s",
+                           listening=True) from None
+        except ConnectionError as e:
+            raise NoAnswer(f"the daemon closed the connection without an answer ({e.strerror})",
+                           listening=True) from None
         except OSError as e:
             raise ControlError(f"control socket {self.path}: {e.strerror or e}") from None
-        if not buf:
-            raise ControlError("the daemon closed the connection without an answer")
-        answer = json.loads(buf)
+        try:
+            answer = json.loads(buf)
+        except ValueError:
+            raise ControlError(f"the daemon at {self.path} answered something that is not JSON") from None
         if not answer.get("ok"):
             raise ControlError(answer.get("error", "unknown error"))
         return answer
 
 
-def _write_file(path: str, data: bytes) -> None:
+class FilePath(str):
+    """A request argument naming a file the daemon opens itself: an absolute
+    path (a number would be taken for one of the daemon's descriptors)."""
+
+
+def _conforms(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is FilePath:
+        return isinstance(value, str) and value.startswith("/") and "\0" not in value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    return {type(None): "null", FilePath: "an absolute path", int: "an integer", str: "a string",
+            bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _create_file(path: str):
+    """A blocking step: open ``path`` for writing, or say why not."""
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def _write_file(f, path: str, data: bytes) -> None:
     """A blocking step: ``path`` may be slow, or a FIFO that waits for a reader."""
     try:
-        with open(path, "wb") as f:
+        with f:
             f.write(data)
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
@@ -100,13 +205,53 @@ def _read_regular(path: str, limit: int) -> bytes:
         raise RequestError(f"{path}: {e.strerror}") from None
 
 
+def _error(message: str) -> dict:
+    """An error answer; a message that quotes a client's input at length is cut."""
+    return {"ok": False, "error": message if len(message) <= MAX_ERROR else message[:MAX_ERROR] + "..."}
+
+
+def _encode(answer: dict) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
+
+
+class _BadLine(Exception):
+    """The connection cannot carry a request line; the message is the answer."""
+
+
+async def _next_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
+    """The next request line from ``buf``, then from ``stream``, without its
+    newline; None when the client closed the connection between requests."""
+    too_long = f"request line longer than {MAX_LINE} bytes: not run; closing"
+    start = 0
+    while (end := buf.find(b"\n", start)) < 0:
+        if len(buf) > MAX_LINE:
+            raise _BadLine(too_long)
+        start = len(buf)
+        data = await stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            if buf:
+                raise _BadLine("request line not terminated by a newline: not run")
+            return None
+        buf += data
+    if end > MAX_LINE:
+        raise _BadLine(too_long)
+    line = bytes(buf[:end])
+    del buf[:end + 1]
+    return line
+
+
 class Server:
     """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
 
-    def __init__(self, ima: Ima, runner: Runner, on_shutdown):
+    def __init__(self, ima: Ima, runner: Runner, on_shutdown, *, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):
         self.ima = ima
         self.runner = runner  # file I/O off the loop
         self.on_shutdown = on_shutdown
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.connections = 0
+        self._waiting: dict[trio.CancelScope, None] = {}  # connections waiting for a request, oldest first
 
     async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -117,68 +262,126 @@ class Server:
             pass
         await sock.bind(str(path))
         os.chmod(path, 0o600)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
+        sock.listen(self.max_connections)
         try:
             task_status.started()
-            await trio.serve_listeners(self._handle, [listener])
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as e:  # EMFILE, ENOMEM, ...: wait and accept again
+                        log.warning("control socket %s: accept: %s", path, e.strerror or e)
+                        await trio.sleep(ACCEPT_RETRY)
+                        continue
+                    nursery.start_soon(self._handle, trio.SocketStream(conn))
         finally:
+            sock.close()
             try:
                 path.unlink()
             except FileNotFoundError:
                 pass
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        buf = b""
-        async with stream:
-            while True:
+        """One connection; nothing its client does escapes as an exception."""
+        try:
+            async with stream:
+                if self.connections >= self.max_connections and not self._evict():
+                    await self._send(stream, _encode(_error(
+                        f"{self.connections} control requests are in progress; try again")))
+                    return
+                self.connections += 1
                 try:
-                    data = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    return
-                buf += data
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    answer = await self.answer(line)
-                    try:
-                        await stream.send_all(json.dumps(answer).encode() + b"\n")
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                if len(buf) > MAX_LINE:
-                    await stream.send_all(b'{"ok": false, "error": "request line too long"}\n')
-                    return
+                    await self._converse(stream)
+                finally:
+                    self.connections -= 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
+        except Exception:
+            log.exception("control connection failed")
 
-    async def answer(self, line: bytes) -> dict:
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest for a request, if any."""
+        if not self._waiting:
+            return False
+        scope = next(iter(self._waiting))
+        del self._waiting[scope]
+        scope.cancel()
+        return True
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
+        """Answer request lines in order until the client closes, errs or idles."""
+        buf = bytearray()
+        while True:
+            with trio.CancelScope(deadline=trio.current_time() + self.idle_timeout) as wait:
+                self._waiting[wait] = None
+                try:
+                    line = await _next_line(stream, buf)
+                except _BadLine as e:
+                    await self._send(stream, _encode(_error(str(e))))
+                    return
+                finally:
+                    self._waiting.pop(wait, None)
+            if wait.cancelled_caught:  # an eviction cancels before the deadline
+                await self._send(stream, _encode(_error(
+                    f"no whole request line within {self.idle_timeout:g} s: closed"
+                    if trio.current_time() >= wait.deadline else
+                    f"closed to make room: {self.max_connections} control connections were open")))
+                return
+            if line is None or not await self._send(stream, await self.answer(line)):
+                return
+
+    @staticmethod
+    async def _send(stream: trio.SocketStream, data: bytes) -> bool:
+        """Send one answer line, even while the daemon shuts down (the answer
+        to ``shutdown`` is sent after the daemon's nursery is cancelled); False
+        if the client did not take it within ``SEND_TIMEOUT``."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as scope:
+            await stream.send_all(data)
+        return not scope.cancelled_caught
+
+    async def answer(self, line: bytes) -> bytes:
+        """The answer line to one request line.  Never raises: a request that
+        fails in an unforeseen way is logged and answered as an internal error."""
+        try:
+            return _encode(await self._dispatch(line))
+        except Exception as e:
+            log.exception("control request failed: %.200r", line)
+            return _encode(_error(f"internal error: {type(e).__name__}: {e}"))
+
+    async def _dispatch(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as e:
-            return {"ok": False, "error": f"malformed JSON request: {e}"}
+        except RecursionError:
+            return _error("malformed JSON request: nested too deeply")
+        except ValueError as e:
+            return _error(f"malformed JSON request: {e}")
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-            return {"ok": False, "error": 'a request is a JSON object with a "cmd" string'}
+            return _error('a request is a JSON object with a "cmd" string')
         cmd = req.pop("cmd")
         handler = getattr(self, "cmd_" + cmd, None)
         if handler is None:
-            return {"ok": False, "error": f"unknown command {cmd!r}"}
+            return _error(f"unknown command {cmd!r}")
         try:
-            result = await handler(**req)
+            inspect.signature(handler).bind(**req)
         except TypeError as e:
-            return {"ok": False, "error": f"{cmd}: bad arguments ({e})"}
+            return _error(f"{cmd}: bad arguments ({e})")
+        hints = typing.get_type_hints(handler)
+        for arg, value in req.items():
+            if not _conforms(value, hints[arg]):
+                return _error(f"{cmd}: {arg} must be {_describe(hints[arg])}, not {_shown(value)}")
+        try:
+            return {"ok": True, **await handler(**req)}
         except (RequestError, ValueError) as e:
-            return {"ok": False, "error": str(e)}
-        except Exception as e:  # the daemon never dies on a request
-            log.exception("control request %r failed", cmd)
-            return {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
-        return {"ok": True, **result}
+            return _error(str(e))
 
-    async def cmd_record(self, name, file=None, digest=None, buffer_hex=None,
-                         violation=False, pcr=None, template=None):
+    async def cmd_record(self, name: str, file: FilePath | None = None, digest: str | None = None,
+                         buffer_hex: str | None = None, violation: bool = False, pcr: int | None = None,
+                         template: str | None = None):
         return await self.runner.run(self.ima.record(
             name=name, file=file, digest=digest, buffer_hex=buffer_hex, violation=bool(violation),
             pcr=pcr, template=template))
 
-    async def cmd_generate(self, count):
+    async def cmd_generate(self, count: int):
         if not isinstance(count, int) or count < 0:
             raise RequestError("generate: count must be a non-negative integer")
         added = 0
@@ -190,7 +393,7 @@ class Server:
     async def cmd_status(self):
         return self.ima.status()
 
-    async def cmd_pcrs(self, bank=None):
+    async def cmd_pcrs(self, bank: str | None = None):
         pcrs = self.ima.pcrs
         if pcrs is None:
             raise RequestError("TPM-bypass profile (tpm_banks = none): there are no PCRs")
@@ -200,8 +403,9 @@ class Server:
                 raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
         return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
 
-    async def cmd_measure(self, func, path=None, mask=0, uid=0, euid=None, gid=0, egid=None,
-                          name=None, data_hex=None, keyring=None, label=None):
+    async def cmd_measure(self, func: str, path: FilePath | None = None, mask: int = 0, uid: int = 0,
+                          euid: int | None = None, gid: int = 0, egid: int | None = None, name: str | None = None,
+                          data_hex: str | None = None, keyring: str | None = None, label: str | None = None):
         if path is not None:
             return await self.runner.run(self.ima.measure_file(path, func, mask, uid=uid, euid=euid, gid=gid,
                                                                egid=egid, name=name))
@@ -219,17 +423,18 @@ class Server:
         self.ima.suspend()
         return {}
 
-    async def cmd_kexec(self, load_only=False, dump=None):
+    async def cmd_kexec(self, load_only: bool = False, dump: FilePath | None = None):
+        out = await self.runner.io(_create_file, dump) if dump else None  # before anything changes
         if load_only:
             self.ima.kexec_load()
             buf = self.ima.kexec_buffer()
         else:
             buf = self.ima.kexec()
-        if dump:
-            await self.runner.io(_write_file, dump, buf)
+        if out is not None:
+            await self.runner.io(_write_file, out, dump, buf)
         return {"buffer_bytes": len(buf), "count": self.ima.store.current.count}
 
-    async def cmd_boot(self, kexec_buffer):
+    async def cmd_boot(self, kexec_buffer: FilePath):
         self.ima.boot_from_buffer(await self.runner.io(_read_regular, kexec_buffer, MAX_KEXEC_BUFFER))
         return {"count": self.ima.store.current.count}
 

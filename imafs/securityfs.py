@@ -682,16 +682,12 @@ class SecurityFs(pyfuse3.Operations):
     async def reaper(self) -> None:
         """Free deleted records one block at a time between other requests,
         after the write that deleted them has returned (the kernel too frees
-        them after releasing the list lock).  A failure is logged; the
-        reaper goes on."""
+        them after releasing the list lock)."""
         while True:
             self._wake = trio.Event()
             await self._wake.wait()
-            try:
-                while self.tree.ima.store.reap():
-                    await trio.sleep(0)
-            except Exception as e:
-                self._bug("reaper", (), e)
+            while self.tree.ima.store.reap():
+                await trio.sleep(0)
 
 
 MOUNT_OPTIONS = ("fsname=securityfs", "subtype=imafs", "allow_other", "default_permissions")
