@@ -25,6 +25,7 @@ it waited (e.g. a reboot: :attr:`imafs.ima.Ima.boots`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -48,6 +49,17 @@ class Blocking:
 @dataclass(frozen=True)
 class Exclusive:
     key: Any
+
+
+def no_steps(fn: Callable[..., T]) -> Callable[..., Steps[T]]:
+    """``fn`` as a path with no blocking step, for a family of operations of
+    which some block (a write to the policy file may load one by path): the
+    caller drives them all alike."""
+    @functools.wraps(fn)
+    def path(*args, **kw):
+        return fn(*args, **kw)
+        yield  # makes this a generator
+    return path
 
 
 def run_inline(steps: Steps[T]) -> T:

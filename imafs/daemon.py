@@ -244,7 +244,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
         ima = Ima(profile, KernelLog(klog))
         ima.measured_dirs = measured
         runner = Runner()
-        ops = SecurityFs(Tree(ima), MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
+        ops = SecurityFs(Tree(ima), runner,
+                        MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
     except (MountError, ControlError, RuntimeError, OSError) as e:
         ready(str(e))

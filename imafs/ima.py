@@ -13,7 +13,7 @@ import errno
 
 from . import kexec
 from . import templates as T
-from .blocking import Blocking, Steps, run_inline
+from .blocking import Blocking, Steps
 from .errors import FsError, RequestError
 from .klog import KernelLog
 from .fsinfo import fs_info
@@ -112,7 +112,7 @@ class Ima:
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
-                                 measure_policy_file=lambda path: run_inline(self.measure_file(path, "POLICY_CHECK", MAY_READ)),
+                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
                                  real_path=self.real_path)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable)

@@ -182,8 +182,9 @@ class Measurer:
     ToMToU per measured reader.
 
     Every system call on the real file (xattrs, the change cookie, hashing)
-    is a ``Blocking`` step; an :class:`Iint` is never held across one, since
-    violation checks of other opens change its atomic flags meanwhile.
+    of an open's hooks is a ``Blocking`` step; an :class:`Iint` is never held
+    across one, since violation checks of other opens change its atomic
+    flags meanwhile.  The close hooks run at once (:meth:`file_close`).
     """
 
     def __init__(self, ima, cache: IintCache, limits: bool):
@@ -201,13 +202,17 @@ class Measurer:
             done.append((yield from self.process(f, task, "BPRM_CHECK", MAY_EXEC)))
         return done
 
-    def file_close(self, f: OpenedFile) -> Steps[None]:
-        """The last reference to an open is gone (ima_file_free), then uncount it."""
+    def file_close(self, f: OpenedFile) -> None:
+        """The last reference to an open is gone (ima_file_free), then uncount it.
+
+        Not a path of steps: the kernel has run this when close() returns,
+        and FUSE sends the release after it, so the next open may already
+        be queued.  Done before anything else is read, the state is the
+        kernel's for that open.  The change cookie comes from the open's own
+        descriptor (an fstat and an ioctl)."""
         try:
-            if f.writer and self.cache.find(f.key) is not None:
-                yield Exclusive(f.key)
-                if self.cache.counts(f.key)[1] == 1:
-                    yield from self._last_writer(f)
+            if f.writer and self.cache.counts(f.key)[1] == 1:
+                self._last_writer(f)
         finally:
             self.cache.closed(f.key, f.reader, f.writer)
 
@@ -296,17 +301,17 @@ class Measurer:
         ima.klog.integrity(1804, task.subject(), "invalid_pcr", cause, int(stored is not None),
                            name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
 
-    def _last_writer(self, f: OpenedFile) -> Steps[None]:
+    def _last_writer(self, f: OpenedFile) -> None:
         """ima_check_last_writer: the last writer closes; a change measures again."""
         iint = self.cache.find(f.key)
         if iint is None:
             return
-        moved = yield Blocking(self._cookie_moved, iint.cookie, f)
-        iint = self.cache.find(f.key)
-        if iint is None:
-            return
+        try:
+            moved = change_cookie(f.fd) != iint.cookie
+        except OSError:
+            moved = True  # no cookie: assume changed, as the kernel does
         iint.atomic &= ~EMITTED_OPENWRITERS
-        if moved is not False:  # no cookie: assume changed, as the kernel does
+        if moved:
             iint.reset()
         self.cache.put(iint)
 

@@ -334,14 +334,6 @@ def create_real(parent: bytes, path: bytes, mode: int, flags: int, uid: int, gid
     return _opened_facts(fd, path, known_fs)
 
 
-def close_real(fd: int) -> int:
-    """Close; the links the inode had just before (0: it dies with this close)."""
-    try:
-        return os.fstat(fd).st_nlink
-    finally:
-        os.close(fd)
-
-
 def fsync_dir_real(path: bytes, datasync: bool) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -523,16 +515,17 @@ class MeasuredFs:
         await self.io(os.fdatasync if datasync else os.fsync, self.pt.handle(fh).fd)
 
     async def release(self, fh: int) -> None:
+        """The close hooks first, before this request yields to any other
+        (Measurer.file_close says why); then the descriptor is closed."""
         h = self.pt.closing(fh)
         f = h.file
-        try:
-            if stat.S_ISREG(f.st.st_mode):
-                await self.runner.run(self.pt.measurer.file_close(f))
-        except Exception:  # never fail a close
-            log.exception("close hooks of %s", os.fsdecode(f.name))
-        nlink = await self.io(close_real, h.fd)
         if stat.S_ISREG(f.st.st_mode):
-            self.pt.measurer.unlinked(f.key, nlink)
+            try:
+                self.pt.measurer.file_close(f)
+                self.pt.measurer.unlinked(f.key, os.fstat(h.fd).st_nlink)
+            except Exception:  # never fail a close
+                log.exception("close hooks of %s", os.fsdecode(f.name))
+        await self.io(os.close, h.fd)
 
 
 def _lstat_all(path: bytes, names: list[bytes]) -> list[os.stat_result | None]:

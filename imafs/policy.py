@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import templates as T
+from .blocking import Blocking, Exclusive, Steps, no_steps
 from .errors import FsError
 from .klog import KernelLog, Subject
 
@@ -442,6 +443,20 @@ def measure_decision(rules: list[Rule], ev: HookEvent) -> Rule | None:
 MAX_WRITE = 4095  # PAGE_SIZE - 1
 
 
+def _read_regular_file(path: str) -> bytes:
+    """kernel_read_file_from_path, a blocking step: the content of a regular
+    file; anything else is EINVAL.  O_NONBLOCK: a FIFO must not wait for a
+    writer (the kernel's would)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 class Session:
     """One open...close of the policy file for writing.
 
@@ -473,7 +488,7 @@ class PolicyFile:
         self.read_policy = read_policy
         self.write_policy = write_policy
         self.log = log
-        self.measure_policy_file = measure_policy_file or (lambda path: None)
+        self.measure_policy_file = measure_policy_file or no_steps(lambda path: None)
         self.real_path = real_path or (lambda path: path)  # where the daemon itself finds a file
         self.custom = False  # a custom policy replaced the boot policy
         self.busy = False
@@ -502,7 +517,7 @@ class PolicyFile:
         text = "".join(r.render() for r in self.rules if not r.inert).encode()
         return text[offset:offset + size]
 
-    def write(self, s: Session, offset: int, data: bytes) -> int:
+    def write(self, s: Session, offset: int, data: bytes) -> Steps[int]:
         """One write(): what it returns, or FsError (the session then fails).
 
         The kernel never moves the file position, so only a write at a
@@ -512,11 +527,12 @@ class PolicyFile:
         taken as a plain write at 0 and moves it on; a write at 0 anywhere
         else is taken as a pwrite at 0 and leaves it (docs/deviations.md).
         """
+        yield Exclusive(self)  # ima_write_mutex: one write at a time, a path load included
         plain = offset == s.position
         try:
             if not plain and offset != 0:
                 raise FsError(errno.EINVAL, "no partial writes")
-            n = self._write(s, data[:MAX_WRITE])
+            n = yield from self._write(s, data[:MAX_WRITE])
         except FsError:
             s.failed = True
             raise
@@ -524,10 +540,10 @@ class PolicyFile:
             s.position += n
         return n
 
-    def _write(self, s: Session, data: bytes) -> int:
+    def _write(self, s: Session, data: bytes) -> Steps[int]:
         if data.startswith(b"/"):
             text = data.split(b"\0", 1)[0]  # the kernel reads a C string
-            self._load_file(s, text.split(b"\n", 1)[0])
+            yield from self._load_file(s, text.split(b"\n", 1)[0])
             return len(text)
         if needs_signed_policy(self.rules):
             self.log.kernel("ima: signed policy file (specified as an absolute pathname) required")
@@ -560,12 +576,16 @@ class PolicyFile:
             self.log.kernel(message)
         self.log.audit(1807, " ".join(log.fields + [f"res={res}"]))
 
-    def _load_file(self, s: Session, path: bytes) -> None:
+    def _load_file(self, s: Session, path: bytes) -> Steps[None]:
         """ima_read_policy: every line of the file is a rule; the lengths
         the rules account for must add up to the file's size."""
         name = os.fsdecode(path)
-        content = self._read_file(name)
-        self.measure_policy_file(name)
+        try:
+            content = yield Blocking(_read_regular_file, self.real_path(name))
+        except OSError as e:
+            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
+            raise FsError(e.errno) from None
+        yield from self.measure_policy_file(name)
         if needs_signed_policy(self.rules):  # an unsigned file fails appraisal (R-5)
             self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
             raise FsError(errno.EACCES)
@@ -580,22 +600,6 @@ class PolicyFile:
                 break  # the kernel splits the file as a C string: it ends here
         if size:  # a last line without a newline, or a NUL
             raise FsError(errno.EINVAL, "the rules do not account for the whole file")
-
-    def _read_file(self, name: str) -> bytes:
-        """kernel_read_file_from_path: the content of a regular file."""
-        try:
-            # O_NONBLOCK: a FIFO must not hang the daemon (the kernel would wait for a writer)
-            fd = os.open(self.real_path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError(errno.EINVAL, "not a regular file")
-                with open(fd, "rb", closefd=False) as f:
-                    return f.read()
-            finally:
-                os.close(fd)
-        except OSError as e:
-            self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
-            raise FsError(e.errno) from None
 
     def release(self, s: Session | None) -> None:
         if s is None:

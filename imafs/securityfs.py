@@ -30,6 +30,7 @@ import traceback
 import pyfuse3
 import trio
 
+from .blocking import Runner, Steps, no_steps
 from .errors import FsError
 from .ima import Ima
 from .measure import Task
@@ -159,7 +160,8 @@ class Node:
     def read(self, f: OpenFile, offset: int, size: int) -> bytes:
         raise FsError(errno.EINVAL)  # no read method
 
-    def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+    @no_steps
+    def write(self, f: OpenFile, offset: int, data: bytes) -> Steps[int]:
         raise FsError(errno.EINVAL)  # no write method
 
     def fsync(self, f: OpenFile) -> None:
@@ -256,7 +258,8 @@ class ListFile(Node):
         store = self.tree.ima.store
         return (store.staged if self.staged else store.current).read(self.view, offset, size)
 
-    def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+    @no_steps
+    def write(self, f: OpenFile, offset: int, data: bytes) -> Steps[int]:
         tree = self.tree
         if not tree.staging:
             raise FsError(errno.EINVAL)  # no write method
@@ -325,10 +328,10 @@ class PolicyNode(Node):
             raise FsError(errno.EINVAL)
         return f.policy.read(offset, size)
 
-    def write(self, f: OpenFile, offset: int, data: bytes) -> int:
+    def write(self, f: OpenFile, offset: int, data: bytes) -> Steps[int]:
         if f.session is None:
             raise FsError(errno.EINVAL)
-        return f.policy.write(f.session, offset, data)
+        return (yield from f.policy.write(f.session, offset, data))
 
 
 class Tree:
@@ -422,9 +425,11 @@ class SecurityFs(pyfuse3.Operations):
     enable_writeback_cache = False
     supports_dot_lookup = True
 
-    def __init__(self, tree: Tree, measured: MeasuredFs | None = None, attr_timeout: float = 1.0):
+    def __init__(self, tree: Tree, runner: Runner, measured: MeasuredFs | None = None,
+                 attr_timeout: float = 1.0):
         super().__init__()
         self.tree = tree
+        self.runner = runner  # a write to the policy file may read and hash a file
         self.measured = measured
         self.attr_timeout = attr_timeout
         self._fh = itertools.count(1)
@@ -648,7 +653,7 @@ class SecurityFs(pyfuse3.Operations):
         if self._measured(fh):
             return await self.measured.write(fh, off, buf)
         f = self._file(fh)
-        n = f.node.write(f, off, buf)
+        n = await self.runner.run(f.node.write(f, off, buf))
         if self.tree.ima.store.graveyard and self._wake is not None:
             self._wake.set()
         return n

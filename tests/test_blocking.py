@@ -128,3 +128,21 @@ def test_a_hung_source_filesystem_holds_up_its_own_requests_only(ramfs, mount_im
     with open("/proc/self/mountinfo") as f:
         mounts = f.read()
     assert f" {a.path} " not in mounts and f" {dst_a} " not in mounts
+
+
+def test_a_policy_loaded_from_a_hung_filesystem_holds_up_its_writer_only(ramfs, mount_imafs):
+    src, dst_b = ramfs()
+    (src / "pol").write_bytes(b"measure func=BPRM_CHECK\n")
+    b = mount_imafs(measure=[(src, dst_b)])
+    a = mount_imafs()
+    pid_b = Client(str(b.path)).call("status")["pid"]
+    os.kill(pid_b, signal.SIGSTOP)
+    try:
+        writer = subprocess.Popen(["sh", "-c", f"echo {dst_b / 'pol'} > {a.ima / 'policy'}"])
+        time.sleep(0.5)
+        assert writer.poll() is None  # the daemon reads the file: it waits on the stopped one
+        assert_served(served_while(a, lambda: True, limit=20))
+    finally:
+        os.kill(pid_b, signal.SIGCONT)
+    assert writer.wait(20) == 0
+    assert Client(str(a.path)).call("status")["policy"] == ["measure func=BPRM_CHECK"]

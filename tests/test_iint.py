@@ -89,7 +89,7 @@ def ima_with(policy: str, *settings) -> Ima:
     s = ima.policy.open(os.O_WRONLY, True, Task().subject())
     data, offset = policy.encode(), 0
     while offset < len(data):  # the kernel takes one rule per write
-        offset += ima.policy.write(s, offset, data[offset:])
+        offset += run_inline(ima.policy.write(s, offset, data[offset:]))
     ima.policy.release(s)
     return ima
 

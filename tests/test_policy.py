@@ -9,6 +9,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from imafs.blocking import run_inline
 from imafs.errors import FsError
 from imafs.klog import KernelLog, Subject
 from imafs.policy import Parser, PolicyFile, builtin_rules
@@ -251,7 +252,7 @@ def test_f6_one_descriptor_unit():
         if call == "lseek":
             position = where
         try:
-            n = pf.write(s, where if call == "pwrite" else position, data)
+            n = run_inline(pf.write(s, where if call == "pwrite" else position, data))
         except FsError as e:
             n = -e.errno
         else:
@@ -304,7 +305,7 @@ def test_path_load_accounts_for_every_byte(tmp_path, content, logged):
     pf = PolicyFile([], Parser(V612), read_policy=False, write_policy=False, log=KernelLog(kmsg))
     s = pf.open(os.O_WRONLY, True, Subject(1, 0, b"imat"))
     with pytest.raises(FsError) as e:
-        pf.write(s, 0, os.fsencode(f) + b"\n")
+        run_inline(pf.write(s, 0, os.fsencode(f) + b"\n"))
     assert e.value.errno == errno.EINVAL
     assert [line.split("): ", 1)[1] for line in kmsg.read_text().splitlines()] == logged
 
@@ -479,7 +480,7 @@ def test_fuzz_sessions_change_policy_only_when_valid(sessions):
         ok = True
         for data in chunks:
             try:
-                n = pf.write(s, 0, data)
+                n = run_inline(pf.write(s, 0, data))
                 assert 0 < n <= max(len(data), 1) or data == b""
             except FsError as e:
                 assert e.errno in (errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EISDIR, errno.ENOTDIR)

@@ -36,7 +36,7 @@ class Keeper(RuleBasedStateMachine):
         node = self._file(name)
         f = node.open(os.O_WRONLY, PID)
         try:
-            return node.write(f, 0, data)
+            return run_inline(node.write(f, 0, data))
         except FsError as e:
             return -e.errno
         finally:
