@@ -645,3 +645,30 @@ def test_errnos_doc_is_the_rules():
 if __name__ == "__main__":
     print(errno_table())
     print(deviation_table())
+
+
+def test_a_wrong_answer_is_eio_not_the_end(tmp_path, monkeypatch):
+    """An operation that answers what pyfuse3 cannot send (issue 9: a
+    `create` that fell through to None ended the daemon, as the walk still
+    shows if Directory.create answers None) gets EIO and a BUG line."""
+    import pyfuse3
+    import trio
+
+    from imafs import securityfs
+    from imafs.ima import Ima
+    from imafs.klog import KernelLog
+    from imafs.profile import load_profile
+
+    klog = tmp_path / "kmsg"
+    ops = securityfs.SecurityFs(securityfs.Tree(Ima(load_profile(None, []), KernelLog(klog))))
+    monkeypatch.setattr(securityfs.Directory, "create", lambda self, name, mode: None)
+    monkeypatch.setattr(securityfs.Directory, "lookup", lambda self, name: "not a node")
+    for call in (lambda: ops.create(pyfuse3.ROOT_INODE, b"x", 0o644, os.O_CREAT, None),
+                 lambda: ops.lookup(pyfuse3.ROOT_INODE, b"integrity", None)):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            trio.run(call)
+        assert e.value.errno == errno.EIO
+    log = klog.read_text()
+    assert "BUG: FUSE create failed with TypeError: answered NoneType" in log
+    assert "BUG: FUSE lookup failed with AttributeError" in log
+    assert trio.run(ops.getattr, pyfuse3.ROOT_INODE, None).st_ino == pyfuse3.ROOT_INODE
