@@ -15,13 +15,17 @@ filesystem) for links and renames across.  ``victim`` false keeps calls that
 remove or move P itself (mount points).  After every call that succeeded
 and may have changed something, the target's ``reset`` root is rebuilt
 (:func:`build`), or only its subtree owned by the caller when that is given.
+
+``walker.py --serve`` answers such requests one JSON line at a time, and
+also reads and writes files (:func:`serve`), for a test that drives one
+mount for long: every call on the mount happens in this process, which the
+test can wait for with a timeout and kill.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import fcntl
 import json
 import os
@@ -77,7 +81,8 @@ def _parent(path: str) -> str:
 # -- calls on a path ---------------------------------------------------------------------------
 # Each takes (path, target) and returns None; a raised OSError is the answer.
 def _open_close(path, flags, mode=0o644):
-    os.close(os.open(path, flags, mode))
+    # O_NONBLOCK: a FIFO made by an earlier call never holds the walk up
+    os.close(os.open(path, flags | os.O_NONBLOCK, mode))
 
 
 def _chmod(path, t):
@@ -321,21 +326,26 @@ def build(root: str, owned: str | None = None) -> None:
     os.chmod(root, 0o755)
 
 
-def walk(targets: list[dict], skip=()) -> dict:
-    """{label: {call: answer}} for every target and call but ``skip``."""
+def walk(targets: list[dict], skip=(), only=None) -> dict:
+    """{label: {call: answer}} for every target and call (or those in
+    ``only``) but ``skip``; a descriptor call also answers its open."""
+    def wanted(name):
+        return name not in skip and (only is None or name in only)
+
     results = {}
     for t in targets:
         p = t["path"]
         reset = t.get("reset")
         out = results[t["label"]] = {}
         for name, fn in PATH_CALLS.items():
-            if name in skip:
+            if not wanted(name):
                 continue
             out[name] = answer(fn, p, t)
             if reset and name in CHANGING and not _refused(out[name]):
                 build(*reset)
         for mode, flags in (("r", os.O_RDONLY), ("w", os.O_WRONLY)):
-            if f"{mode}:open" in skip:
+            calls = [name for name in FD_CALLS if wanted(f"{mode}:{name}")]
+            if f"{mode}:open" in skip or not calls and not wanted(f"{mode}:open"):
                 continue
             try:
                 fd = os.open(p, flags | os.O_NONBLOCK)
@@ -344,9 +354,8 @@ def walk(targets: list[dict], skip=()) -> dict:
                 continue
             out[f"{mode}:open"] = 0
             try:
-                for name, fn in FD_CALLS.items():
-                    if f"{mode}:{name}" not in skip:
-                        out[f"{mode}:{name}"] = answer(fn, fd)
+                for name in calls:
+                    out[f"{mode}:{name}"] = answer(FD_CALLS[name], fd)
             finally:
                 os.close(fd)
             if reset and mode == "w":
@@ -354,9 +363,55 @@ def walk(targets: list[dict], skip=()) -> dict:
     return results
 
 
+def _read(path: str, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if size >= 0:
+            return os.pread(fd, size, offset)
+        parts = []
+        while chunk := os.pread(fd, 1 << 20, offset):
+            parts.append(chunk)
+            offset += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, data: bytes) -> int:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        return os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def serve() -> None:
+    """One JSON request a line on stdin, one JSON answer a line on stdout:
+    {"walk": SPEC} -> results; {"read": P, "offset": O, "size": N (-1: all)}
+    -> {"data": HEX}; {"write": P, "data": HEX} -> {"written": N}; an OSError
+    -> {"errno": E}."""
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if "walk" in req:
+                spec = req["walk"]
+                out = walk(spec["targets"], set(spec.get("skip", ())), spec.get("only"))
+            elif "read" in req:
+                out = {"data": _read(req["read"], req.get("offset", 0), req.get("size", -1)).hex()}
+            else:
+                out = {"written": _write(req["write"], bytes.fromhex(req["data"]))}
+        except OSError as e:
+            out = {"errno": e.errno}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
     spec = json.loads(sys.argv[1])
-    json.dump(walk(spec["targets"], set(spec.get("skip", ()))), sys.stdout)
+    json.dump(walk(spec["targets"], set(spec.get("skip", ())), spec.get("only")), sys.stdout)
 
 
 if __name__ == "__main__":
