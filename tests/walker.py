@@ -289,8 +289,9 @@ def _refused(a) -> bool:
 
 
 def build(root: str, owned: str | None = None) -> None:
-    """The fixture of a measured directory: f, d/inner, l -> f, and u/uf
-    owned by uid 1000.  With ``owned``, only that subtree, as its owner."""
+    """The fixture of a measured directory: f, d/inner, l -> f, u/uf owned
+    by uid 1000, and x/, where only links and renames from elsewhere go.
+    With ``owned``, only that subtree, as its owner."""
     if owned is not None:
         base = os.path.join(root, owned)
         os.chmod(base, 0o755)
@@ -317,6 +318,7 @@ def build(root: str, owned: str | None = None) -> None:
     with open(os.path.join(root, "d", "inner"), "wb") as f:
         f.write(b"inner\n")
     os.symlink("f", os.path.join(root, "l"))
+    os.mkdir(os.path.join(root, "x"), 0o755)
     os.mkdir(os.path.join(root, "u"), 0o755)
     with open(os.path.join(root, "u", "uf"), "wb") as f:
         f.write(b"uf data\n")
@@ -388,14 +390,17 @@ def _write(path: str, data: bytes) -> int:
 def serve() -> None:
     """One JSON request a line on stdin, one JSON answer a line on stdout:
     {"walk": SPEC} -> results; {"read": P, "offset": O, "size": N (-1: all)}
-    -> {"data": HEX}; {"write": P, "data": HEX} -> {"written": N}; an OSError
-    -> {"errno": E}."""
+    -> {"data": HEX}; {"write": P, "data": HEX} -> {"written": N};
+    {"build": [ROOT, OWNED]} -> {}; an OSError -> {"errno": E}."""
     for line in sys.stdin:
         req = json.loads(line)
         try:
             if "walk" in req:
                 spec = req["walk"]
                 out = walk(spec["targets"], set(spec.get("skip", ())), spec.get("only"))
+            elif "build" in req:
+                build(*req["build"])
+                out = {}
             elif "read" in req:
                 out = {"data": _read(req["read"], req.get("offset", 0), req.get("size", -1)).hex()}
             else:
