@@ -396,14 +396,32 @@ class Tree:
 
 
 # -- the FUSE front -------------------------------------------------------------------------------
+_ENTRY = pyfuse3.EntryAttributes
+# What pyfuse3 makes of each answer: anything else raises in pyfuse3, after
+# the guard, and ends the daemon (a `create` that fell through to None did).
+_ANSWERS = {"lookup": _ENTRY, "getattr": _ENTRY, "setattr": _ENTRY, "mknod": _ENTRY, "mkdir": _ENTRY,
+            "symlink": _ENTRY, "link": _ENTRY, "readlink": bytes, "getxattr": bytes,
+            "listxattr": (list, tuple), "opendir": int, "open": pyfuse3.FileInfo,
+            "read": (bytes, bytearray, memoryview), "write": int, "statfs": pyfuse3.StatvfsData}
+
+
+def _answer_fits(name: str, answer) -> bool:
+    if name == "create":
+        return isinstance(answer, tuple) and len(answer) == 2 \
+            and isinstance(answer[0], pyfuse3.FileInfo) and isinstance(answer[1], _ENTRY)
+    want = _ANSWERS.get(name)
+    return want is None or isinstance(answer, want)
+
+
 def _guarded(op):
     """No request ends the daemon: errnos go back as they are, anything else
-    as EIO, logged with its traceback in the emulated kernel's log."""
+    (an exception, an answer pyfuse3 cannot send) as EIO, logged with its
+    traceback in the emulated kernel's log."""
 
     @functools.wraps(op)
     async def guarded(self, *args):
         try:
-            return await op(self, *args)
+            answer = await op(self, *args)
         except pyfuse3.FUSEError:
             raise
         except (FsError, OSError) as e:
@@ -414,6 +432,10 @@ def _guarded(op):
         except Exception as e:
             self._bug(op.__name__, args, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if not _answer_fits(op.__name__, answer):
+            self._bug(op.__name__, args, TypeError(f"answered {type(answer).__name__}: {answer!r:.200}"))
+            raise pyfuse3.FUSEError(errno.EIO)
+        return answer
     return guarded
 
 

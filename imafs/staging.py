@@ -36,7 +36,8 @@ def parse_command(data: bytes, staged_file: bool, abi: str, flush_htable: bool, 
         raise FsError(errno.EINVAL)
     if flush_htable:
         raise FsError(errno.EINVAL, "N is refused under ima_flush_htable")
-    m = _KSTRTOUL.fullmatch(text)
+    # kstrtoul reads the command as a C string: it ends at the first NUL
+    m = _KSTRTOUL.fullmatch(text.split(b"\0", 1)[0])
     if not m:
         raise FsError(errno.EINVAL)
     n = int(m.group(1))

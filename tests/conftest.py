@@ -58,16 +58,26 @@ def runtime_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def mount_imafs(tmp_path, runtime_dir):
-    """Factory: mount_imafs(*--set KEY=VALUE) -> Mount; unmounted at teardown."""
+    """Factory: mount_imafs(*--set KEY=VALUE) -> Mount; unmounted at teardown.
+
+    ``reachable=True`` mounts where any uid can reach the mount point (pytest's
+    own temporary directories are 0700 to everyone but root)."""
     why = fuse_unavailable()
     if why:
         if REQUIRE_FUSE:
             pytest.fail(f"IMAFS_REQUIRE_FUSE=1 but {why}")
         pytest.skip(why)
     mounts = []
+    made = []
 
-    def mount(*settings, profile: str | None = None, measure=()) -> Mount:
-        mp = tmp_path / f"mnt{len(mounts)}"
+    def mount(*settings, profile: str | None = None, measure=(), reachable=False) -> Mount:
+        if reachable:
+            base = Path(tempfile.mkdtemp(prefix="imafs-mnt-", dir="/tmp"))
+            base.chmod(0o755)
+            made.append(base)
+            mp = base / "mnt"
+        else:
+            mp = tmp_path / f"mnt{len(mounts)}"
         mp.mkdir()
         args = ["mount", mp]
         for s in settings:
@@ -85,6 +95,12 @@ def mount_imafs(tmp_path, runtime_dir):
     for m in mounts:
         if imafs("umount", m.path, check=False).returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+    for base in made:  # empty once unmounted; never recurse into a mount
+        for d in (base / "mnt", base):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
 
 
 @pytest.fixture

@@ -225,7 +225,12 @@ def test_seek_end_on_list(mnt):
         os.close(fd)
 
 
-def test_non_root_gets_eacces(mnt):
+def test_non_root_gets_eacces(mount_imafs):
+    # under pytest's 0700 temporary directory uid 1000 would be refused the path itself
+    mnt = mount_imafs(reachable=True)
+    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "ls", str(mnt.ima)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "policy" in r.stdout, r.stderr
     for name in ("ascii_runtime_measurements", "runtime_measurements_count", "policy"):
         r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups",
                             "cat", str(mnt.ima / name)], capture_output=True, text=True)

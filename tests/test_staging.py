@@ -80,6 +80,11 @@ def test_parse_accepts_kstrtoul_forms():
     assert parse_command(b"003\n", False, "v7", False) == 3
     assert parse_command(b"3\n\n", False, "v7", False) == 3
     assert parse_command(b"18446744073709551615\n", False, "v7", False) == 2**64 - 1
+    # the kernel parses the buffer as a C string, so a NUL ends the number
+    assert parse_command(b"3\0junk\n", False, "v7", False) == 3
+    assert parse_command(b"3\n\0\n", False, "v7", False) == 3
+    with pytest.raises(FsError):
+        parse_command(b"\x003\n", False, "v7", False)
     assert parse_command(b"A\n", False, "v5", False) == "A"
     with pytest.raises(FsError):
         parse_command(b"A\n", True, "v5", False)
