@@ -665,12 +665,13 @@ def test_a_wrong_answer_is_eio_not_the_end(tmp_path, monkeypatch):
     import trio
 
     from imafs import securityfs
+    from imafs.blocking import Runner
     from imafs.ima import Ima
     from imafs.klog import KernelLog
     from imafs.profile import load_profile
 
     klog = tmp_path / "kmsg"
-    ops = securityfs.SecurityFs(securityfs.Tree(Ima(load_profile(None, []), KernelLog(klog))))
+    ops = securityfs.SecurityFs(securityfs.Tree(Ima(load_profile(None, []), KernelLog(klog))), Runner())
     monkeypatch.setattr(securityfs.Directory, "create", lambda self, name, mode: None)
     monkeypatch.setattr(securityfs.Directory, "lookup", lambda self, name: "not a node")
     for call in (lambda: ops.create(pyfuse3.ROOT_INODE, b"x", 0o644, os.O_CREAT, None),
