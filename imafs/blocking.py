@@ -62,14 +62,22 @@ def no_steps(fn: Callable[..., T]) -> Callable[..., Steps[T]]:
     return path
 
 
+def _resume(steps: Steps, value, error: BaseException | None):
+    """Resume ``steps`` with the last step's outcome: (its next step, None),
+    or (None, StopIteration) carrying its result when it ends."""
+    try:
+        return (steps.throw(error) if error is not None else steps.send(value)), None
+    except StopIteration as stop:
+        return None, stop
+
+
 def run_inline(steps: Steps[T]) -> T:
     """Drive ``steps`` in this thread: blocking steps run here, locks are moot."""
     value, error = None, None
     while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            return stop.value
+        step, done = _resume(steps, value, error)
+        if done is not None:
+            return done.value
         value, error = None, None
         if isinstance(step, Blocking):
             try:
@@ -123,20 +131,18 @@ class Runner:
         value, error = None, None
         try:
             while True:
-                try:
-                    step = steps.throw(error) if error is not None else steps.send(value)
-                except StopIteration as stop:
-                    return stop.value
+                step, done = _resume(steps, value, error)
+                if done is not None:
+                    return done.value
                 value, error = None, None
                 if isinstance(step, Blocking):
                     try:
                         value = await self.io(step.fn, *step.args)
                     except Exception as e:
                         error = e
-                elif isinstance(step, Exclusive):
-                    if step.key not in held:
-                        await self.locks.acquire(step.key)
-                        held.append(step.key)
+                elif isinstance(step, Exclusive) and step.key not in held:
+                    await self.locks.acquire(step.key)
+                    held.append(step.key)
         finally:
             steps.close()
             for key in held:

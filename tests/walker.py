@@ -288,6 +288,19 @@ def _refused(a) -> bool:
     return a == "n/a" or isinstance(a, int) and a > 0
 
 
+def _empty_with_file(base: str, name: str, data: bytes) -> None:
+    """Empty ``base``, then give it one 0644 file ``name`` holding ``data``."""
+    for entry in os.listdir(base):
+        p = os.path.join(base, entry)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
+    with open(os.path.join(base, name), "wb") as f:
+        f.write(data)
+    os.chmod(os.path.join(base, name), 0o644)
+
+
 def build(root: str, owned: str | None = None) -> None:
     """The fixture of a measured directory: f, d/inner, l -> f, u/uf owned
     by uid 1000, and x/, where only links and renames from elsewhere go.
@@ -295,25 +308,9 @@ def build(root: str, owned: str | None = None) -> None:
     if owned is not None:
         base = os.path.join(root, owned)
         os.chmod(base, 0o755)
-        for name in os.listdir(base):
-            p = os.path.join(base, name)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p)
-            else:
-                os.unlink(p)
-        with open(os.path.join(base, "uf"), "wb") as f:
-            f.write(b"uf data\n")
-        os.chmod(os.path.join(base, "uf"), 0o644)
+        _empty_with_file(base, "uf", b"uf data\n")
         return
-    for name in os.listdir(root):
-        p = os.path.join(root, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
-    with open(os.path.join(root, "f"), "wb") as f:
-        f.write(b"file data\n")
-    os.chmod(os.path.join(root, "f"), 0o644)
+    _empty_with_file(root, "f", b"file data\n")
     os.mkdir(os.path.join(root, "d"), 0o755)
     with open(os.path.join(root, "d", "inner"), "wb") as f:
         f.write(b"inner\n")
