@@ -65,13 +65,11 @@ def _refuse(err: int):
 class OpenFile:
     """One open of a securityfs file (the kernel's struct file)."""
 
-    __slots__ = ("node", "flags", "pid", "locked", "session", "policy")
+    __slots__ = ("node", "flags", "locked", "session", "policy")
 
-    def __init__(self, node: "Node", flags: int, pid: int, locked: bool | None = None, session=None,
-                 policy=None):
+    def __init__(self, node: "Node", flags: int, locked: bool | None = None, session=None, policy=None):
         self.node = node
         self.flags = flags
-        self.pid = pid
         self.locked = locked  # None: not under the list lock; else whether as the writer
         self.session = session  # a policy write session
         self.policy = policy  # the policy it was opened on (a reboot makes a new one)
@@ -155,7 +153,7 @@ class Node:
 
     # -- as a file ---------------------------------------------------------------------
     def open(self, flags: int, pid: int) -> OpenFile:
-        return OpenFile(self, flags, pid)
+        return OpenFile(self, flags)
 
     def read(self, f: OpenFile, offset: int, size: int) -> bytes:
         raise FsError(errno.EINVAL)  # no read method
@@ -243,12 +241,12 @@ class ListFile(Node):
     def open(self, flags: int, pid: int) -> OpenFile:
         tree = self.tree
         if not tree.staging:
-            return OpenFile(self, flags, pid)
+            return OpenFile(self, flags)
         write = flags & os.O_ACCMODE != os.O_RDONLY
         if write and not has_cap_sys_admin(pid):
             raise FsError(errno.EPERM)
         tree.lock.open(write, pid)
-        return OpenFile(self, flags, pid, locked=write)
+        return OpenFile(self, flags, locked=write)
 
     def release(self, f: OpenFile) -> None:
         if f.locked is not None:
@@ -317,7 +315,7 @@ class PolicyNode(Node):
         policy = self.tree.ima.policy
         # FUSE names the task of an open only: the session keeps it for its writes and close
         opener = Task.of_pid(pid, 0, 0).subject()  # (0, 0): the ids of a task already gone
-        return OpenFile(self, flags, pid, session=policy.open(flags, has_cap_sys_admin(pid), opener),
+        return OpenFile(self, flags, session=policy.open(flags, has_cap_sys_admin(pid), opener),
                         policy=policy)
 
     def release(self, f: OpenFile) -> None:
@@ -390,9 +388,6 @@ class Tree:
         if node is None or not node.visible:
             raise FsError(errno.ENOENT)
         return node
-
-    def owns(self, inode: int) -> bool:
-        return inode in self.nodes
 
 
 # -- the FUSE front -------------------------------------------------------------------------------

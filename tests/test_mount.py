@@ -14,7 +14,6 @@ import subprocess
 import pytest
 
 from imafs import templates as T
-from imafs.control import ControlError
 
 from .conftest import imafs
 
