@@ -163,6 +163,8 @@ class Server:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         try:
             result = await handler(**req)
+            if self.ima.pcrs is not None and self.ima.pcrs.unsettled:
+                await self.ima.pcrs.settle()  # the request's records are in the TPM before it returns
         except TypeError as e:
             return {"ok": False, "error": f"{cmd}: bad arguments ({e})"}
         except (RequestError, ValueError) as e:
@@ -185,10 +187,21 @@ class Server:
         for first in range(0, count, GENERATE_BATCH):
             added += self.ima.generate(min(GENERATE_BATCH, count - first))
             await trio.sleep(0)  # let readers in between batches
+            if self.ima.pcrs is not None and self.ima.pcrs.unsettled:
+                await self.ima.pcrs.settle(lag=GENERATE_BATCH)  # the TPM at most a batch behind
         return {"added": added, "count": self.ima.store.current.count}
 
     async def cmd_status(self):
-        return self.ima.status()
+        status = self.ima.status()
+        pcrs = self.ima.pcrs
+        if pcrs is not None and pcrs.backend != "soft":
+            try:
+                values = await pcrs.snapshot()
+                status["pcrs"] = {b: {str(i): v.hex() for i, v in enumerate(vals)} for b, vals in values.items()}
+            except RequestError:
+                pass  # status["tpm"] says why
+            status["tpm"] = pcrs.describe()
+        return status
 
     async def cmd_pcrs(self, bank=None):
         pcrs = self.ima.pcrs
@@ -198,7 +211,16 @@ class Server:
         for b in banks:
             if b not in pcrs.banks:
                 raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
-        return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
+        values = await pcrs.snapshot()  # read from the TPM, after the extends queued so far
+        return {"backend": pcrs.backend, "pcrs": {b: [v.hex() for v in values[b]] for b in banks}}
+
+    async def cmd_tpm_env(self):
+        pcrs = self.ima.pcrs
+        env = pcrs.env() if pcrs is not None else None
+        if env is None:
+            raise RequestError(f"tpm = {self.ima.profile.tpm}: no TPM to reach (software PCRs); "
+                               "mount with --set tpm=swtpm")
+        return {"env": env}
 
     async def cmd_measure(self, func, path=None, mask=0, uid=0, euid=None, gid=0, egid=None,
                           name=None, data_hex=None, keyring=None, label=None):
@@ -224,6 +246,8 @@ class Server:
             self.ima.kexec_load()
             buf = self.ima.kexec_buffer()
         else:
+            if self.ima.pcrs is not None:
+                await self.ima.pcrs.refresh()  # the next kernel reads PCR 0-9 from the TPM
             buf = self.ima.kexec()
         if dump:
             await self.runner.io(_write_file, dump, buf)
@@ -234,6 +258,9 @@ class Server:
         return {"count": self.ima.store.current.count}
 
     async def cmd_reboot(self):
+        if self.ima.pcrs is not None and self.ima.pcrs.backend != "soft":
+            self.ima.suspend()  # no record gets in between the drain and the power cycle
+            await self.ima.pcrs.power_cycle()
         self.ima.reboot()
         return {"count": self.ima.store.current.count}
 

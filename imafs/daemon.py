@@ -21,6 +21,8 @@ from .klog import KernelLog
 from .profile import Profile
 from .passthrough import HIDDEN_PREFIX, MeasuredFs, Passthrough
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
+from .tpm import open_backend
+from .tpmdev import TpmError
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +87,26 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     None when everything is mounted and the control socket answers, or with
     an error message.
     """
+    pcrs = None
     try:
         check_mountpoint(mountpoint)
         measured = [parse_measure(spec, mountpoint) for spec in measure]
         sock = socket_path(mountpoint)  # before mounting: realpath() would stat the mount
         klog = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
         klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ima = Ima(profile, KernelLog(klog))
+        klog = KernelLog(klog)
+        pcrs, profile = open_backend(profile, sock.with_suffix(".tpm"), klog)  # may start swtpm
+        ima = Ima(profile, klog, pcrs)
         ima.measured_dirs = measured
         runner = Runner()
         ops = SecurityFs(Tree(ima), MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
+    except TpmError as e:
+        ready(f"TPM: {e}")
+        return
     except (MountError, RuntimeError, OSError) as e:
+        if pcrs is not None:
+            pcrs.close()
         ready(str(e))
         return
     binds = Binds(mountpoint, [dst for _, dst in measured])
@@ -105,6 +115,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     finally:
         binds.detach()
         pyfuse3.close(unmount=True)
+        if pcrs is not None:
+            pcrs.close()  # stops imafs's swtpm
 
 
 class Binds:
@@ -149,6 +161,8 @@ async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: B
             scope.deadline = min(scope.deadline, trio.current_time() + SHUTDOWN_GRACE)
 
         nursery.start_soon(ops.reaper)
+        if ima.pcrs is not None and ima.pcrs.backend != "soft":
+            nursery.start_soon(ima.pcrs.run)  # sends the queued PCR extends to the TPM
         server = Server(ima, runner, on_shutdown=shutdown)
         await nursery.start(server.serve, sock)
         nursery.start_soon(_signals, shutdown)

@@ -391,12 +391,17 @@ class Tree:
 # -- the FUSE front -------------------------------------------------------------------------------
 def _guarded(op):
     """No request ends the daemon: errnos go back as they are, anything else
-    as EIO, logged with its traceback in the emulated kernel's log."""
+    as EIO, logged with its traceback in the emulated kernel's log.  A request
+    that queued PCR extends (a TPM backend) answers once they are done."""
 
     @functools.wraps(op)
     async def guarded(self, *args):
         try:
-            return await op(self, *args)
+            result = await op(self, *args)
+            pcrs = self.tree.ima.pcrs
+            if pcrs is not None and pcrs.unsettled:
+                await pcrs.settle()  # records it caused are in the TPM before it returns
+            return result
         except pyfuse3.FUSEError:
             raise
         except (FsError, OSError) as e:

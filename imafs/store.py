@@ -342,12 +342,12 @@ class MeasurementStore:
         if not violation and not self.disable_htable and key in self.htable:
             return False
         self.htable.add(key)
-        if self.pcrs is not None:
+        self._append(self.current, template, fields, pcr, digests, data)
+        if self.pcrs is not None:  # after the append, as ima_add_template_entry does
             if violation:
                 self.pcrs.extend_violation(pcr)
             else:
                 self.pcrs.extend(pcr, digests)
-        self._append(self.current, template, fields, pcr, digests, data)
         return True
 
     def _append(self, lst: MeasurementList, template, fields, pcr, digests, data=None) -> None:
