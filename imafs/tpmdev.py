@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,19 +59,19 @@ def _tools_missing(*tools: str) -> str | None:
 
 
 def _free_port_pair() -> tuple[int, int]:
-    """Two consecutive free TCP ports on 127.0.0.1 (command, control)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port, port + 1
+    """Two consecutive free TCP ports on 127.0.0.1 (command, control), below
+    the kernel's ephemeral range (whose bind(0) ports rarely have a free
+    neighbour)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, 32000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port, port + 1
     raise TpmError("no two consecutive free TCP ports on 127.0.0.1 for swtpm")
 
 

@@ -1,0 +1,332 @@
+"""The swtpm backend against independent witnesses: tpm2-tools reading and
+quoting the TPM, evmctl replaying the list through the IBM TSS, and replays
+by hand with struct + hashlib."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from imafs.control import GENERATE_BATCH
+
+from .conftest import imafs
+
+SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+
+
+def tpm_env(m) -> dict[str, str]:
+    """The variables of `imafs tpm env`, parsed from its export lines."""
+    env = dict(os.environ)
+    for line in m.cli("tpm", "env").stdout.splitlines():
+        k, _, v = line.removeprefix("export ").partition("=")
+        env[k] = shlex.split(v)[0]
+    return env
+
+
+def tpm2(env, *args, check=True, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True, timeout=60, **kw)
+    if check and r.returncode != 0:
+        pytest.fail(f"{args[0]} exit {r.returncode}: {r.stderr.strip()[-1500:]}")
+    return r
+
+
+def quote(env, t, name: str, nonce: str, pcrs: bool = True) -> None:
+    """tpm2_quote over sha256 PCR 10 with the AK; transient objects flushed
+    (swtpm has no resource manager)."""
+    for _ in range(20):
+        r = tpm2(env, "tpm2_quote", "-c", t / "ak.ctx", "-l", "sha256:10", "-q", nonce, "-g", "sha256",
+                 "-m", t / f"{name}.msg", "-s", t / f"{name}.sig",
+                 *(["-o", t / f"{name}.pcrs"] if pcrs else []), check=False)
+        tpm2(env, "tpm2_flushcontext", "-t")
+        if r.returncode == 0:
+            return
+        # tpm2_quote reads the PCRs, then quotes: an extend in between fails it
+        assert "PCR values failed to match quote's digest" in r.stderr, r.stderr
+    pytest.fail("tpm2_quote raced the extends 20 times")
+
+
+def pcrread(env, banks) -> dict[str, list[str]]:
+    """Every PCR of every bank, as tpm2_pcrread prints them (YAML-ish text)."""
+    out = tpm2(env, "tpm2_pcrread", "+".join(f"{b}:all" for b in banks)).stdout
+    values: dict[str, list[str]] = {}
+    bank = None
+    for line in out.splitlines():
+        if re.fullmatch(r"\s*\w+:", line):
+            bank = line.strip()[:-1]
+            values[bank] = []
+        elif m := re.fullmatch(r"\s*(\d+)\s*:\s*0x([0-9A-Fa-f]+)", line):
+            assert int(m.group(1)) == len(values[bank])
+            values[bank].append(m.group(2).lower())
+    return values
+
+
+def imafs_pcrs(m) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in m.cli("pcrs").stdout.splitlines():
+        bank, _, value = line.split()
+        out.setdefault(bank, []).append(value)
+    return out
+
+
+def records(data: bytes, size: int):
+    """(pcr, template digest, name) of each record of a binary list whose
+    template digests have ``size`` bytes."""
+    off = 0
+    while off < len(data):
+        pcr, = struct.unpack_from("<I", data, off)
+        digest = data[off + 4:off + 4 + size]
+        off += 4 + size
+        n, = struct.unpack_from("<I", data, off)
+        name = data[off + 4:off + 4 + n]
+        off += 4 + n
+        dlen, = struct.unpack_from("<I", data, off)
+        off += 4 + dlen
+        yield pcr, digest, name
+
+
+def replay(data: bytes, bank: str, upto: int | None = None) -> dict[int, bytes]:
+    """PCR values from zero, as the kernel extends them: violations (zero
+    digest) extend 0xff..., PCRs >= 24 are not extended."""
+    size = SIZES[bank]
+    pcrs: dict[int, bytes] = {}
+    for i, (pcr, digest, _) in enumerate(records(data, size)):
+        if upto is not None and i >= upto:
+            break
+        if pcr >= 24:
+            continue
+        d = b"\xff" * size if digest == bytes(size) else digest
+        pcrs[pcr] = hashlib.new(bank, pcrs.get(pcr, bytes(size)) + d).digest()
+    return pcrs
+
+
+def assert_tpm_matches(m, banks, tmp_path=None):
+    """tpm2_pcrread == imafs pcrs in every bank, and PCR 10/11 == the hand
+    replay of each bank's binary list."""
+    env = tpm_env(m)
+    tpm = pcrread(env, banks)
+    assert sorted(tpm) == sorted(banks)
+    assert imafs_pcrs(m) == tpm
+    for bank in banks:
+        data = m.read(f"binary_runtime_measurements_{bank}")
+        mine = replay(data, bank)
+        for pcr in (10, 11):
+            assert tpm[bank][pcr] == mine.get(pcr, bytes(SIZES[bank])).hex(), (bank, pcr)
+    return env
+
+
+def digest(c: str, n: int = 64) -> str:
+    return "sha256:" + c * n
+
+
+def test_swtpm_pcrs_follow_the_list_through_reboot_and_kexec(mount_imafs):
+    banks = ("sha1", "sha256", "sha384")
+    m = mount_imafs("tpm=swtpm", "tpm_banks=" + ",".join(banks))
+    files = sorted(p.name for p in m.ima.iterdir())
+    assert "ascii_runtime_measurements_sha384" in files and "binary_runtime_measurements_sha512" not in files
+    st = m.client.call("status")["tpm"]
+    assert st["backend"] == "swtpm" and st["banks"] == list(banks) and st["state"] == "ok"
+    # a fresh swtpm: PCR 0-9 zero, so boot_aggregate is sha256 over ten zero PCRs
+    first = m.read("ascii_runtime_measurements", "r").splitlines()[0]
+    assert first.endswith("sha256:" + hashlib.sha256(bytes(320)).hexdigest() + " boot_aggregate")
+
+    m.cli("record", "--name", "/a", "--digest", digest("a"))
+    m.cli("record", "--name", "/v", "--violation")
+    m.cli("record", "--name", "/b", "--digest", digest("b"), "--pcr", "11")
+    m.cli("record", "--name", "/c", "--digest", digest("c"), "--pcr", "40")  # listed, not extended
+    ascii_list = m.read("ascii_runtime_measurements", "r")
+    assert "\n40 " in ascii_list and " /v\n" in ascii_list
+    env = assert_tpm_matches(m, banks)
+    pcr10 = pcrread(env, ["sha256"])["sha256"][10]
+    assert pcr10 != "0" * 64
+
+    m.cli("kexec")  # the TPM keeps its PCRs; the list is carried, plus a boot_aggregate
+    assert m.read("ascii_runtime_measurements", "r").startswith(ascii_list)
+    assert_tpm_matches(m, banks)
+
+    m.cli("reboot")  # power cycle: PCRs reset, a new list
+    after = m.read("ascii_runtime_measurements", "r").splitlines()
+    assert len(after) == 1 and after[0] == first
+    env = assert_tpm_matches(m, banks)
+    assert pcrread(env, ["sha256"])["sha256"][11] == "0" * 64
+    m.cli("record", "--name", "/d", "--digest", digest("d"))
+    assert_tpm_matches(m, banks)
+    out = m.cli("pcrs")
+    assert "swtpm" in out.stderr
+
+
+def test_quote_over_pcr10_matches_the_list_while_records_arrive(mount_imafs, tmp_path):
+    m = mount_imafs("tpm=swtpm")
+    env = tpm_env(m)
+    t = tmp_path
+    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
+         "-s", "rsassa", "-u", t / "ak.pem", "-f", "pem", "-n", t / "ak.name")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_flushcontext", "-s")
+
+    gen = subprocess.Popen([sys.executable, "-m", "imafs", "generate", "--mount", m.path, "--count", "20000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        quotes = []
+        while gen.poll() is None or not quotes:
+            before = int(m.read("runtime_measurements_count"))
+            nonce = os.urandom(16).hex()
+            q = f"q{len(quotes)}"
+            quote(env, t, q, nonce, pcrs=False)
+            # the TPM's signature and nonce; the quoted PCR digest is checked below
+            tpm2(env, "tpm2_checkquote", "-u", t / "ak.pem", "-m", t / f"{q}.msg", "-s", t / f"{q}.sig",
+                 "-q", nonce, "-g", "sha256")
+            attest = tpm2(env, "tpm2_print", "-t", "TPMS_ATTEST", t / f"{q}.msg").stdout
+            pcr_digest = re.search(r"pcrDigest:\s*([0-9a-fA-F]+)", attest).group(1).lower()
+            quotes.append((before, pcr_digest))
+            if len(quotes) >= 6:
+                break
+    finally:
+        out, err = gen.communicate(timeout=120)
+    assert gen.returncode == 0, err
+    assert len(quotes) >= 2
+
+    data = m.read("binary_runtime_measurements_sha256")
+    # each quoted PCR 10 is the replay of a prefix of the list at least as
+    # long as the list was when the quote began: the list is never behind
+    # the TPM, and the TPM never behind the list by more than a request
+    values, pcr = [], bytes(32)
+    for p, d, _ in records(data, 32):
+        if p == 10:
+            pcr = hashlib.sha256(pcr + (b"\xff" * 32 if d == bytes(32) else d)).digest()
+        values.append(hashlib.sha256(pcr).hexdigest())  # a quote's digest over PCR 10 alone
+    last = 0
+    for before, pcr_digest in quotes:
+        assert pcr_digest in values, "a quote matches no prefix of the list"
+        k = values.index(pcr_digest) + 1
+        # a generate request lets the TPM lag its own records by two batches at most
+        assert k >= before - 2 * GENERATE_BATCH and k >= last
+        last = k
+
+    # quiet now: a full check with the PCR values, and evmctl reading the TPM itself
+    nonce = "00112233445566778899aabbccddeeff"
+    quote(env, t, "last", nonce)
+    tpm2(env, "tpm2_checkquote", "-u", t / "ak.pem", "-m", t / "last.msg", "-s", t / "last.sig",
+         "-f", t / "last.pcrs", "-q", nonce, "-g", "sha256")
+    data = m.read("binary_runtime_measurements_sha256")
+    assert hashlib.sha256(replay(data, "sha256")[10]).hexdigest() == values[-1]
+    attest = tpm2(env, "tpm2_print", "-t", "TPMS_ATTEST", t / "last.msg").stdout
+    assert re.search(r"pcrDigest:\s*([0-9a-fA-F]+)", attest).group(1).lower() == \
+        hashlib.sha256(replay(data, "sha256")[10]).hexdigest()
+    r = subprocess.run(["evmctl", "-v", "ima_measurement", "--ignore-violations",
+                        str(m.ima / "binary_runtime_measurements")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert "Matched per TPM bank" in r.stdout + r.stderr, r.stderr[-2000:]
+    assert r.returncode == 0
+
+
+def evmctl_pcr_file(values: list[str], path) -> None:
+    path.write_text("".join(f"PCR-{i:02d}: {v}\n" for i, v in enumerate(values)))
+
+
+def test_evmctl_replay_with_pcrs_from_tpm2_pcrread(mount_imafs, tmp_path):
+    m = mount_imafs("tpm=swtpm")
+    for i in range(50):
+        m.cli("record", "--name", f"/f{i}", "--digest", digest("%x" % (i % 16)) if i % 7 else digest("e"))
+    m.cli("record", "--name", "/v", "--violation")
+    env = tpm_env(m)
+    tpm = pcrread(env, ["sha1", "sha256"])
+    args = []
+    for bank in ("sha1", "sha256"):
+        evmctl_pcr_file(tpm[bank], tmp_path / bank)
+        args += ["--pcrs", f"{bank},{tmp_path / bank}"]
+    r = subprocess.run(["evmctl", "-v", "ima_measurement", "--ignore-violations", *args,
+                        str(m.ima / "binary_runtime_measurements")], capture_output=True, text=True, timeout=60)
+    assert "Matched per TPM bank" in r.stdout + r.stderr, r.stderr[-2000:]
+    # a changed value is refused: the check can fail
+    bad = list(tpm["sha256"])
+    bad[10] = "00" * 31 + "01"
+    evmctl_pcr_file(bad, tmp_path / "bad")
+    r = subprocess.run(["evmctl", "-v", "ima_measurement", "--ignore-violations",
+                        "--pcrs", f"sha256,{tmp_path / 'bad'}", str(m.ima / "binary_runtime_measurements")],
+                       capture_output=True, text=True, timeout=60)
+    assert "Matched per TPM bank" not in r.stdout + r.stderr
+
+
+def test_a_killed_swtpm_loses_no_record_and_the_daemon_serves_on(mount_imafs):
+    m = mount_imafs("tpm=swtpm")
+    pid = m.client.call("status")["tpm"]["swtpm_pid"]
+    gen = subprocess.Popen([sys.executable, "-m", "imafs", "generate", "--mount", m.path, "--count", "30000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # kill it once some records are in
+    deadline = time.monotonic() + 30
+    while int(m.read("runtime_measurements_count")) < 2000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    out, err = gen.communicate(timeout=120)
+    assert gen.returncode == 0, err  # the request that hit the failure still completes
+
+    st = m.client.call("status")
+    tpm = st["tpm"]
+    assert tpm["state"] == "failed" and tpm["error"]
+    count = int(m.read("runtime_measurements_count"))
+    assert count == st["count"] == 1 + 30000  # boot_aggregate + the records
+    ascii_lines = m.read("ascii_runtime_measurements", "r").splitlines()
+    assert len(ascii_lines) == count
+    # every record is either in the TPM or counted as not extended
+    assert 0 < tpm["extended"] < count and tpm["not_extended"] > 0
+    assert tpm["extended"] + tpm["not_extended"] == count
+    dmesg = m.cli("dmesg").stdout
+    assert "ima: Error Communicating to TPM chip, result: -5" in dmesg
+    assert "op=add_template_measure cause=TPM_error(-5)" in dmesg
+    assert m.cli("pcrs", check=False).returncode != 0
+
+    # the daemon keeps serving: records are listed and counted
+    m.cli("record", "--name", "/after", "--digest", digest("f"))
+    assert m.client.call("status")["tpm"]["not_extended"] == tpm["not_extended"] + 1
+    assert m.read("ascii_runtime_measurements", "r").endswith(" /after\n")
+
+    # a reboot starts swtpm again from its state: a working TPM and a new list
+    m.cli("reboot")
+    st = m.client.call("status")["tpm"]
+    assert st["state"] == "ok" and st["swtpm_pid"] != pid
+    m.cli("record", "--name", "/fresh", "--digest", digest("1"))
+    assert_tpm_matches(m, ("sha1", "sha256"))
+
+
+def test_tpm_env_and_soft_backend(mnt):
+    r = mnt.cli("tpm", "env", check=False)
+    assert r.returncode != 0 and "tpm=swtpm" in r.stderr
+    assert mnt.client.call("status")["tpm"]["backend"] == "soft"
+    assert "soft" in mnt.cli("pcrs").stderr
+
+
+def test_swtpm_stops_at_umount_and_with_a_killed_daemon(mount_imafs):
+    m = mount_imafs("tpm=swtpm")
+    st = m.client.call("status")
+    pid, daemon = st["tpm"]["swtpm_pid"], st["pid"]
+    assert os.path.exists(f"/proc/{pid}")
+    os.kill(daemon, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.02)
+    assert not _alive(pid), "swtpm outlived its killed daemon"
+    subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
+    m2 = mount_imafs("tpm=swtpm")
+    pid2 = m2.client.call("status")["tpm"]["swtpm_pid"]
+    assert imafs("umount", m2.path).returncode == 0
+    assert not _alive(pid2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
