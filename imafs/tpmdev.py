@@ -40,6 +40,7 @@ TOOL_TIMEOUT = 30.0  # swtpm_setup, swtpm_ioctl
 # TPM_ALG_ID of the banks the kernel knows (tpm2_hash_map), by the kernel's names
 ALG_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D, "sm3": 0x0012}
 ALG_NAMES = {v: k for k, v in ALG_IDS.items()}
+_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64, "sm3": 32}
 
 
 class TpmError(Exception):
@@ -248,28 +249,40 @@ class Device:
         return tuple(known), tuple(unknown)
 
     def use_banks(self, banks: tuple[str, ...]) -> None:
+        """Prepare the extend: one TPML_DIGEST_VALUES with a slot per bank,
+        refilled in place for each record (building one per record costs
+        as much as the TPM command itself)."""
         from tpm2_pytss import ESYS_TR, TPM2_ALG, TPMT_HA, TPMU_HA, TPML_DIGEST_VALUES
-        self._handles = [ESYS_TR(ESYS_TR.PCR0 + i) for i in range(NUM_PCRS)]
+        from tpm2_pytss._libtpm2_pytss import ffi, lib
         self.banks = banks
         field = {"sha1": "sha1", "sha256": "sha256", "sha384": "sha384", "sha512": "sha512", "sm3": "sm3_256"}
-        algs = [(TPM2_ALG(ALG_IDS[b]), field[b]) for b in banks]
-
-        def tpml(digests):
-            return TPML_DIGEST_VALUES([TPMT_HA(hashAlg=a, digest=TPMU_HA(**{f: d})) for (a, f), d in zip(algs, digests)])
-        self._tpml = tpml
+        tpml = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG(ALG_IDS[b]), digest=TPMU_HA(**{field[b]: bytes(
+            _SIZES[b])})) for b in banks])
+        cdata = tpml._cdata
+        # the digest buffer of each slot, in bank order
+        self._slots = [ffi.cast("uint8_t *", ffi.addressof(cdata.digests[i].digest)) for i in range(len(banks))]
+        self._tpml_keep, self._tpml_cdata = tpml, cdata
+        self._ffi, self._lib = ffi, lib
+        self._handles = [int(ESYS_TR.PCR0) + i for i in range(NUM_PCRS)]
+        self._sessions = (int(ESYS_TR.PASSWORD), int(ESYS_TR.NONE), int(ESYS_TR.NONE))
 
     def extend(self, items) -> tuple[int, Exception | None]:
         """TPM2_PCR_Extend for each (pcr, digests-in-bank-order), in order, one
         command per record covering every bank. Returns how many were done
         and the error that stopped the rest."""
-        esapi, tpml, handles = self.esapi, self._tpml, self._handles
+        from tpm2_pytss.TSS2_Exception import TSS2_Exception
+        memmove, call, ctx = self._ffi.memmove, self._lib.Esys_PCR_Extend, self.esapi._ctx
+        slots, handles, cdata = self._slots, self._handles, self._tpml_cdata
+        s1, s2, s3 = self._sessions
         done = 0
-        try:
-            for pcr, digests in items:
-                esapi.pcr_extend(handles[pcr], tpml(digests))
-                done += 1
-        except Exception as e:
-            return done, TpmError(f"TPM2_PCR_Extend(PCR {pcr}): {e}", _rc(e))
+        for pcr, digests in items:
+            for slot, d in zip(slots, digests):
+                memmove(slot, d, len(d))
+            rc = call(ctx, handles[pcr], s1, s2, s3, cdata)
+            if rc:
+                e = TSS2_Exception(rc)
+                return done, TpmError(f"TPM2_PCR_Extend(PCR {pcr}): {e}", _rc(e))
+            done += 1
         return done, None
 
     def read(self, pcrs=range(NUM_PCRS)) -> dict[str, list[bytes]]:
