@@ -132,8 +132,10 @@ class TpmPcrs:
         self.failure_result = 0
         self._logged = 0
         self._known = device.read()
+        import trio
         self._limiter = None
-        self._wake = self._progress = None
+        self._wake = trio.Event()  # set when an extend is queued
+        self._progress = trio.Event()  # set (and replaced) when extends are done or given up
 
     # -- the store's calls (sync, on the loop) -------------------------------------
     @property
@@ -157,8 +159,7 @@ class TpmPcrs:
             return
         self._pending.append((pcr, digests))
         self.queued += 1
-        if self._wake is not None:
-            self._wake.set()
+        self._wake.set()
 
     def read(self, bank: str, pcr: int) -> bytes:
         return self._known[bank][pcr]
@@ -176,7 +177,6 @@ class TpmPcrs:
         """Send queued extends in order, EXTEND_BATCH per worker-thread call."""
         import trio
         self._limiter = trio.CapacityLimiter(1)
-        self._progress = trio.Event()
         while True:
             if not self._pending:
                 self._wake = trio.Event()
@@ -199,11 +199,12 @@ class TpmPcrs:
             self._progress.set()
             self._progress = trio.Event()
 
-    async def _call(self, fn, *args, timeout: float = COMMAND_TIMEOUT):
+    async def _call(self, fn, *args, timeout: float | None = None):
         """``fn(*args)`` in the TPM's worker thread (one at a time); a TPM
         that does not answer in ``timeout`` seconds fails (its thread is
         abandoned, and so is this ESAPI context)."""
         import trio
+        timeout = COMMAND_TIMEOUT if timeout is None else timeout
         with trio.move_on_after(timeout):
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
         self._limiter = trio.CapacityLimiter(1)  # the abandoned thread keeps the old one
@@ -213,7 +214,7 @@ class TpmPcrs:
     async def settle(self, lag: int = 0) -> None:
         """Until every extend queued so far (all but ``lag``) is done or given up."""
         target = self.queued - lag
-        while self.finished < target and self._progress is not None:
+        while self.finished < target:
             await self._progress.wait()
 
     async def snapshot(self) -> dict[str, list[bytes]]:
