@@ -115,7 +115,9 @@ class Ima:
                                  measure_policy_file=lambda path: run_inline(self.measure_file(path, "POLICY_CHECK", MAY_READ)),
                                  real_path=self.real_path)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
-                                      pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
+                                      pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
+                                      # Debian's 6.1 has no sha384/sha512 at IMA init (F-19)
+                                      sha1_padded=("sha384", "sha512") if p.kernel == "6.1" else ())
         for pcr, digest, template, fields in restored:
             self.store.restore(template, fields, pcr, violation=not any(digest))
         self.kexec_segment = None  # size of a loaded kexec segment

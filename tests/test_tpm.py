@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 
 import pytest
 
@@ -181,3 +182,35 @@ def test_tpm_profile_key_accepted(tmp_path):
     f.write_text("PCR-00: " + "11" * 32 + "\n")
     with pytest.raises(ProfileError, match="boot_pcrs needs tpm = soft"):
         load_profile(None, ["tpm=swtpm", f"boot_pcrs.sha256={f}"])
+
+
+def test_kernel_61_extends_sha384_and_sha512_with_the_padded_sha1_digest():
+    """kernel-observed.md F-19: sha256 gets real sha256 digests, sha384/sha512
+    the SHA-1 template digest zero-padded; violations full-size 0xFF."""
+    from imafs.ima import Ima
+    banks = "sha1,sha256,sha384,sha512"
+    for kernel in ("6.1", "6.12"):
+        ima = Ima(load_profile(None, [f"kernel={kernel}", f"tpm_banks={banks}"]))
+        from imafs.blocking import run_inline
+        run_inline(ima.record(name="/x", digest="sha256:" + "ab" * 32))
+        run_inline(ima.record(name="/v", violation=True))
+        data = ima.store.current.sha1_bytes()
+        expect = {b: bytes(hashlib.new(b).digest_size) for b in banks.split(",")}
+        off = 0
+        while off < len(data):  # replay the legacy list: sha1 template digests
+            sha1 = data[off + 4:off + 24]
+            n, = struct.unpack_from("<I", data, off + 24)
+            dlen, = struct.unpack_from("<I", data, off + 28 + n)
+            tdata = data[off + 32 + n:off + 32 + n + dlen]
+            off += 32 + n + dlen
+            for b in expect:
+                size = len(expect[b])
+                if sha1 == bytes(20):
+                    d = b"\xff" * size
+                elif kernel == "6.1" and b in ("sha384", "sha512"):
+                    d = sha1 + bytes(size - 20)
+                else:
+                    d = hashlib.new(b, tdata).digest()
+                expect[b] = hashlib.new(b, expect[b] + d).digest()
+        for b in expect:
+            assert ima.pcrs.read(b, 10) == expect[b], (kernel, b)
