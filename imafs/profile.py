@@ -190,6 +190,7 @@ KEYS = {
     "iint_cache_size": _int_range(1, 1 << 40),
     "tpm": _tpm,
     "allow_hardware_tpm": _bool,
+    "event_log": _str,
 }
 
 
@@ -220,6 +221,7 @@ class Profile:
     iint_cache_size: int = 100_000  # inodes with IMA state kept; more evict closed ones
     tpm: str = "soft"  # soft | swtpm | tcti:<conf> (docs/tpm.md)
     allow_hardware_tpm: bool = False  # tcti:device / tcti:tabrmd extend a real PCR 10
+    event_log: str = ""  # a TCG2 boot event log replayed at boot; "" = synthetic (swtpm), none (tcti)
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -363,6 +365,9 @@ def _check_tpm(p: Profile, boot) -> None:
     """A TPM backend needs banks and takes PCR 0-9 from the TPM; a hardware
     TPM only when allowed (extending its PCR 10 cannot be undone)."""
     if p.tpm == "soft":
+        if p.event_log:
+            raise ProfileError("event_log: a boot event log is replayed into a TPM; it needs "
+                               "tpm = swtpm or tcti:<conf>")
         return
     if not p.tpm_banks:
         raise ProfileError(f"tpm: {p.tpm!r} with tpm_banks = none (TPM-bypass); "

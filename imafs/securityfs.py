@@ -283,6 +283,20 @@ class CounterFile(Node):
         return (b"%d\n" % self.value())[offset:offset + size]
 
 
+class BiosLogFile(Node):
+    """tpm0/binary_bios_measurements: the TPM's boot event log, as read-only
+    as the kernel's (tpm_bios_measurements_ops, mode 0440)."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, *args, log: bytes):
+        super().__init__(*args)
+        self.log = log
+
+    def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        return self.log[offset:offset + size]
+
+
 class PolicyNode(Node):
     """The `policy` file: each boot makes it anew with the policy's mode; a
     load takes away its write bit (READ_POLICY alone) or the file itself."""
@@ -339,6 +353,10 @@ class Tree:
         integrity = self._node(Directory, "integrity", S_DIR, self.root)
         self._node(Symlink, "ima", S_LNK, self.root, target="integrity/ima")
         self.dir = self._node(Directory, "ima", S_DIR, integrity)
+        log = getattr(ima.pcrs, "event_log", None)
+        if log:  # the TPM driver's files, beside integrity/
+            tpm0 = self._node(Directory, "tpm0", S_DIR, self.root)
+            self._node(BiosLogFile, "binary_bios_measurements", S_LIST, tpm0, log=log)
         self.staging = bool(ima.profile.staging)
         self.lock = MeasureLock()
         self._populate()

@@ -113,7 +113,7 @@ class TpmPcrs:
     what boot_aggregate is computed from); :meth:`snapshot` reads it now.
     """
 
-    def __init__(self, backend: str, device, klog, swtpm=None, conf: str = ""):
+    def __init__(self, backend: str, device, klog, swtpm=None, conf: str = "", event_log: bytes | None = None):
         from . import tpmdev
         self._dev = tpmdev
         self.backend = backend  # "swtpm" | "tcti"
@@ -122,6 +122,7 @@ class TpmPcrs:
         self.klog = klog
         self.swtpm = swtpm
         self.conf = conf
+        self.event_log = event_log  # replayed into PCR 0-9 at every boot; tpm0/binary_bios_measurements
         self._ff = tuple(b"\xff" * digest_size(b) for b in self.banks)
         self._pending: deque = deque()  # (pcr, digests in bank order), in list order
         self.queued = 0  # extends handed to the worker in this boot
@@ -258,6 +259,7 @@ class TpmPcrs:
             dev.banks = self.banks
             dev.use_banks(self.banks)
             await self._call(dev.startup)
+            await self._call(replay_event_log, dev, self.event_log)
             self._known = await self._call(dev.read)
             self.device = dev
             self.failed = None
@@ -324,6 +326,29 @@ class TpmPcrs:
             self.swtpm.stop()
 
 
+def replay_event_log(dev, log: bytes | None) -> None:
+    """The firmware's extends of the boot event log, into a TPM just started."""
+    if not log:
+        return
+    from .eventlog import replay_extends
+    done, error = dev.extend(replay_extends(log, dev.banks))
+    if error is not None:
+        raise error
+
+
+def _load_event_log(path: str) -> bytes:
+    from .tpmdev import TpmError
+    from .eventlog import MAX_LOG
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LOG + 1)
+    except OSError as e:
+        raise TpmError(f"event_log: cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_LOG:
+        raise TpmError(f"event_log: {path} is larger than {MAX_LOG} bytes")
+    return data
+
+
 def sw_ready_timeout() -> float:
     from .tpmdev import READY_TIMEOUT
     return READY_TIMEOUT + 1
@@ -373,7 +398,16 @@ def open_backend(profile, state_dir: Path, klog):
                 raise TpmError(f"the TPM at {conf} has a {b} bank, which this machine cannot hash") from None
         dev.banks = banks
         dev.use_banks(banks)
-        pcrs = TpmPcrs(backend, dev, klog, swtpm=sw, conf=conf)
+        from .eventlog import EventLogError, synthesize
+        if profile.event_log:
+            log_bytes = _load_event_log(profile.event_log)
+        else:
+            log_bytes = synthesize(banks) if sw is not None else None
+        try:
+            replay_event_log(dev, log_bytes)
+        except EventLogError as e:
+            raise TpmError(f"event_log {profile.event_log or '(synthetic)'}: {e}") from None
+        pcrs = TpmPcrs(backend, dev, klog, swtpm=sw, conf=conf, event_log=log_bytes)
     except BaseException:
         if dev is not None:
             dev.close()

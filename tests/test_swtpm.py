@@ -135,9 +135,10 @@ def test_swtpm_pcrs_follow_the_list_through_reboot_and_kexec(mount_imafs):
     assert "ascii_runtime_measurements_sha384" in files and "binary_runtime_measurements_sha512" not in files
     st = m.client.call("status")["tpm"]
     assert st["backend"] == "swtpm" and st["banks"] == list(banks) and st["state"] == "ok"
-    # a fresh swtpm: PCR 0-9 zero, so boot_aggregate is sha256 over ten zero PCRs
+    # boot_aggregate: sha256 over the TPM's sha256 PCR 0-9 (kernel-abi.md §4.3)
     first = m.read("ascii_runtime_measurements", "r").splitlines()[0]
-    assert first.endswith("sha256:" + hashlib.sha256(bytes(320)).hexdigest() + " boot_aggregate")
+    pcr0_9 = b"".join(bytes.fromhex(v) for v in pcrread(tpm_env(m), ["sha256"])["sha256"][:10])
+    assert first.endswith("sha256:" + hashlib.sha256(pcr0_9).hexdigest() + " boot_aggregate")
 
     m.cli("record", "--name", "/a", "--digest", digest("a"))
     m.cli("record", "--name", "/v", "--violation")
@@ -330,3 +331,103 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def eventlog_pcrs(path) -> dict[str, list[str]]:
+    """The PCR values tpm2_eventlog computes by replaying a log."""
+    out = subprocess.run(["tpm2_eventlog", str(path)], capture_output=True, text=True, check=True).stdout
+    values: dict[str, dict[int, str]] = {}
+    section = bank = None
+    for line in out.splitlines():
+        if line.startswith("pcrs:"):
+            section = True
+        elif section and re.fullmatch(r"\s+\w+:", line):
+            bank = line.strip()[:-1]
+            values[bank] = {}
+        elif section and (m := re.fullmatch(r"\s+(\d+)\s*:\s*0x([0-9a-fA-F]+)", line)):
+            values[bank][int(m.group(1))] = m.group(2).lower()
+    return {b: [v.get(i) for i in range(8)] for b, v in values.items()}
+
+
+def boot_aggregate_of(m) -> str:
+    first = m.read("ascii_runtime_measurements", "r").splitlines()[0].split()
+    assert first[-1] == "boot_aggregate"
+    return first[3]
+
+
+def evmctl_boot_aggregate(env) -> list[str]:
+    r = subprocess.run(["evmctl", "ima_boot_aggregate"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def test_boot_event_log_is_replayed_into_pcr_0_to_7(mount_imafs):
+    m = mount_imafs("tpm=swtpm")
+    log = m.path / "tpm0" / "binary_bios_measurements"
+    st = os.stat(log)
+    assert (st.st_mode, st.st_uid, st.st_gid) == (0o100440, 0, 0)
+    env = tpm_env(m)
+    replayed = eventlog_pcrs(log)
+    assert set(replayed) == {"sha1", "sha256"}
+    tpm = pcrread(env, ["sha1", "sha256"])
+    for bank in replayed:
+        assert replayed[bank] == tpm[bank][:8], bank
+    assert tpm["sha256"][0] != "0" * 64 and tpm["sha256"][7] != "0" * 64
+    agg = boot_aggregate_of(m)
+    assert agg in evmctl_boot_aggregate(env)  # evmctl reads the TPM through tsspcrread
+    assert agg != "sha256:" + hashlib.sha256(bytes(320)).hexdigest()
+
+    m.cli("record", "--name", "/a", "--digest", digest("a"))
+    m.cli("reboot")  # power cycle, the log replayed again: the same PCR 0-7, the same boot_aggregate
+    env = tpm_env(m)
+    assert pcrread(env, ["sha256"])["sha256"][:8] == replayed["sha256"]
+    assert boot_aggregate_of(m) == agg
+    assert_tpm_matches(m, ("sha1", "sha256"))
+
+
+def _hand_made_log() -> bytes:
+    """A crypto-agile log written field by field: Spec ID (sha1, sha256), a
+    CRTM version in PCR 0, a POST code in PCR 2, separators in PCR 0-7."""
+    spec = (b"Spec ID Event03\0" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 2)
+            + struct.pack("<HHHH", 0x4, 20, 0xB, 32) + b"\0")
+    out = struct.pack("<II", 0, 3) + bytes(20) + struct.pack("<I", len(spec)) + spec
+
+    def event(pcr, etype, data):
+        return (struct.pack("<III", pcr, etype, 2) + struct.pack("<H", 0x4) + hashlib.sha1(data).digest()
+                + struct.pack("<H", 0xB) + hashlib.sha256(data).digest() + struct.pack("<I", len(data)) + data)
+    out += event(0, 0x8, "hand-made 2.0\0".encode("utf-16-le"))
+    out += event(2, 0x1, b"option rom")
+    for pcr in range(8):
+        out += event(pcr, 0x4, bytes(4))
+    return out
+
+
+def test_event_log_from_a_file(mount_imafs, tmp_path):
+    path = tmp_path / "bios.bin"
+    path.write_bytes(_hand_made_log())
+    m = mount_imafs("tpm=swtpm", f"event_log={path}")
+    exported = m.path / "tpm0" / "binary_bios_measurements"
+    assert exported.read_bytes() == path.read_bytes()
+    env = tpm_env(m)
+    tpm = pcrread(env, ["sha1", "sha256"])
+    expect = {}
+    for bank, h in (("sha1", hashlib.sha1), ("sha256", hashlib.sha256)):
+        pcr = [bytes(h().digest_size)] * 8
+        pcr[0] = h(pcr[0] + h("hand-made 2.0\0".encode("utf-16-le")).digest()).digest()
+        pcr[2] = h(pcr[2] + h(b"option rom").digest()).digest()
+        pcr = [h(v + h(bytes(4)).digest()).digest().hex() for v in pcr]
+        expect[bank] = pcr
+        assert tpm[bank][:8] == pcr, bank
+    assert eventlog_pcrs(exported) == expect
+    assert boot_aggregate_of(m) in evmctl_boot_aggregate(env)
+
+
+def test_a_log_that_is_not_tcg2_is_refused(mount_imafs, tmp_path, runtime_dir):
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"\0" * 100)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = imafs("mount", mp, "--set", "tpm=swtpm", "--set", f"event_log={bad}", check=False)
+    assert r.returncode != 0 and "not a crypto-agile (TCG2) log" in r.stderr
+    r = imafs("mount", mp, "--set", f"event_log={bad}", check=False)
+    assert r.returncode != 0 and "event_log" in r.stderr and "tpm = swtpm" in r.stderr
