@@ -431,3 +431,53 @@ def test_a_log_that_is_not_tcg2_is_refused(mount_imafs, tmp_path, runtime_dir):
     assert r.returncode != 0 and "not a crypto-agile (TCG2) log" in r.stderr
     r = imafs("mount", mp, "--set", f"event_log={bad}", check=False)
     assert r.returncode != 0 and "event_log" in r.stderr and "tpm = swtpm" in r.stderr
+
+
+def test_keylime_checks_a_quote_and_the_list_together(mount_imafs, tmp_path):
+    """keylime's verifier (Tpm.check_quote): the quote's signature and nonce,
+    PCR 10 against the list and the runtime policy; one changed record fails."""
+    import base64
+
+    from keylime.common.algorithms import Hash
+    from keylime.mba import mba
+    from keylime.tpm.tpm_main import Tpm
+
+    mba.load_imports(skip_custom_policies=True)  # as the verifier does at start
+
+    from .keylime_check import runtime_policy  # also: violations tolerated (the option reads inverted)
+
+    m = mount_imafs("tpm=swtpm")
+    m.cli("generate", "--count", "300")
+    m.cli("record", "--name", "/etc/agent.conf", "--digest", digest("c"))
+    m.cli("record", "--name", "/v", "--violation")
+    env = tpm_env(m)
+    t = tmp_path
+    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
+         "-s", "rsassa", "-u", t / "ak.pub", "-n", t / "ak.name")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_flushcontext", "-s")
+    nonce = "imafs-keylime-nonce"
+    quote(env, t, "k", nonce.encode().hex())
+    blob = "r" + ":".join(base64.b64encode((t / f"k.{x}").read_bytes()).decode() for x in ("msg", "sig", "pcrs"))
+    ak = base64.b64encode((t / "ak.pub").read_bytes()).decode()
+    text = m.read("ascii_runtime_measurements_sha256", "r")
+    policy = runtime_policy(text, "sha256")
+
+    def check(ascii_list, nonce=nonce):
+        return Tpm().check_quote(None, nonce, None, blob, ak, tpm_policy={}, ima_measurement_list=ascii_list,
+                                 runtime_policy=policy, hash_alg=Hash.SHA256, skip_clock_check=True,
+                                 skip_data_pcr_check=True)
+
+    failure = check(text)
+    assert not failure, [e.event_id for e in failure.events]
+    failure = check(text, nonce="another-nonce")
+    assert failure and all(e.event_id.endswith(".quote_validation") for e in failure.events)  # keylime spells the component "qoute_validation"
+    lines = text.splitlines(keepends=True)
+    victim = lines[150]
+    col = victim.index(" ", 3) + 5  # inside the template digest
+    changed = victim[:col] + ("0" if victim[col] != "0" else "1") + victim[col + 1:]
+    failure = check("".join(lines[:150] + [changed] + lines[151:]))
+    assert failure and any("pcr" in e.event_id or "ima" in e.event_id for e in failure.events), \
+        [e.event_id for e in failure.events]
