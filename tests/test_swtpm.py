@@ -473,7 +473,8 @@ def test_keylime_checks_a_quote_and_the_list_together(mount_imafs, tmp_path):
     failure = check(text)
     assert not failure, [e.event_id for e in failure.events]
     failure = check(text, nonce="another-nonce")
-    assert failure and all(e.event_id.endswith(".quote_validation") for e in failure.events)  # keylime spells the component "qoute_validation"
+    # keylime spells the component "qoute_validation"
+    assert failure and all(e.event_id.endswith(".quote_validation") for e in failure.events)
     lines = text.splitlines(keepends=True)
     victim = lines[150]
     col = victim.index(" ", 3) + 5  # inside the template digest
