@@ -161,10 +161,12 @@ class Server:
         handler = getattr(self, "cmd_" + cmd, None)
         if handler is None:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
+        pcrs = self.ima.pcrs
+        queued = pcrs.queued if pcrs is not None else 0
         try:
             result = await handler(**req)
-            if self.ima.pcrs is not None and self.ima.pcrs.unsettled:
-                await self.ima.pcrs.settle()  # the request's records are in the TPM before it returns
+            if pcrs is not None and pcrs.queued != queued:
+                await pcrs.settle()  # the request's records are in the TPM before it returns
         except TypeError as e:
             return {"ok": False, "error": f"{cmd}: bad arguments ({e})"}
         except (RequestError, ValueError) as e:

@@ -414,10 +414,11 @@ def _guarded(op):
 
     @functools.wraps(op)
     async def guarded(self, *args):
+        pcrs = self.tree.ima.pcrs
+        queued = pcrs.queued if pcrs is not None else 0
         try:
             result = await op(self, *args)
-            pcrs = self.tree.ima.pcrs
-            if pcrs is not None and pcrs.unsettled:
+            if pcrs is not None and pcrs.queued != queued:
                 await pcrs.settle()  # records it caused are in the TPM before it returns
             return result
         except pyfuse3.FUSEError:

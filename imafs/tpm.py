@@ -12,8 +12,8 @@ The store calls ``extend``/``extend_violation`` synchronously, on the event
 loop, right after it appended the record (the kernel's order: list, then
 PCR).  A TPM command blocks, so :class:`TpmPcrs` does not send it there: it
 queues the extend and one worker task (:meth:`TpmPcrs.run`) sends the queue,
-in order, from a worker thread.  Whoever answers a request that may have
-added records (the control socket, every FUSE operation) awaits
+in order, from a worker thread.  A request that queued extends (the control
+socket and the FUSE front compare ``queued`` before and after it) awaits
 :meth:`TpmPcrs.settle` before answering, so the PCR is extended before the
 request that caused the record returns, and the list is never ahead of the
 TPM for longer than one request.  A TPM that fails or does not answer within
@@ -46,6 +46,7 @@ class PcrBanks:
 
     backend = "soft"
     unsettled = False  # an extend is done when extend() returns
+    queued = 0  # nothing is ever queued
 
     def __init__(self, banks: Sequence[str], boot_pcrs: Mapping[str, Sequence[bytes]] | None = None):
         self.banks = tuple(banks)
