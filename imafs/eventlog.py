@@ -22,6 +22,7 @@ EV_POST_CODE = 0x1
 EV_NO_ACTION = 0x3
 EV_SEPARATOR = 0x4
 EV_S_CRTM_VERSION = 0x8
+EV_IPL = 0xD
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
 EV_EFI_BOOT_SERVICES_APPLICATION = 0x80000003
 SPEC_ID = b"Spec ID Event03\0"
@@ -62,8 +63,10 @@ _EFI_GLOBAL = bytes.fromhex("61dfe48bca93d211aa0d00e098032b8c")
 
 def synthesize(banks: tuple[str, ...]) -> bytes:
     """A small well-formed log: the Spec ID event, EV_S_CRTM_VERSION, a POST
-    code, SecureBoot as EV_EFI_VARIABLE_DRIVER_CONFIG, boot applications
-    (shim, grub) and EV_SEPARATOR in PCR 0-7."""
+    code, SecureBoot as EV_EFI_VARIABLE_DRIVER_CONFIG, EV_SEPARATOR in PCR
+    0-7, boot applications (shim, grub) in PCR 4, and grub's EV_IPL events:
+    commands in PCR 8, the kernel and initrd in PCR 9 (so that verifiers that
+    replay PCR 0-9, as keylime does for the sha256 boot_aggregate, find all ten)."""
     sizes = [(ALG_IDS[b], hashlib.new("sm3" if b == "sm3" else b).digest_size) for b in banks]
     spec = (SPEC_ID + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, len(sizes))
             + b"".join(struct.pack("<HH", a, n) for a, n in sizes) + b"\0")
@@ -81,6 +84,13 @@ def synthesize(banks: tuple[str, ...]) -> bytes:
         load = struct.pack("<QQQQ", 0x7d000000, 0x100000, 0, len(path)) + path
         digests = {b: _hash(b, b"imafs synthetic " + image) for b in banks}  # an Authenticode hash
         out.append(_event2(4, EV_EFI_BOOT_SERVICES_APPLICATION, banks, load, digests))
+    # grub: its commands and the kernel command line in PCR 8, the files it loads in PCR 9
+    for text in (b"grub_cmd: linux /boot/vmlinuz-imafs root=/dev/vda1 ro ima_policy=tcb",
+                 b"kernel_cmdline: /boot/vmlinuz-imafs root=/dev/vda1 ro ima_policy=tcb"):
+        out.append(_event2(8, EV_IPL, banks, text + b"\0"))
+    for path in (b"/boot/vmlinuz-imafs", b"/boot/initrd.img-imafs"):
+        digests = {b: _hash(b, b"imafs synthetic " + path) for b in banks}  # the file's digest
+        out.append(_event2(9, EV_IPL, banks, path + b"\0", digests))
     return b"".join(out)
 
 

@@ -4,6 +4,7 @@ by hand with struct + hashlib."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -345,7 +346,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def eventlog_pcrs(path) -> dict[str, list[str]]:
+def eventlog_pcrs(path, n: int = 8) -> dict[str, list[str]]:
     """The PCR values tpm2_eventlog computes by replaying a log."""
     out = subprocess.run(["tpm2_eventlog", str(path)], capture_output=True, text=True, check=True).stdout
     values: dict[str, dict[int, str]] = {}
@@ -358,7 +359,7 @@ def eventlog_pcrs(path) -> dict[str, list[str]]:
             values[bank] = {}
         elif section and (m := re.fullmatch(r"\s+(\d+)\s*:\s*0x([0-9a-fA-F]+)", line)):
             values[bank][int(m.group(1))] = m.group(2).lower()
-    return {b: [v.get(i) for i in range(8)] for b, v in values.items()}
+    return {b: [v.get(i) for i in range(n)] for b, v in values.items()}
 
 
 def boot_aggregate_of(m) -> str:
@@ -373,18 +374,18 @@ def evmctl_boot_aggregate(env) -> list[str]:
     return r.stdout.split()
 
 
-def test_boot_event_log_is_replayed_into_pcr_0_to_7(mount_imafs):
+def test_boot_event_log_is_replayed_into_pcr_0_to_9(mount_imafs):
     m = mount_imafs("tpm=swtpm")
     log = m.path / "tpm0" / "binary_bios_measurements"
     st = os.stat(log)
     assert (st.st_mode, st.st_uid, st.st_gid) == (0o100440, 0, 0)
     env = tpm_env(m)
-    replayed = eventlog_pcrs(log)
+    replayed = eventlog_pcrs(log, 10)
     assert set(replayed) == {"sha1", "sha256"}
     tpm = pcrread(env, ["sha1", "sha256"])
     for bank in replayed:
-        assert replayed[bank] == tpm[bank][:8], bank
-    assert tpm["sha256"][0] != "0" * 64 and tpm["sha256"][7] != "0" * 64
+        assert replayed[bank] == tpm[bank][:10], bank
+    assert all(v != "0" * 64 for v in tpm["sha256"][:10])
     agg = boot_aggregate_of(m)
     assert agg in evmctl_boot_aggregate(env)  # evmctl reads the TPM through tsspcrread
     assert agg != "sha256:" + hashlib.sha256(bytes(320)).hexdigest()
@@ -392,7 +393,7 @@ def test_boot_event_log_is_replayed_into_pcr_0_to_7(mount_imafs):
     m.cli("record", "--name", "/a", "--digest", digest("a"))
     m.cli("reboot")  # power cycle, the log replayed again: the same PCR 0-7, the same boot_aggregate
     env = tpm_env(m)
-    assert pcrread(env, ["sha256"])["sha256"][:8] == replayed["sha256"]
+    assert pcrread(env, ["sha256"])["sha256"][:10] == replayed["sha256"]
     assert boot_aggregate_of(m) == agg
     assert_tpm_matches(m, ("sha1", "sha256"))
 
@@ -494,3 +495,53 @@ def test_keylime_checks_a_quote_and_the_list_together(mount_imafs, tmp_path):
     failure = check("".join(lines[:150] + [changed] + lines[151:]))
     assert failure and any("pcr" in e.event_id or "ima" in e.event_id for e in failure.events), \
         [e.event_id for e in failure.events]
+
+
+
+def test_keylime_measured_boot_and_ima_with_the_exported_event_log(mount_imafs, tmp_path):
+    """keylime parses tpm0/binary_bios_measurements (tpm2_eventlog), replays it
+    against the quoted PCR 0-9 and checks the list's boot_aggregate with it."""
+    import base64
+
+    from keylime.common.algorithms import Hash
+    from keylime.mba import mba
+    from keylime.tpm.tpm_main import Tpm
+
+    from .keylime_check import runtime_policy
+
+    mba.load_imports(skip_custom_policies=True)
+    m = mount_imafs("tpm=swtpm")
+    m.cli("generate", "--count", "100")
+    env = tpm_env(m)
+    t = tmp_path
+    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
+         "-s", "rsassa", "-u", t / "ak.pub", "-n", t / "ak.name")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_flushcontext", "-s")
+    nonce = "imafs-mb-nonce"
+    r = tpm2(env, "tpm2_quote", "-c", t / "ak.ctx", "-l", "sha256:0,1,2,3,4,5,6,7,8,9,10", "-q",
+             nonce.encode().hex(), "-g", "sha256", "-m", t / "q.msg", "-s", t / "q.sig", "-o", t / "q.pcrs")
+    blob = "r" + ":".join(base64.b64encode((t / f"q.{x}").read_bytes()).decode() for x in ("msg", "sig", "pcrs"))
+    ak = base64.b64encode((t / "ak.pub").read_bytes()).decode()
+    text = m.read("ascii_runtime_measurements_sha256", "r")
+    bios = (m.path / "tpm0" / "binary_bios_measurements").read_bytes()
+
+    # the runtime policy does not know boot_aggregate: keylime accepts it only if
+    # it is the aggregate of PCR 0-9 it computes by replaying the boot log
+    policy = runtime_policy(text, "sha256")
+    del policy["digests"]["boot_aggregate"]
+
+    def check(bootlog):
+        return Tpm().check_quote(None, nonce, None, blob, ak, tpm_policy={}, ima_measurement_list=text,
+                                 runtime_policy=copy.deepcopy(policy), hash_alg=Hash.SHA256,
+                                 mb_measurement_list=bootlog, mb_policy_name="accept-all",
+                                 skip_clock_check=True, skip_data_pcr_check=True)
+
+    failure = check(bios)
+    assert not failure, [(e.event_id, e.context) for e in failure.events]
+    # another machine's log: its PCRs are not the quoted ones, its aggregate not the list's
+    failure = check(_hand_made_log())
+    ids = [e.event_id for e in failure.events]
+    assert "ima.validation.ima-ng.runtime_policy_hash" in ids, ids
