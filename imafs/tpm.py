@@ -275,8 +275,8 @@ class TpmPcrs:
             return
         if self.device is not None:
             old, self.device = self.device, None
-            old.close()
-        sw.stop()
+            await self._call(old.close)
+        await self._call(sw.stop)  # a stopped (SIGSTOP) swtpm takes the 3 s before SIGKILL
         for _ in range(5):
             sw.spawn()  # fork+exec on the loop's (main) thread: the death signal stays tied to it
             if await self._call(sw.wait_ready, timeout=sw_ready_timeout()):

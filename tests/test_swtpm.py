@@ -545,3 +545,43 @@ def test_keylime_measured_boot_and_ima_with_the_exported_event_log(mount_imafs, 
     failure = check(_hand_made_log())
     ids = [e.event_id for e in failure.events]
     assert "ima.validation.ima-ng.runtime_policy_hash" in ids, ids
+
+
+def test_a_silent_swtpm_fails_after_the_timeout_and_reads_never_wait(mount_imafs):
+    """swtpm stopped (SIGSTOP): the request whose extend hangs returns after
+    tpm.COMMAND_TIMEOUT, reads meanwhile answer at once, the TPM is failed
+    with -ETIME; a reboot replaces the swtpm."""
+    from imafs.tpm import COMMAND_TIMEOUT
+
+    m = mount_imafs("tpm=swtpm")
+    pid = m.client.call("status")["tpm"]["swtpm_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = {}
+
+        def record():
+            t = time.monotonic()
+            done["r"] = m.cli("record", "--name", "/stuck", "--digest", digest("5"), check=False)
+            done["s"] = time.monotonic() - t
+        th = threading.Thread(target=record)
+        th.start()
+        time.sleep(1)
+        t = time.monotonic()
+        assert m.read("ascii_runtime_measurements", "r").endswith(" /stuck\n")  # listed before extended
+        assert time.monotonic() - t < 1.0
+        assert th.is_alive()  # the record request waits for its extend
+        th.join(COMMAND_TIMEOUT + 20)
+        assert not th.is_alive() and done["r"].returncode == 0
+        assert COMMAND_TIMEOUT - 1 < done["s"] < COMMAND_TIMEOUT + 10
+        st = m.client.call("status")["tpm"]
+        assert st["state"] == "failed" and "did not answer" in st["error"] and st["not_extended"] == 1
+        assert "Error Communicating to TPM chip, result: -62" in m.cli("dmesg").stdout
+        m.cli("reboot")
+        st = m.client.call("status")["tpm"]
+        assert st["state"] == "ok" and st["swtpm_pid"] != pid
+        assert_tpm_matches(m, ("sha1", "sha256"))
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
