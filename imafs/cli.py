@@ -178,7 +178,10 @@ def cmd_status(args) -> int:
 def cmd_pcrs(args) -> int:
     if args.format == "evmctl" and not args.bank:
         return _fail("--format evmctl needs --bank (evmctl reads one PCR file per bank)", 2)
-    pcrs = _client(args).call("pcrs", **({"bank": args.bank} if args.bank else {}))["pcrs"]
+    answer = _client(args).call("pcrs", **({"bank": args.bank} if args.bank else {}))
+    pcrs = answer["pcrs"]
+    if args.format == "hex":
+        print(f"# PCRs read from the {answer.get('backend', 'soft')} backend", file=sys.stderr)
     for bank, values in pcrs.items():
         if args.format == "evmctl":
             sys.stdout.write(format_pcr_file([bytes.fromhex(v) for v in values]))
@@ -232,6 +235,16 @@ def cmd_dmesg(args) -> int:
         sys.stdout.buffer.write(log)
     else:
         print("imafs: the emulated kernel has logged nothing yet", file=sys.stderr)
+    return 0
+
+
+def cmd_tpm_env(args) -> int:
+    """``export`` lines that point tpm2-tools, tpm2-tss and the IBM TSS (tsspcrread,
+    so evmctl) at the mount's TPM."""
+    import shlex
+    env = _client(args).call("tpm_env")["env"]
+    for k, v in env.items():
+        print(f"export {k}={shlex.quote(v)}")
     return 0
 
 
@@ -348,6 +361,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = with_mount(sub.add_parser("suspend", help="run the reboot notifiers: measurements "
                                    "suspended, A -> EACCES, D and N -> ESTALE"))
     sp.set_defaults(fn=cmd_suspend)
+
+    tp = sub.add_parser("tpm", help="the mount's TPM (tpm = swtpm or tcti:...)")
+    tsub = tp.add_subparsers(dest="tpm_command", required=True, metavar="TPM_COMMAND")
+    te = with_mount(tsub.add_parser("env", help="print export lines for TPM2TOOLS_TCTI, TCTI and the "
+                                    "IBM TSS variables (TPM_INTERFACE_TYPE, ...) that reach the TPM"))
+    te.set_defaults(fn=cmd_tpm_env)
     return p
 
 

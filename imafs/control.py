@@ -369,8 +369,13 @@ class Server:
         for arg, value in req.items():
             if not _conforms(value, hints[arg]):
                 return _error(f"{cmd}: {arg} must be {_describe(hints[arg])}, not {_shown(value)}")
+        pcrs = self.ima.pcrs
+        queued = pcrs.queued if pcrs is not None else 0
         try:
-            return {"ok": True, **await handler(**req)}
+            result = await handler(**req)
+            if pcrs is not None and pcrs.queued != queued:
+                await pcrs.settle()  # the request's records are in the TPM before it returns
+            return {"ok": True, **result}
         except (RequestError, ValueError) as e:
             return _error(str(e))
 
@@ -388,10 +393,21 @@ class Server:
         for first in range(0, count, GENERATE_BATCH):
             added += self.ima.generate(min(GENERATE_BATCH, count - first))
             await trio.sleep(0)  # let readers in between batches
+            if self.ima.pcrs is not None and self.ima.pcrs.unsettled:
+                await self.ima.pcrs.settle(lag=GENERATE_BATCH)  # the TPM at most a batch behind
         return {"added": added, "count": self.ima.store.current.count}
 
     async def cmd_status(self):
-        return self.ima.status()
+        status = self.ima.status()
+        pcrs = self.ima.pcrs
+        if pcrs is not None and pcrs.backend != "soft":
+            try:
+                values = await pcrs.snapshot()
+                status["pcrs"] = {b: {str(i): v.hex() for i, v in enumerate(vals)} for b, vals in values.items()}
+            except RequestError:
+                pass  # status["tpm"] says why
+            status["tpm"] = pcrs.describe()
+        return status
 
     async def cmd_pcrs(self, bank: str | None = None):
         pcrs = self.ima.pcrs
@@ -401,7 +417,16 @@ class Server:
         for b in banks:
             if b not in pcrs.banks:
                 raise RequestError(f"no PCR bank {b!r}; banks: {', '.join(pcrs.banks)}")
-        return {"pcrs": {b: [v.hex() for v in pcrs.values(b)] for b in banks}}
+        values = await pcrs.snapshot()  # read from the TPM, after the extends queued so far
+        return {"backend": pcrs.backend, "pcrs": {b: [v.hex() for v in values[b]] for b in banks}}
+
+    async def cmd_tpm_env(self):
+        pcrs = self.ima.pcrs
+        env = pcrs.env() if pcrs is not None else None
+        if env is None:
+            raise RequestError(f"tpm = {self.ima.profile.tpm}: no TPM to reach (software PCRs); "
+                               "mount with --set tpm=swtpm")
+        return {"env": env}
 
     async def cmd_measure(self, func: str, path: FilePath | None = None, mask: int = 0, uid: int = 0,
                           euid: int | None = None, gid: int = 0, egid: int | None = None, name: str | None = None,
@@ -429,6 +454,8 @@ class Server:
             self.ima.kexec_load()
             buf = self.ima.kexec_buffer()
         else:
+            if self.ima.pcrs is not None:
+                await self.ima.pcrs.refresh()  # the next kernel reads PCR 0-9 from the TPM
             buf = self.ima.kexec()
         if out is not None:
             await self.runner.io(_write_file, out, dump, buf)
@@ -439,6 +466,9 @@ class Server:
         return {"count": self.ima.store.current.count}
 
     async def cmd_reboot(self):
+        if self.ima.pcrs is not None and self.ima.pcrs.backend != "soft":
+            self.ima.suspend()  # no record gets in between the drain and the power cycle
+            await self.ima.pcrs.power_cycle()
         self.ima.reboot()
         return {"count": self.ima.store.current.count}
 

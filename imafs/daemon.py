@@ -38,6 +38,8 @@ from .klog import KernelLog
 from .profile import Profile
 from .passthrough import HIDDEN_PREFIX, MeasuredFs, Passthrough
 from .securityfs import MOUNT_OPTIONS, SecurityFs, Tree
+from .tpm import open_backend
+from .tpmdev import TpmError
 
 log = logging.getLogger(__name__)
 
@@ -235,23 +237,31 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     it and the kernel log beside the control socket are removed when the
     daemon ends cleanly without having logged an error.
     """
+    pcrs = None
     try:
         check_mountpoint(mountpoint)
         measured = [parse_measure(spec, mountpoint) for spec in measure]
         sock = socket_path(mountpoint)  # before mounting: never ask the mount itself
-        klog = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
-        klog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ima = Ima(profile, KernelLog(klog))
+        kmsg = Path(profile.kernel_log) if profile.kernel_log else sock.with_suffix(".kmsg")
+        kmsg.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        klog = KernelLog(kmsg)
+        pcrs, profile = open_backend(profile, sock.with_suffix(".tpm"), klog)  # may start swtpm
+        ima = Ima(profile, klog, pcrs)
         ima.measured_dirs = measured
         runner = Runner()
         ops = SecurityFs(Tree(ima), runner,
                         MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
         pyfuse3.init(ops, mountpoint, list(MOUNT_OPTIONS))
+    except TpmError as e:
+        ready(f"TPM: {e}")
+        return
     except (MountError, ControlError, RuntimeError, OSError) as e:
+        if pcrs is not None:
+            pcrs.close()
         ready(str(e))
         return
     # a kernel_log the profile names is the user's file: never removed
-    own = [Path(p) for p in (log_file, None if profile.kernel_log else klog) if p]
+    own = [Path(p) for p in (log_file, None if profile.kernel_log else kmsg) if p]
     errors = _ErrorCount()
     logging.getLogger().addHandler(errors)
     binds = Binds(mountpoint, [dst for _, dst in measured])
@@ -265,6 +275,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
             pyfuse3.close(unmount=True)
         finally:
             binds.detach()
+            if pcrs is not None:
+                pcrs.close()  # stops imafs's swtpm
 
 
 class Binds:
@@ -315,6 +327,8 @@ async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: B
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(_supervised, "the reaper of deleted records", ops.reaper)
+        if ima.pcrs is not None and ima.pcrs.backend != "soft":
+            nursery.start_soon(ima.pcrs.run)  # sends the queued PCR extends to the TPM
         await nursery.start(Server(ima, runner, on_shutdown=shutdown).serve, sock)
         nursery.start_soon(_signals, shutdown)
         nursery.start_soon(_attach, binds, ready, shutdown)

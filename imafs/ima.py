@@ -83,13 +83,16 @@ def _stat_fs(path: str):
 class Ima:
     """The emulated kernel's IMA: boots with boot_aggregate, then records events."""
 
-    def __init__(self, profile: Profile, klog: KernelLog | None = None):
+    def __init__(self, profile: Profile, klog: KernelLog | None = None, pcrs=None):
+        """``pcrs``: the PCR banks (imafs.tpm.open_backend); by default
+        software banks as the profile describes them."""
         self.profile = profile
         self.klog = klog or KernelLog(None)
         self.template = profile.template
         self.ima_hash = profile.ima_hash
-        self.pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks}) \
-            if profile.tpm_banks else None
+        if pcrs is None and profile.tpm_banks:
+            pcrs = PcrBanks(profile.tpm_banks, {b: profile.boot_pcr_values(b) for b in profile.tpm_banks})
+        self.pcrs = pcrs
         self.flush_htable = profile.ima_flush_htable and not profile.disable_htable
         self._synthetic = 0  # synthetic records made so far
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
@@ -115,7 +118,9 @@ class Ima:
                                  measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
                                  real_path=self.real_path)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
-                                      pcrs=self.pcrs, disable_htable=self.profile.disable_htable)
+                                      pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
+                                      # Debian's 6.1 has no sha384/sha512 at IMA init (F-19)
+                                      sha1_padded=("sha384", "sha512") if p.kernel == "6.1" else ())
         for pcr, digest, template, fields in restored:
             self.store.restore(template, fields, pcr, violation=not any(digest))
         self.kexec_segment = None  # size of a loaded kexec segment
@@ -411,8 +416,10 @@ class Ima:
             "blocks_to_free": len(self.store.graveyard),
             "iint_cache": self.iint.stats(),
             "counters": self.counters(),
+            "tpm": self.pcrs.describe() if self.pcrs else {"backend": "none (TPM-bypass)"},
+            # a TPM's PCRs are read by the daemon (control.cmd_status), not here
             "pcrs": {b: {str(i): v.hex() for i, v in enumerate(self.pcrs.values(b))}
-                     for b in self.pcrs.banks} if self.pcrs else {},
+                     for b in self.pcrs.banks} if self.pcrs and self.pcrs.backend == "soft" else {},
         }
 
 

@@ -140,6 +140,21 @@ def _int_range(lo: int, hi: int):
     return check
 
 
+def _tpm(key: str, v: Any) -> str:
+    """soft, swtpm, or tcti:<conf> with <conf> as tpm2-tss's TCTI loader reads it."""
+    s = _str(key, v).strip()
+    if s in ("soft", "swtpm"):
+        return s
+    if s.startswith("tcti:"):
+        conf = s[5:]
+        name = conf.partition(":")[0]
+        if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ProfileError(f"{key}: {v!r}: expected tcti:<name>[:<config>], e.g. "
+                               "tcti:swtpm:host=127.0.0.1,port=2321 or tcti:mssim:port=2321")
+        return s
+    raise ProfileError(f"{key}: {v!r} is not allowed; allowed: soft, swtpm, tcti:<name>[:<config>]")
+
+
 BUILTIN_POLICIES = ("tcb", "appraise_tcb", "secure_boot", "critical_data", "fail_securely")
 
 
@@ -173,6 +188,9 @@ KEYS = {
     "kernel_log": _str,
     "violation_limits": _bool,
     "iint_cache_size": _int_range(1, 1 << 40),
+    "tpm": _tpm,
+    "allow_hardware_tpm": _bool,
+    "event_log": _str,
 }
 
 
@@ -201,6 +219,9 @@ class Profile:
     # (v6.15, backported to Debian's 6.12.117); None: on for kernel >= 6.12
     violation_limits: bool | None = None
     iint_cache_size: int = 100_000  # inodes with IMA state kept; more evict closed ones
+    tpm: str = "soft"  # soft | swtpm | tcti:<conf> (docs/tpm.md)
+    allow_hardware_tpm: bool = False  # tcti:device / tcti:tabrmd extend a real PCR 10
+    event_log: str = ""  # a TCG2 boot event log replayed at boot; "" = synthetic (swtpm), none (tcti)
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -333,7 +354,31 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
     p = Profile(**values, explicit=frozenset(values))
     boot = tuple((bank, _load_boot_pcrs(f"boot_pcrs.{bank}", bank, file, p.tpm_banks))
                  for bank, file in pcr_files.items())
+    _check_tpm(p, boot)
     return _resolve_violation_limits(_resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot))))
+
+
+HARDWARE_TCTIS = ("device", "tabrmd")  # TCTIs that reach a real TPM
+
+
+def _check_tpm(p: Profile, boot) -> None:
+    """A TPM backend needs banks and takes PCR 0-9 from the TPM; a hardware
+    TPM only when allowed (extending its PCR 10 cannot be undone)."""
+    if p.tpm == "soft":
+        if p.event_log:
+            raise ProfileError("event_log: a boot event log is replayed into a TPM; it needs "
+                               "tpm = swtpm or tcti:<conf>")
+        return
+    if not p.tpm_banks:
+        raise ProfileError(f"tpm: {p.tpm!r} with tpm_banks = none (TPM-bypass); "
+                           "name the banks, or use tpm = soft")
+    if boot:
+        raise ProfileError(f"boot_pcrs: PCR 0-9 come from the TPM with tpm = {p.tpm!r}; "
+                           "boot_pcrs needs tpm = soft")
+    name = p.tpm[5:].partition(":")[0] if p.tpm.startswith("tcti:") else ""
+    if name in HARDWARE_TCTIS and not p.allow_hardware_tpm:
+        raise ProfileError(f"tpm: {p.tpm!r} reaches a hardware TPM, whose PCR 10 imafs would "
+                           "extend for good; set allow_hardware_tpm = true to allow it")
 
 
 def profile_to_dict(p: Profile) -> dict:

@@ -285,6 +285,20 @@ class CounterFile(Node):
         return (b"%d\n" % self.value())[offset:offset + size]
 
 
+class BiosLogFile(Node):
+    """tpm0/binary_bios_measurements: the TPM's boot event log, as read-only
+    as the kernel's (tpm_bios_measurements_ops, mode 0440)."""
+
+    __slots__ = ("log",)
+
+    def __init__(self, *args, log: bytes):
+        super().__init__(*args)
+        self.log = log
+
+    def read(self, f: OpenFile, offset: int, size: int) -> bytes:
+        return self.log[offset:offset + size]
+
+
 class PolicyNode(Node):
     """The `policy` file: each boot makes it anew with the policy's mode; a
     load takes away its write bit (READ_POLICY alone) or the file itself."""
@@ -344,6 +358,10 @@ class Tree:
         integrity = self._node(Directory, "integrity", S_DIR, self.root)
         self._node(Symlink, "ima", S_LNK, self.root, target="integrity/ima")
         self.dir = self._node(Directory, "ima", S_DIR, integrity)
+        log = getattr(ima.pcrs, "event_log", None)
+        if log:  # the TPM driver's files, beside integrity/
+            tpm0 = self._node(Directory, "tpm0", S_DIR, self.root)
+            self._node(BiosLogFile, "binary_bios_measurements", S_LIST, tpm0, log=log)
         self.staging = bool(ima.profile.staging)
         self.lock = MeasureLock()
         self._populate()
@@ -411,12 +429,17 @@ def _answer_fits(name: str, answer) -> bool:
 def _guarded(op):
     """No request ends the daemon: errnos go back as they are, anything else
     (an exception, an answer pyfuse3 cannot send) as EIO, logged with its
-    traceback in the emulated kernel's log."""
+    traceback in the emulated kernel's log.  A request that queued PCR
+    extends (a TPM backend) answers once they are done."""
 
     @functools.wraps(op)
     async def guarded(self, *args):
+        pcrs = self.tree.ima.pcrs
+        queued = pcrs.queued if pcrs is not None else 0
         try:
             answer = await op(self, *args)
+            if pcrs is not None and pcrs.queued != queued:
+                await pcrs.settle()  # records it caused are in the TPM before it returns
         except pyfuse3.FUSEError:
             raise
         except (FsError, OSError) as e:

@@ -220,7 +220,8 @@ class MeasurementStore:
     """
 
     def __init__(self, *, tpm_banks: tuple[str, ...], ima_hash: str, pcrs=None,
-                 disable_htable: bool = False, cache_bytes: int = 256 << 20):
+                 disable_htable: bool = False, cache_bytes: int = 256 << 20,
+                 sha1_padded: tuple[str, ...] = ()):
         self.tpm_banks = tuple(tpm_banks)
         self.ima_hash = ima_hash
         self.ima_d_len = 16 if ima_hash == "md5" else 20
@@ -233,6 +234,10 @@ class MeasurementStore:
         self.extra_slots = tuple(b for b in slots if b != "sha1")
         self._hashers = tuple((b, T.hasher(b)) for b in slots)
         self._zero_digests = {b: bytes(T.digest_size(b)) for b in slots}
+        # banks whose slot is the SHA-1 template digest zero-padded: the kernel
+        # has no implementation of their hash (kernel-abi.md §4.2, F-19)
+        self._padded = tuple((b, bytes(T.digest_size(b) - SHA1_SIZE)) for b in sha1_padded
+                             if b in slots and b != ima_hash)
         self.views = tuple(View(f, b) for b in self.file_banks for f in ("ascii", "binary"))
         self.pcrs = pcrs
         self.disable_htable = disable_htable
@@ -338,16 +343,19 @@ class MeasurementStore:
         else:
             data = T.template_data(fields)
             digests = {b: h(data).digest() for b, h in self._hashers}
+        if self._padded and not violation:
+            for b, pad in self._padded:
+                digests[b] = digests["sha1"] + pad
         key = self._dup_key(pcr, digests[self.ima_hash])
         if not violation and not self.disable_htable and key in self.htable:
             return False
         self.htable.add(key)
-        if self.pcrs is not None:
+        self._append(self.current, template, fields, pcr, digests, data)
+        if self.pcrs is not None:  # after the append, as ima_add_template_entry does
             if violation:
                 self.pcrs.extend_violation(pcr)
             else:
                 self.pcrs.extend(pcr, digests)
-        self._append(self.current, template, fields, pcr, digests, data)
         return True
 
     def _append(self, lst: MeasurementList, template, fields, pcr, digests, data=None) -> None:
@@ -375,6 +383,8 @@ class MeasurementStore:
         for violations), not in the duplicate table, no PCR extend."""
         digests = self._zero_digests if violation else \
             {b: T.template_digest(b, template, fields) for b in self.slot_banks}
+        if self._padded and not violation:
+            digests.update((b, digests["sha1"] + pad) for b, pad in self._padded)
         self._append(self.current, template, fields, pcr, digests)
 
     # -- rendering ------------------------------------------------------------

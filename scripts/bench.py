@@ -1,7 +1,7 @@
 """Measure imafs against the numbers of DESIGN.md; prints JSON.
 
     .venv/bin/python scripts/bench.py [--records 1000000] [--inodes 1000000]
-                                      [--only list|iint|mount] [--out FILE]
+                                      [--only list|iint|mount|tpm] [--tpm-records N] [--out FILE]
 
 Run as root on a machine with /dev/fuse.  Every figure is measured in this
 run, next to its baseline: a minimal pyfuse3 server of the same bytes
@@ -255,12 +255,40 @@ def staging_ops(emu: Emulator) -> dict:
     return out
 
 
+def tpm_extend(n: int) -> dict:
+    """Records/s of `imafs generate` (the request returns once every record is
+    in the PCRs) with soft banks, and through swtpm with one and two banks."""
+    out = {"records": n, "target_swtpm_two_banks_records_per_s": 5_000}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        for label, settings in (("soft_sha1_sha256", ["tpm=soft", "tpm_banks=sha1,sha256"]),
+                                ("swtpm_sha256", ["tpm=swtpm", "tpm_banks=sha256"]),
+                                ("swtpm_sha1_sha256", ["tpm=swtpm", "tpm_banks=sha1,sha256"])):
+            mp = root / label
+            mp.mkdir()
+            imafs("mount", mp, *[a for kv in settings for a in ("--set", kv)])
+            try:
+                t = time.perf_counter()
+                imafs("generate", "--mount", mp, "--count", n)
+                dt = time.perf_counter() - t
+                status = json.loads(imafs("status", "--mount", mp))
+                tpm = status["tpm"]
+                out[label] = {"records_per_s": n / dt, "seconds": dt, "pending_after": tpm.get("pending", 0),
+                              "extended": tpm.get("extended"), "not_extended": tpm.get("not_extended")}
+            finally:
+                imafs("umount", mp)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--inodes", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("list", "iint", "mount"),
-                    help="one part: the list figures, the inode cache, or the measured mount")
+    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm"),
+                    help="one part: the list figures, the inode cache, the measured mount, or "
+                         "extends through swtpm")
+    ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
     ap.add_argument("--out")
     args = ap.parse_args()
     n = args.records
@@ -271,6 +299,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["IMAFS_RUNTIME_DIR"] = str(Path(tmp) / "run")
             result["measured_mount"] = measured_mount(Path(tmp))
+    if args.only in (None, "tpm"):
+        result["tpm_extend"] = tpm_extend(args.tpm_records)
     if args.only in (None, "list"):
         list_figures(n, result)
     text = json.dumps(result, indent=2)
