@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -265,9 +266,11 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     errors = _ErrorCount()
     logging.getLogger().addHandler(errors)
     binds = Binds(mountpoint, [dst for _, dst in measured])
+    clean = False
     try:
         trio.run(_serve, ima, runner, ops, sock, binds, ready)
-        if not errors.count:  # before the unmount, which `imafs umount` waits for
+        clean = not errors.count
+        if clean:  # before the unmount, which `imafs umount` waits for
             for path in own:
                 path.unlink(missing_ok=True)
     finally:
@@ -277,6 +280,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
             binds.detach()
             if pcrs is not None:
                 pcrs.close()  # stops imafs's swtpm
+                if clean:  # its state and log live as long as the mount
+                    shutil.rmtree(sock.with_suffix(".tpm"), ignore_errors=True)
 
 
 class Binds:

@@ -334,8 +334,11 @@ def test_swtpm_stops_at_umount_and_with_a_killed_daemon(mount_imafs):
     subprocess.run(["fusermount3", "-u", "-z", str(m.path)], check=False)
     m2 = mount_imafs("tpm=swtpm")
     pid2 = m2.client.call("status")["tpm"]["swtpm_pid"]
+    state = m2.client.path.with_suffix(".tpm")
+    assert (state / "swtpm.log").exists()
     assert imafs("umount", m2.path).returncode == 0
     assert not _alive(pid2)
+    assert not state.exists()  # a clean unmount leaves nothing in the runtime directory
 
 
 def _alive(pid: int) -> bool:
