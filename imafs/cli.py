@@ -348,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = with_mount(sub.add_parser("suspend", help="run the reboot notifiers: measurements "
                                    "suspended, A -> EACCES, D and N -> ESTALE"))
     sp.set_defaults(fn=cmd_suspend)
+
+    from .keeper.cli import add_parser as add_keep_parser
+    add_keep_parser(sub)
     return p
 
 
