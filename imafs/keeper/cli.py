@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 
 from .abi import Busy, Ima, KeeperFatal
@@ -77,6 +78,8 @@ def cmd_keep(args) -> int:
         return svc.run()
     except KeeperFatal as e:
         return _fail(str(e), 3)
+    except sqlite3.Error as e:
+        return _fail(f"archive {args.archive}: {e}; nothing is deleted", 1)
     except ValueError as e:
         return _fail(str(e), 2)
 

@@ -1,0 +1,344 @@
+"""The keeper (issue 12) on a real mount: trims in both modes, kills at every
+step of a cycle, reboots and kexecs, a full disk; the whole log it exports is
+replayed by hand (struct + hashlib) and by evmctl against the PCRs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from imafs import templates as T
+from imafs.keeper.trim import BadRecord, split
+
+from .conftest import imafs
+
+EVMCTL = shutil.which("evmctl")
+
+
+def keep(m, archive, *args, env=None, check=True, timeout=120):
+    e = dict(os.environ, **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
+                        "--archive", str(archive), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=e)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def export(m, archive, *args, live=True) -> bytes:
+    more = ["--securityfs", str(m.path)] if live else []
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "export", "--archive", str(archive), *more,
+                        *map(str, args)], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+def count(m) -> int:
+    return int(m.read("runtime_measurements_count"))
+
+
+def staged(m) -> list:
+    return T.parse_binary_list(m.read("binary_runtime_measurements_staged"), 20)
+
+
+def assert_replays(m, whole: bytes, expect_records: int | None = None):
+    """The whole log, parsed and replayed by hand, gives the emulator's PCRs,
+    every bank; no record twice (file names are unique but for violations)."""
+    recs = T.parse_binary_list(whole, 20)
+    if expect_records is not None:
+        assert len(recs) == expect_records
+    pcrs = m.client.call("pcrs")["pcrs"]
+    for bank, values in pcrs.items():
+        size = T.digest_size(bank)
+        acc: dict[int, bytes] = {}
+        for pcr, digest, tmpl, fields in recs:
+            d = b"\xff" * size if not any(digest) else T.template_digest(bank, tmpl, fields)
+            acc[pcr] = T.hash_bytes(bank, acc.get(pcr, bytes(size)) + d)
+        for pcr, value in acc.items():
+            assert value.hex() == values[pcr], (bank, pcr)
+    names = [f[1] for _, d, t, f in recs
+             if any(d) and t.fields[:2] == ("d-ng", "n-ng") and f[1].startswith(b"/")]
+    assert len(names) == len(set(names)), "a record is in the whole log twice"
+    return recs
+
+
+def full_count(m) -> int:
+    """Records ever added by this kernel (BINARY_FULL): the whole log's length on one kernel."""
+    return m.client.call("status")["counters"]["BINARY_FULL"]["records"]
+
+
+def pcr_args(m, tmp_path, flag="--pcrs"):
+    out = []
+    for bank in ("sha1", "sha256"):
+        out += [flag, f"{bank},{m.pcr_file(bank, tmp_path)}"]
+    return out
+
+
+def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    for i in range(3):
+        mnt.client.call("generate", count=200 + i)
+        keep(mnt, archive, "--once")
+        assert count(mnt) == 0 and staged(mnt) == []
+        mnt.client.call("generate", count=50)
+        mnt.client.call("record", name="/var/log/v", violation=True)
+        keep(mnt, archive, "--once", "--mode", "count")
+        assert count(mnt) == 0
+    mnt.client.call("generate", count=17)  # left in the kernel: the whole log = archive + live
+    whole = export(mnt, archive)
+    assert_replays(mnt, whole, full_count(mnt))
+    assert export(mnt, archive, live=False) == whole[:len(whole) - len(mnt.read("binary_runtime_measurements"))]
+    # ASCII: the kernel's rendering of the same records
+    text = export(mnt, archive, "--format", "ascii", "--bank", "sha256").decode()
+    assert text.endswith(mnt.read("ascii_runtime_measurements_sha256").decode())
+    assert len(text.splitlines()) == full_count(mnt)
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    st = subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                        capture_output=True, text=True, check=True).stdout
+    import json
+    st = json.loads(st)
+    assert st["records"] == full_count(mnt) - 17 and st["boots"][0]["trims"] == 6
+    if EVMCTL:
+        (tmp_path / "whole.bin").write_bytes(whole)
+        r = subprocess.run([EVMCTL, "ima_measurement", "--ignore-violations", *pcr_args(mnt, tmp_path),
+                            str(tmp_path / "whole.bin")], capture_output=True, text=True)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_verify_names_the_record_that_does_not_fit(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=30)
+    pcrs = pcr_args(mnt, tmp_path)  # the PCRs now
+    keep(mnt, archive, "--once")
+    mnt.client.call("record", name="/etc/late", digest="sha256:" + "ab" * 32)
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcrs], capture_output=True, text=True)
+    assert r.returncode == 1
+    # boot_aggregate is record 0, the 30 generated records 1-30
+    assert "the first record that does not fit is record 31" in r.stderr and "/etc/late" in r.stderr, r.stderr
+    # evmctl accepts a log whose prefix matches the PCRs (records after a quote are normal);
+    # keep verify is stricter: the whole log, to its last record
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mode,step", [("stage", "after-A"), *((m, s) for m in ("stage", "count")
+                                                                 for s in ("mid-save", "after-commit", "after-D"))])
+def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once", "--mode", mode)  # a first chunk, so the crash is not on an empty archive
+    mnt.client.call("generate", count=300)
+    before = count(mnt)
+    r = keep(mnt, archive, "--once", "--mode", mode, env={"IMAFS_KEEP_CRASH_AT": step}, check=False)
+    assert r.returncode == 137, r.stderr
+    # what the kill left in the kernel: a delete only after the commit
+    if step in ("after-A", "mid-save", "after-commit"):
+        assert (len(staged(mnt)) if mode == "stage" else count(mnt)) == before
+    else:
+        assert count(mnt) == 0 and staged(mnt) == []
+    mnt.client.call("generate", count=40)  # records keep arriving
+    keep(mnt, archive, "--once", "--mode", mode)
+    keep(mnt, archive, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+    db = sqlite3.connect(archive)
+    n, first, last = db.execute("SELECT count(*), min(pos), max(pos) FROM records").fetchone()
+    assert (n, first, last) == (full_count(mnt), 0, full_count(mnt) - 1)
+
+
+def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
+    """The service, killed -9 again and again while records arrive and it trims."""
+    archive = tmp_path / "a.db"
+    env = dict(os.environ)
+    import random
+    rnd = random.Random(12)
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                              "--archive", str(archive), "--max-records", "20", "--poll", "0.02",
+                              "--mode", rnd.choice(["stage", "count"])],
+                             stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + rnd.uniform(0.3, 1.5)
+        while time.monotonic() < deadline:
+            mnt.client.call("generate", count=rnd.randint(1, 60))
+        p.kill()
+        p.wait()
+    keep(mnt, archive, "--once")
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--poll", "30"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not archive.exists() or count(mnt):  # the start-up cycle
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mnt.client.call("generate", count=123)
+        time.sleep(0.3)
+        assert count(mnt) == 123  # no threshold, a 30 s poll: nothing trims by itself
+        p.send_signal(signal.SIGUSR1)
+        while count(mnt):
+            assert time.monotonic() < deadline, "SIGUSR1 did not trim"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+    assert "requested" in p.stderr.read()
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_threshold_holds_the_list_down(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--max-records", "500", "--poll", "0.05", "--mode", "count"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(30):
+            mnt.client.call("generate", count=100)
+            time.sleep(0.03)
+        deadline = time.monotonic() + 20
+        while count(mnt) > 500:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        p.terminate()
+        assert p.wait(timeout=10) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=50)
+    # killed after its commit: the chunk is stored, still staged, and kexec carries it
+    assert keep(mnt, archive, "--once", env={"IMAFS_KEEP_CRASH_AT": "after-commit"}, check=False).returncode == 137
+    mnt.client.call("generate", count=20)
+    mnt.client.call("kexec")
+    assert staged(mnt) == [] and count(mnt) > 70
+    mnt.client.call("generate", count=10)
+    keep(mnt, archive, "--once", "--mode", "count")
+    mnt.client.call("generate", count=5)
+    whole = export(mnt, archive)
+    recs = assert_replays(mnt, whole)  # a kexec does not reset the PCRs: one chain
+    assert sum(1 for _, _, _, f in recs if f[1] == b"boot_aggregate\0") == 2
+    if EVMCTL:
+        (tmp_path / "w.bin").write_bytes(whole)
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path), str(tmp_path / "w.bin")],
+                           capture_output=True, text=True)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+    first_boot = whole
+    # a cold boot: PCRs reset, a new boot in the archive; the old one is kept whole
+    mnt.client.call("generate", count=3)  # lost with the reboot: never archived
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=60)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=6)
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+    assert export(mnt, archive, "--boot", "1", live=False) == first_boot[:len(first_boot) - len(
+        b"".join(T.binary_record(*r) for r in T.parse_binary_list(first_boot, 20)[-5:]))]
+    import json
+    st = json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert [(b["boot"], b["kernels"], b["from_boot_aggregate"]) for b in st["boots"]] == [(1, 2, True), (2, 1, True)]
+
+
+def test_v5_abi(mount_imafs, tmp_path):
+    m = mount_imafs("abi=v5")
+    archive = tmp_path / "a.db"
+    for mode in ("stage", "count", "stage"):
+        m.client.call("generate", count=40)
+        keep(m, archive, "--once", "--mode", mode)
+        assert count(m) == 0 and staged(m) == []
+    assert_replays(m, export(m, archive), full_count(m))
+
+
+@pytest.fixture
+def small_fs():
+    base = Path(tempfile.mkdtemp(prefix="imafs-keep-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(base)], check=True)
+    yield base
+    subprocess.run(["umount", "-l", str(base)], check=False)
+    base.rmdir()
+
+
+@pytest.mark.parametrize("mode", ["stage", "count"])
+def test_a_full_disk_never_leads_to_a_delete(mnt, small_fs, mode):
+    archive = small_fs / "a.db"
+    mnt.client.call("generate", count=50)
+    keep(mnt, archive, "--once", "--mode", mode)
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the filesystem to the last byte
+        for size in (4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    mnt.client.call("generate", count=3000)
+    for _ in range(2):
+        r = keep(mnt, archive, "--once", "--mode", mode, check=False)
+        assert r.returncode == 1 and "nothing is deleted" in r.stderr, r.stderr
+        held = len(staged(mnt)) + count(mnt)
+        assert held == 3000
+    filler.unlink()
+    keep(mnt, archive, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_a_busy_list_is_waited_for(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=10)
+    fd = os.open(mnt.ima / "ascii_runtime_measurements", os.O_RDONLY)  # a reader: writers get EBUSY
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--once"], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert p.poll() is None, p.stderr.read()  # still waiting
+    assert count(mnt) == 11
+    os.close(fd)
+    assert p.wait(timeout=30) == 0
+    assert count(mnt) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_without_cap_sys_admin_a_clear_fatal_error(mount_imafs):
+    m = mount_imafs(reachable=True)
+    d = Path(tempfile.mkdtemp(prefix="imafs-keep-"))
+    d.chmod(0o777)
+    try:
+        r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
+                            "--archive", str(d / "a.db"), "--once"], capture_output=True, text=True,
+                           user=1000, env=dict(os.environ, PYTHONPATH=os.getcwd()), cwd="/")
+        assert r.returncode == 3 and "root with CAP_SYS_ADMIN" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_record_whose_digest_lies_is_refused():
+    tmpl = T.lookup_template("ima-ng")
+    fields = (b"sha256:\0" + bytes(32), b"/etc/x\0")
+    good = T.binary_record(10, T.template_digest("sha1", tmpl, fields), tmpl, fields)
+    assert len(split(good)) == 1
+    bad = T.binary_record(10, b"\1" * 20, tmpl, fields)
+    with pytest.raises(BadRecord, match="record 1 .* template digest"):
+        split(good + bad)
+    with pytest.raises(BadRecord, match="truncated|overruns"):
+        split(good[:-3])
