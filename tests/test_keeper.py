@@ -280,10 +280,17 @@ def small_fs():
 
 
 @pytest.mark.parametrize("mode", ["stage", "count"])
-def test_a_full_disk_never_leads_to_a_delete(mnt, small_fs, mode):
+@pytest.mark.parametrize("fails_at", ["open", "commit"])
+def test_a_full_disk_never_leads_to_a_delete(mnt, small_fs, mode, fails_at):
+    """fails_at=commit: another connection holds the WAL files open, so the
+    keeper opens its archive and its chunk's commit is what fails; open: the
+    WAL cannot even be created."""
     archive = small_fs / "a.db"
     mnt.client.call("generate", count=50)
     keep(mnt, archive, "--once", "--mode", mode)
+    holder = sqlite3.connect(archive) if fails_at == "commit" else None
+    if holder:
+        holder.execute("SELECT count(*) FROM records").fetchone()
     filler = small_fs / "filler"
     with open(filler, "wb", buffering=0) as f:  # fill the filesystem to the last byte
         for size in (4096, 1):
@@ -296,9 +303,13 @@ def test_a_full_disk_never_leads_to_a_delete(mnt, small_fs, mode):
     for _ in range(2):
         r = keep(mnt, archive, "--once", "--mode", mode, check=False)
         assert r.returncode == 1 and "nothing is deleted" in r.stderr, r.stderr
+        if fails_at == "commit":
+            assert "commit failed" in r.stderr, r.stderr
         held = len(staged(mnt)) + count(mnt)
         assert held == 3000
     filler.unlink()
+    if holder:
+        holder.close()
     keep(mnt, archive, "--once", "--mode", mode)
     assert count(mnt) == 0 and staged(mnt) == []
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
