@@ -21,6 +21,7 @@ from imafs import templates as T
 from imafs.keeper.trim import BadRecord, split
 
 from .conftest import imafs
+from .test_readme import readme_paths  # noqa: F401  (fixture)
 
 EVMCTL = shutil.which("evmctl")
 
@@ -353,3 +354,12 @@ def test_a_record_whose_digest_lies_is_refused():
         split(good + bad)
     with pytest.raises(BadRecord, match="truncated|overruns"):
         split(good[:-3])
+
+
+@pytest.mark.skipif(EVMCTL is None, reason="evmctl not installed")
+def test_readme_section(readme_paths, tmp_path):
+    from .test_readme import run_readme_block
+    r = run_readme_block("The keeper", readme_paths, tmp_path / "work")
+    assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr
+    assert "replay to the PCRs of sha256" in r.stdout
+    assert '"records": 601' in r.stdout  # boot_aggregate + 500 + 100, all in the archive
