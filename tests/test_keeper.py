@@ -363,3 +363,51 @@ def test_readme_section(readme_paths, tmp_path):
     assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr
     assert "replay to the PCRs of sha256" in r.stdout
     assert '"records": 601' in r.stdout  # boot_aggregate + 500 + 100, all in the archive
+
+
+def _reference_split(buf: bytes):
+    """templates.parse_binary_list + the digest rule: what split's fast path must equal."""
+    from imafs.keeper.trim import _slow
+    out, o = [], 0
+    while o < len(buf):
+        r, o = _slow(buf, o, "list", len(out))
+        out.append(r)
+    return out
+
+
+_TEMPLATES = ["ima-ng", "ima-sig", "ima-buf", "ima", "ima-ngv2", "evm-sig", "d-ng|n-ng|iuid"]
+
+
+def _record(tmpl_name: str, name: bytes, data: bytes, pcr: int, violation: bool) -> bytes:
+    tmpl = T.lookup_template(tmpl_name)
+    ev = T.Event(name=name, file_digest=T.hash_bytes("sha256", data), file_algo="sha256", buf=data,
+                 d_digest=T.hash_bytes("sha1", data),
+                 ima_xattr=data or None, uid=1, gid=2, mode=0o644, violation=violation)
+    fields = T.encode_fields(tmpl, ev)
+    digest = bytes(20) if violation else T.template_digest("sha1", tmpl, fields)
+    return T.binary_record(pcr, digest, tmpl, fields)
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_TEMPLATES), st.binary(min_size=1, max_size=20).map(
+    lambda b: b"/" + b.replace(b"\0", b"x")), st.binary(max_size=40), st.integers(0, 23), st.booleans()),
+    min_size=1, max_size=8),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3), st.integers(0, 10_000))
+def test_split_fast_path_equals_the_strict_parser(recs, flips, cut):
+    buf = b"".join(_record(*r) for r in recs)
+    got = [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in split(buf)]
+    assert got == [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in _reference_split(buf)]
+    bad = bytearray(buf)
+    for at, value in flips:
+        bad[at % len(bad)] = value
+    bad = bytes(bad[:len(bad) - cut % 7])
+
+    def outcome(fn):
+        try:
+            return [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in fn(bad)]
+        except BadRecord:
+            return "refused"
+    assert outcome(split) == outcome(_reference_split)

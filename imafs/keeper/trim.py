@@ -24,9 +24,11 @@ exit with os._exit(137) at that point: a test hook for fault injection.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import sqlite3
+import struct
 from dataclasses import dataclass
 
 from .. import templates as T
@@ -49,13 +51,20 @@ class BadRecord(Exception):
     """A record that does not parse or whose template digest is wrong."""
 
 
-@dataclass(frozen=True, slots=True)
 class Rec:
-    raw: bytes      # the record's bytes in binary_runtime_measurements (sha1 list)
-    pcr: int
-    digest: bytes   # sha1 template digest; zeros for a violation
-    template: T.Template
-    fields: tuple
+    """One record as the sha1 binary list holds it; its fields are parsed when
+    first asked for (the check and the store need only the bytes)."""
+
+    __slots__ = ("raw", "pcr", "digest", "template", "_fields")
+
+    def __init__(self, raw: bytes, pcr: int, digest: bytes, template: T.Template, fields: tuple | None = None):
+        self.raw, self.pcr, self.digest, self.template, self._fields = raw, pcr, digest, template, fields
+
+    @property
+    def fields(self) -> tuple:
+        if self._fields is None:
+            self._fields = T.parse_binary_record(self.raw, 0, 20, max_name=T.MAX_LIST_TEMPLATE_NAME_LEN)[3]
+        return self._fields
 
     @property
     def violation(self) -> bool:
@@ -63,6 +72,8 @@ class Rec:
 
     @property
     def is_boot_aggregate(self) -> bool:
+        if b"boot_aggregate" not in self.raw:
+            return False
         for fid, v in zip(self.template.fields, self.fields):
             if fid in ("n", "n-ng"):
                 return v.rstrip(b"\0") == b"boot_aggregate"
@@ -75,22 +86,71 @@ class Rec:
         return T.template_digest(bank, self.template, self.fields)
 
 
+_U32 = struct.Struct("<I").unpack_from
+_ZERO20 = bytes(20)
+
+
+def _slow(buf, o: int, where: str, index: int) -> tuple[Rec, int]:
+    """The `ima` template (its digest is not over the template data), and the
+    wording of every error: templates.parse_binary_record."""
+    try:
+        pcr, digest, tmpl, fields, end = T.parse_binary_record(buf, o, 20, max_name=T.MAX_LIST_TEMPLATE_NAME_LEN)
+    except T.TemplateError as e:
+        raise BadRecord(f"{where}: {e}") from None
+    r = Rec(bytes(buf[o:end]), pcr, digest, tmpl, fields)
+    if not r.violation and T.template_digest("sha1", tmpl, fields) != digest:
+        raise BadRecord(f"{where}: record {index} (byte {o}): its template digest "
+                        f"{digest.hex()} is not the sha1 of its template data")
+    return r, end
+
+
 def split(buf: bytes, where: str = "list") -> list[Rec]:
-    """The records of a sha1 binary list, each checked: strict parse, and the
-    template digest recomputed from the template data."""
+    """The records of a sha1 binary list, each checked: strict parse (the
+    kernel's restore rules) and the template digest recomputed from the
+    template data. The common case (not `ima`) walks the field lengths and
+    hashes the template data where it lies; anything else, and every error,
+    goes through templates.parse_binary_record."""
     out = []
+    append = out.append
+    sha1 = hashlib.sha1
+    mv = memoryview(buf)
+    end = len(buf)
     o = 0
-    while o < len(buf):
-        try:
-            pcr, digest, tmpl, fields, end = T.parse_binary_record(buf, o, 20, max_name=T.MAX_LIST_TEMPLATE_NAME_LEN)
-        except T.TemplateError as e:
-            raise BadRecord(f"{where}: {e}") from None
-        r = Rec(bytes(buf[o:end]), pcr, digest, tmpl, fields)
-        if not r.violation and T.template_digest("sha1", tmpl, fields) != digest:
+    known: dict[bytes, T.Template] = {}
+    while o < end:
+        tmpl = None
+        if o + 32 <= end:
+            nlen = _U32(buf, o + 24)[0]
+            if 0 < nlen < T.MAX_LIST_TEMPLATE_NAME_LEN and o + 32 + nlen <= end:
+                name = bytes(buf[o + 28:o + 28 + nlen])
+                tmpl = known.get(name)
+                if tmpl is None and name != b"ima":
+                    try:
+                        tmpl = known[name] = T.lookup_template(name.decode("ascii"))
+                    except (UnicodeDecodeError, T.TemplateError):
+                        tmpl = None
+        ds = de = 0
+        if tmpl is not None:
+            ds = o + 32 + nlen
+            de = ds + _U32(buf, ds - 4)[0]
+            p = ds
+            if de <= end:
+                for _ in tmpl.fields:
+                    if p + 4 > de:
+                        break
+                    p += 4 + _U32(buf, p)[0]
+            if p != de or de > end:
+                tmpl = None
+        if tmpl is None:
+            r, o = _slow(buf, o, where, len(out))
+            append(r)
+            continue
+        digest = bytes(buf[o + 4:o + 24])
+        if digest != _ZERO20 and sha1(mv[ds:de]).digest() != digest:
             raise BadRecord(f"{where}: record {len(out)} (byte {o}): its template digest "
                             f"{digest.hex()} is not the sha1 of its template data")
-        out.append(r)
-        o = end
+        append(Rec(bytes(buf[o:de]), _U32(buf, o)[0], digest, tmpl))
+        o = de
     return out
 
 
