@@ -391,7 +391,7 @@ def _record(tmpl_name: str, name: bytes, data: bytes, pcr: int, violation: bool)
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_TEMPLATES), st.binary(min_size=1, max_size=20).map(
     lambda b: b"/" + b.replace(b"\0", b"x")), st.binary(max_size=40), st.integers(0, 23), st.booleans()),
     min_size=1, max_size=8),

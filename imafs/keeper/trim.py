@@ -137,6 +137,7 @@ def split(buf: bytes, where: str = "list") -> list[Rec]:
             if de <= end:
                 for _ in tmpl.fields:
                     if p + 4 > de:
+                        p = -1  # a field's length runs past the template data
                         break
                     p += 4 + _U32(buf, p)[0]
             if p != de or de > end:
