@@ -411,3 +411,85 @@ def test_split_fast_path_equals_the_strict_parser(recs, flips, cut):
         except BadRecord:
             return "refused"
     assert outcome(split) == outcome(_reference_split)
+
+
+class _Killed(BaseException):
+    """Raised by the crash hook in process: the keeper dies at that step."""
+
+
+def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch):
+    """Random interleavings on a live mount: appends, trims in both modes,
+    the keeper killed at a random step (in process: the crash hook raises and
+    the keeper's archive connection is dropped uncommitted, as a kill leaves
+    it), reboots and kexecs. After every step the whole log of the latest boot,
+    exported, replays to the PCRs, with no record twice.
+
+    The policy measures critical data, so a kexec leaves its `kexec_execute`
+    record before the new kernel's boot_aggregate: with an empty policy, a
+    kexec right after a complete trim looks exactly like a reboot through the
+    ABI (docs/keeper.md, "The ambiguous case")."""
+    mnt = mount_imafs("ima_policy=critical_data")
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+    from imafs.keeper import trim
+    from imafs.keeper.abi import Ima
+    from imafs.keeper.archive import Archive
+
+    kill_at: list[str | None] = [None]
+
+    def hook(step):
+        if kill_at[0] == step:
+            raise _Killed(step)
+
+    monkeypatch.setattr(trim, "crash_hook", hook)
+    serial = [0]
+
+    class Machine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            mnt.client.call("reboot")
+            serial[0] += 1
+            self.path = tmp_path / f"a{serial[0]}.db"
+            self.kexecs = 0
+
+        def _keeper(self, mode):
+            return trim.Keeper(Ima(mnt.path, busy_timeout=5), Archive(str(self.path)), mode)
+
+        @rule(n=st.integers(1, 80))
+        def append(self, n):
+            mnt.client.call("generate", count=n)
+
+        @rule(mode=st.sampled_from(["stage", "count"]),
+              kill=st.sampled_from([None, None, "after-A", "mid-save", "after-commit", "after-D"]))
+        def trim(self, mode, kill):
+            kill_at[0] = kill
+            k = self._keeper(mode)
+            try:
+                k.cycle()
+            except _Killed:
+                pass
+            finally:
+                kill_at[0] = None
+                k.archive.db.close()  # a killed process's connection: whatever was not committed is gone
+
+        @rule()
+        def kexec(self):
+            mnt.client.call("kexec")
+            self.kexecs += 1
+
+        @rule()
+        def reboot(self):
+            # the keeper would run before shutdown; a cold boot loses only what it did not store
+            mnt.client.call("reboot")
+            self.kexecs = 0
+
+        @invariant()
+        def whole_log_replays(self):
+            if not self.path.exists():
+                return
+            whole = export(mnt, self.path)
+            recs = assert_replays(mnt, whole, full_count(mnt) if not self.kexecs else None)
+            assert recs and recs[0][3][1] == b"boot_aggregate\0"
+
+    run_state_machine_as_test(Machine, settings=settings(max_examples=15, stateful_step_count=12,
+                                                          deadline=None))
