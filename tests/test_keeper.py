@@ -493,3 +493,77 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
 
     run_state_machine_as_test(Machine, settings=settings(max_examples=15, stateful_step_count=12,
                                                           deadline=None))
+
+
+@pytest.fixture
+def serve_whole(tmp_path):
+    """Factory: serve(archive, mount) -> the served directory; stopped with SIGTERM at teardown."""
+    procs = []
+
+    def start(archive, m):
+        mp = tmp_path / f"whole{len(procs)}"
+        mp.mkdir()
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive),
+                              "--securityfs", str(m.path), str(mp)], stderr=subprocess.PIPE, text=True)
+        procs.append((p, mp))
+        deadline = time.monotonic() + 20
+        while not (mp / "binary_runtime_measurements").exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return mp
+
+    yield start
+    for p, mp in procs:
+        p.send_signal(signal.SIGTERM)
+        try:
+            assert p.wait(timeout=10) == 0
+        finally:
+            p.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
+
+
+def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once")
+    whole = serve_whole(archive, mnt)
+    mnt.client.call("generate", count=40)
+    first = (whole / "binary_runtime_measurements").read_bytes()
+    assert first == export(mnt, archive)
+    ascii_first = (whole / "ascii_runtime_measurements_sha256").read_bytes()
+    assert ascii_first.endswith(mnt.read("ascii_runtime_measurements_sha256"))
+    assert (whole / "runtime_measurements_count").read_text() == f"{full_count(mnt)}\n"
+    # an agent remembers its offset; trims happen in both modes; it reads exactly the next records
+    mnt.client.call("generate", count=25)
+    keep(mnt, archive, "--once", "--mode", "count")
+    mnt.client.call("generate", count=7)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=3)
+    for name, offset in (("binary_runtime_measurements", len(first)),
+                         ("ascii_runtime_measurements_sha256", len(ascii_first))):
+        with open(whole / name, "rb") as f:
+            f.seek(offset)
+            rest = f.read()
+        new = T.parse_binary_list(mnt.read("binary_runtime_measurements"), 20)
+        if name.startswith("binary"):
+            got = T.parse_binary_list(rest, 20)
+            assert len(got) == 35 and got[-3:] == new
+        else:
+            assert len(rest.splitlines()) == 35 and rest.endswith(mnt.read("ascii_runtime_measurements_sha256"))
+    served = (whole / "binary_runtime_measurements").read_bytes()
+    assert_replays(mnt, served, full_count(mnt))
+    with pytest.raises(OSError) as e:  # a read-only mount, files 0440
+        open(whole / "binary_runtime_measurements", "wb")
+    assert e.value.errno in (errno.EROFS, errno.EACCES)
+    if EVMCTL:
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path),
+                            str(whole / "binary_runtime_measurements")], capture_output=True, text=True)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+    # a cold boot: the files start over with the new boot's log
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=9)
+    keep(mnt, archive, "--once")
+    served = (whole / "binary_runtime_measurements").read_bytes()
+    assert len(T.parse_binary_list(served, 20)) == 10
+    assert_replays(mnt, served, full_count(mnt))

@@ -52,6 +52,12 @@ def add_parser(sub) -> None:
                    help="'PCR-NN: hex' lines, as evmctl --pcrs reads (repeatable, one per bank)")
     v.set_defaults(fn=cmd_verify)
 
+    sv = verbs.add_parser("serve", help="mount the whole log read-only, with the kernel's file names")
+    sv.add_argument("--archive", required=True, metavar="PATH", help="the archive")
+    sv.add_argument("--securityfs", metavar="DIR", help="the live list to append")
+    sv.add_argument("mountpoint", help="where to mount the whole-log tree")
+    sv.set_defaults(fn=cmd_serve)
+
     s = verbs.add_parser("status", help="the archive as JSON: boots, records, bytes, last trim")
     s.add_argument("--archive", required=True, metavar="PATH", help="the archive")
     s.set_defaults(fn=cmd_status)
@@ -121,6 +127,17 @@ def cmd_verify(args) -> int:
         print(f"boot {boot}: {len(recs)} records replay to the PCRs of "
               f"{', '.join(b for b, _ in pcr_files)}")
     return 1 if bad else 0
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="imafs-keep[%(process)d]: %(message)s", stream=sys.stderr)
+    from .serve import serve
+    if not os.path.exists(args.archive):
+        return _fail(f"{args.archive}: no such archive")
+    try:
+        return serve(args.archive, args.securityfs, args.mountpoint)
+    except KeeperFatal as e:
+        return _fail(str(e), 3)
 
 
 def cmd_status(args) -> int:
