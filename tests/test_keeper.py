@@ -567,3 +567,22 @@ def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
     served = (whole / "binary_runtime_measurements").read_bytes()
     assert len(T.parse_binary_list(served, 20)) == 10
     assert_replays(mnt, served, full_count(mnt))
+
+
+def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path):
+    """The ambiguous case (docs/keeper.md): with an empty policy nothing is
+    measured between the last trim and the kexec, so the new list starts with a
+    boot_aggregate, as after a reboot. The keeper starts a new boot; verify
+    says the PCRs continue the previous one."""
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=20)
+    keep(mnt, archive, "--once")
+    mnt.client.call("kexec")
+    mnt.client.call("generate", count=5)
+    keep(mnt, archive, "--once")
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "boot 2 replays as the continuation of boot 1" in r.stderr, r.stderr
+    whole = export(mnt, archive, "--boot", "1") + export(mnt, archive, "--boot", "2")
+    assert_replays(mnt, whole, 21 + 6)

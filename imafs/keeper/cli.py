@@ -123,6 +123,15 @@ def cmd_verify(args) -> int:
     bad = [why for bank, values in pcr_files if (why := replay(recs, bank, values))]
     for why in bad:
         print(f"imafs keep verify: {why}", file=sys.stderr)
+    if bad and boot is not None and boot > 1:
+        # the ambiguous case of docs/keeper.md: a kexec after a complete trim looks like a reboot
+        from .archive import Archive
+        from .whole import whole_log as _whole_log
+        _, before = _whole_log(Archive(args.archive), None, boot - 1)
+        if all(replay(before + recs, bank, values) is None for bank, values in pcr_files):
+            print(f"imafs keep verify: boot {boot} replays as the continuation of boot {boot - 1}: it began "
+                  f"with a kexec after a complete trim, not a reboot (docs/keeper.md, the ambiguous case); "
+                  f"the whole log is boot {boot - 1} followed by boot {boot}", file=sys.stderr)
     if not bad:
         print(f"boot {boot}: {len(recs)} records replay to the PCRs of "
               f"{', '.join(b for b, _ in pcr_files)}")
