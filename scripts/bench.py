@@ -122,6 +122,20 @@ def keeper(n: int, chunk: int) -> dict:
                          check=True, cwd=HERE.parent)
     r = json.loads(out.stdout)
     r["target"] = {"records_per_s": 100_000, "archive_over_binary": 1.3}
+    # one whole cycle through a mounted emulator, each mode: the CLI's start, the reads over FUSE, A/D or N
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        emu = Emulator(root, "keep", 1)
+        try:
+            for mode in ("stage", "count"):
+                imafs("generate", "--mount", emu.mp, "--count", n)
+                t = time.perf_counter()
+                imafs("keep", "--securityfs", emu.mp, "--archive", root / "a.db", "--once", "--mode", mode)
+                dt = time.perf_counter() - t
+                r[f"cycle_{mode}"] = {"records": n, "seconds": dt, "records_per_s": n / dt}
+        finally:
+            emu.close()
     return r
 
 
