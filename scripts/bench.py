@@ -139,6 +139,35 @@ def keeper(n: int, chunk: int) -> dict:
     return r
 
 
+def keeper_memory(n: int, batch: int = 100_000) -> dict:
+    """The keeper as a service (--max-records batch/2) while n records pass
+    through it: its resident memory after each batch stays flat."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        emu = Emulator(root, "mem", 1)
+        p = subprocess.Popen([PY, "-m", "imafs", "keep", "--securityfs", str(emu.mp), "--archive",
+                              str(root / "a.db"), "--max-records", str(batch // 2), "--poll", "0.05"],
+                             stderr=subprocess.DEVNULL, cwd=HERE.parent)
+        rss = []
+        try:
+            t = time.perf_counter()
+            for _ in range(n // batch):
+                imafs("generate", "--mount", emu.mp, "--count", batch)
+                while int((emu.mp / "ima" / "runtime_measurements_count").read_text()) > batch // 2:
+                    time.sleep(0.02)
+                rss.append(rss_of(p.pid))
+            dt = time.perf_counter() - t
+        finally:
+            p.terminate()
+            p.wait()
+            emu.close()
+    return {"records": n, "batch": batch, "seconds": dt, "records_per_s": n / dt,
+            "rss_first_batch": rss[0], "rss_max": max(rss), "rss_last": rss[-1],
+            "rss_mib_samples": [round(v / 2**20, 1) for v in rss[::max(1, len(rss) // 10)]],
+            "target": "flat (rss_last close to rss_first_batch)"}
+
+
 def iint_cache(n: int) -> dict:
     out = subprocess.run([PY, "-c", IINT, str(n)], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
@@ -262,6 +291,7 @@ def staging_ops(emu: Emulator) -> dict:
     """Time A, D and N writes on a big list while another client keeps
     recording, and see how long those records were held up."""
     import threading
+
     from imafs.control import Client
     client = Client(str(emu.mp))
     pid = client.call("status")["pid"]
@@ -326,6 +356,8 @@ def main() -> None:
     ap.add_argument("--inodes", type=int, default=1_000_000)
     ap.add_argument("--only", choices=("list", "iint", "mount", "keeper"),
                     help="one part: the list figures, the inode cache, the measured mount or the keeper")
+    ap.add_argument("--keeper-memory-records", type=int, default=10_000_000,
+                    help="records passed through the keeper service for its memory figure")
     ap.add_argument("--keeper-chunk", type=int, default=100_000, help="records per keeper trim (one transaction)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -339,6 +371,7 @@ def main() -> None:
             result["measured_mount"] = measured_mount(Path(tmp))
     if args.only in (None, "keeper"):
         result["keeper"] = keeper(n, args.keeper_chunk)
+        result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
     if args.only in (None, "list"):
         list_figures(n, result)
     text = json.dumps(result, indent=2)

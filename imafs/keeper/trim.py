@@ -32,7 +32,8 @@ import struct
 from dataclasses import dataclass
 
 from .. import templates as T
-from .abi import Ima, boot_id as read_boot_id
+from .abi import Ima
+from .abi import boot_id as read_boot_id
 from .archive import Archive, Conflict
 
 log = logging.getLogger("imafs.keeper")
@@ -55,7 +56,7 @@ class Rec:
     """One record as the sha1 binary list holds it; its fields are parsed when
     first asked for (the check and the store need only the bytes)."""
 
-    __slots__ = ("raw", "pcr", "digest", "template", "_fields")
+    __slots__ = ("_fields", "digest", "pcr", "raw", "template")
 
     def __init__(self, raw: bytes, pcr: int, digest: bytes, template: T.Template, fields: tuple | None = None):
         self.raw, self.pcr, self.digest, self.template, self._fields = raw, pcr, digest, template, fields
@@ -170,10 +171,10 @@ def place(archive: Archive, recs: list[Rec]) -> Placement:
     have = archive.count(boot)
     first = have
     chunk = archive.last_chunk(boot)
-    if chunk and chunk.deleted is None and len(recs) >= chunk.count and chunk.first + chunk.count <= have:
-        # the last delete may not have happened: the kernel then still starts with that chunk
-        if archive.records(boot, chunk.first, chunk.count) == [r.raw for r in recs[:chunk.count]]:
-            first = chunk.first
+    # the last delete may not have happened: the kernel then still starts with that chunk
+    if (chunk and chunk.deleted is None and len(recs) >= chunk.count
+            and archive.records(boot, chunk.first, chunk.count) == [r.raw for r in recs[:chunk.count]]):
+        first = chunk.first
     for i, r in enumerate(recs):
         if r.is_boot_aggregate and first + i >= have:
             if i == 0:
