@@ -590,3 +590,18 @@ def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path):
     assert "boot 2 replays as the continuation of boot 1" in r.stderr, r.stderr
     whole = export(mnt, archive, "--boot", "1") + export(mnt, archive, "--boot", "2")
     assert_replays(mnt, whole, 21 + 6)
+
+
+def test_count_mode_under_flush_htable_says_use_stage(mount_imafs, tmp_path):
+    """ima_flush_htable refuses N (EINVAL): a clear fatal error; the records it
+    stored are recognised by the stage-mode run that follows, not stored twice."""
+    m = mount_imafs("ima_flush_htable=true")
+    archive = tmp_path / "a.db"
+    m.client.call("generate", count=30)
+    r = keep(m, archive, "--once", "--mode", "count", check=False)
+    assert r.returncode == 3 and "use --mode stage" in r.stderr, r.stderr
+    assert count(m) == 31
+    m.client.call("generate", count=4)
+    keep(m, archive, "--once")
+    assert count(m) == 0
+    assert_replays(m, export(m, archive), full_count(m))

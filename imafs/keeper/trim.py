@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from .. import templates as T
-from .abi import Ima
+from .abi import Ima, KeeperFatal
 from .abi import boot_id as read_boot_id
 from .archive import Archive, Conflict
 
@@ -280,6 +280,9 @@ class Keeper:
                         "the archive will place what remains by content", len(recs))
         elif err == errno.ESTALE:
             log.warning("keeper: N: ESTALE: measurements are suspended; the records go to the next kernel")
+        elif err == errno.EINVAL:  # stored, not deleted: a stage-mode run finds them by content
+            raise KeeperFatal(f"N on {self.ima.original.name}: EINVAL: the kernel refuses N "
+                              f"(ima_flush_htable is on?); use --mode stage")
         else:
             raise OSError(err, f"N on {self.ima.original.name}: {os.strerror(err)}")
         return 0
