@@ -367,6 +367,9 @@ def _parser() -> argparse.ArgumentParser:
     te = with_mount(tsub.add_parser("env", help="print export lines for TPM2TOOLS_TCTI, TCTI and the "
                                     "IBM TSS variables (TPM_INTERFACE_TYPE, ...) that reach the TPM"))
     te.set_defaults(fn=cmd_tpm_env)
+
+    from .keeper.cli import add_parser as add_keep_parser
+    add_keep_parser(sub)
     return p
 
 

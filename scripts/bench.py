@@ -74,6 +74,100 @@ print(json.dumps({"inodes": n, "lookups_per_s": len(keys) / dt, "membership_test
 """
 
 
+KEEPER = r"""
+import gc, json, os, sys, tempfile, time
+from imafs.ima import Ima
+from imafs.profile import load_profile
+from imafs.keeper.archive import Archive
+from imafs.keeper.trim import split
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+n, chunk = int(sys.argv[1]), int(sys.argv[2])
+ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
+ima.generate(n - 1)
+binary = ima.store.current.sha1_bytes()
+del ima
+gc.collect()
+with tempfile.TemporaryDirectory(dir=sys.argv[3]) as d:
+    path = os.path.join(d, "a.db")
+    a = Archive(path)
+    recs = split(binary)
+    # what a cycle does per chunk: check (parse + sha1 template digest), then one fsync'd transaction
+    t = time.perf_counter()
+    check = 0.0
+    boot = a.new_boot(None, True)
+    peak = 0
+    for first in range(0, len(recs), chunk):
+        raw = b"".join(r.raw for r in recs[first:first + chunk])
+        t0 = time.perf_counter()
+        part = split(raw)
+        check += time.perf_counter() - t0
+        a.store(boot, first, [r.raw for r in part], "stage")
+        peak = max(peak, rss())
+    dt = time.perf_counter() - t
+    a.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    a.close()
+    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+print(json.dumps({"records": n, "chunk": chunk, "seconds": dt, "records_per_s": n / dt,
+                  "check_share": check / dt, "archive_bytes": size, "binary_list_bytes": len(binary),
+                  "bytes_per_record": size / n, "archive_over_binary": size / len(binary)}))
+"""
+
+
+def keeper(n: int, chunk: int) -> dict:
+    """Records/s archived (check + store, one fsync'd transaction per chunk, on
+    /var/tmp: a disk, not tmpfs) and the archive's bytes against the binary list's."""
+    out = subprocess.run([PY, "-c", KEEPER, str(n), str(chunk), "/var/tmp"], capture_output=True, text=True,
+                         check=True, cwd=HERE.parent)
+    r = json.loads(out.stdout)
+    r["target"] = {"records_per_s": 100_000, "archive_over_binary": 1.3}
+    # one whole cycle through a mounted emulator, each mode: the CLI's start, the reads over FUSE, A/D or N
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        emu = Emulator(root, "keep", 1)
+        try:
+            for mode in ("stage", "count"):
+                imafs("generate", "--mount", emu.mp, "--count", n)
+                t = time.perf_counter()
+                imafs("keep", "--securityfs", emu.mp, "--archive", root / "a.db", "--once", "--mode", mode)
+                dt = time.perf_counter() - t
+                r[f"cycle_{mode}"] = {"records": n, "seconds": dt, "records_per_s": n / dt}
+        finally:
+            emu.close()
+    return r
+
+
+def keeper_memory(n: int, batch: int = 100_000) -> dict:
+    """The keeper as a service (--max-records batch/2) while n records pass
+    through it: its resident memory after each batch stays flat."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        root = Path(tmp)
+        os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+        emu = Emulator(root, "mem", 1)
+        p = subprocess.Popen([PY, "-m", "imafs", "keep", "--securityfs", str(emu.mp), "--archive",
+                              str(root / "a.db"), "--max-records", str(batch // 2), "--poll", "0.05"],
+                             stderr=subprocess.DEVNULL, cwd=HERE.parent)
+        rss = []
+        try:
+            t = time.perf_counter()
+            for _ in range(n // batch):
+                imafs("generate", "--mount", emu.mp, "--count", batch)
+                while int((emu.mp / "ima" / "runtime_measurements_count").read_text()) > batch // 2:
+                    time.sleep(0.02)
+                rss.append(rss_of(p.pid))
+            dt = time.perf_counter() - t
+        finally:
+            p.terminate()
+            p.wait()
+            emu.close()
+    return {"records": n, "batch": batch, "seconds": dt, "records_per_s": n / dt,
+            "rss_first_batch": rss[0], "rss_max": max(rss), "rss_last": rss[-1],
+            "rss_mib_samples": [round(v / 2**20, 1) for v in rss[::max(1, len(rss) // 10)]],
+            "target": "flat (rss_last close to rss_first_batch)"}
+
+
 def iint_cache(n: int) -> dict:
     out = subprocess.run([PY, "-c", IINT, str(n)], check=True, capture_output=True, text=True)
     r = json.loads(out.stdout)
@@ -197,6 +291,7 @@ def staging_ops(emu: Emulator) -> dict:
     """Time A, D and N writes on a big list while another client keeps
     recording, and see how long those records were held up."""
     import threading
+
     from imafs.control import Client
     client = Client(str(emu.mp))
     pid = client.call("status")["pid"]
@@ -285,10 +380,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--inodes", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm"),
-                    help="one part: the list figures, the inode cache, the measured mount, or "
-                         "extends through swtpm")
+    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper"),
+                    help="one part: the list figures, the inode cache, the measured mount, extends "
+                         "through swtpm, or the keeper")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
+    ap.add_argument("--keeper-memory-records", type=int, default=10_000_000,
+                    help="records passed through the keeper service for its memory figure")
+    ap.add_argument("--keeper-chunk", type=int, default=100_000, help="records per keeper trim (one transaction)")
     ap.add_argument("--out")
     args = ap.parse_args()
     n = args.records
@@ -301,6 +399,9 @@ def main() -> None:
             result["measured_mount"] = measured_mount(Path(tmp))
     if args.only in (None, "tpm"):
         result["tpm_extend"] = tpm_extend(args.tpm_records)
+    if args.only in (None, "keeper"):
+        result["keeper"] = keeper(n, args.keeper_chunk)
+        result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
     if args.only in (None, "list"):
         list_figures(n, result)
     text = json.dumps(result, indent=2)

@@ -1,0 +1,607 @@
+"""The keeper (issue 12) on a real mount: trims in both modes, kills at every
+step of a cycle, reboots and kexecs, a full disk; the whole log it exports is
+replayed by hand (struct + hashlib) and by evmctl against the PCRs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imafs import templates as T
+from imafs.keeper.trim import BadRecord, split
+
+from .test_readme import readme_paths  # noqa: F401  (a fixture, used by test_readme_section)
+
+EVMCTL = shutil.which("evmctl")
+
+
+def keep(m, archive, *args, env=None, check=True, timeout=120):
+    e = dict(os.environ, **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
+                        "--archive", str(archive), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, env=e, check=False)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def export(m, archive, *args, live=True) -> bytes:
+    more = ["--securityfs", str(m.path)] if live else []
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "export", "--archive", str(archive), *more,
+                        *map(str, args)], capture_output=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout
+
+
+def count(m) -> int:
+    return int(m.read("runtime_measurements_count"))
+
+
+def staged(m) -> list:
+    return T.parse_binary_list(m.read("binary_runtime_measurements_staged"), 20)
+
+
+def assert_replays(m, whole: bytes, expect_records: int | None = None):
+    """The whole log, parsed and replayed by hand, gives the emulator's PCRs,
+    every bank; no record twice (file names are unique but for violations)."""
+    recs = T.parse_binary_list(whole, 20)
+    if expect_records is not None:
+        assert len(recs) == expect_records
+    pcrs = m.client.call("pcrs")["pcrs"]
+    for bank, values in pcrs.items():
+        size = T.digest_size(bank)
+        acc: dict[int, bytes] = {}
+        for pcr, digest, tmpl, fields in recs:
+            d = b"\xff" * size if not any(digest) else T.template_digest(bank, tmpl, fields)
+            acc[pcr] = T.hash_bytes(bank, acc.get(pcr, bytes(size)) + d)
+        for pcr, value in acc.items():
+            assert value.hex() == values[pcr], (bank, pcr)
+    names = [f[1] for _, d, t, f in recs
+             if any(d) and t.fields[:2] == ("d-ng", "n-ng") and f[1].startswith(b"/")]
+    assert len(names) == len(set(names)), "a record is in the whole log twice"
+    return recs
+
+
+def full_count(m) -> int:
+    """Records ever added by this kernel (BINARY_FULL): the whole log's length on one kernel."""
+    return m.client.call("status")["counters"]["BINARY_FULL"]["records"]
+
+
+def pcr_args(m, tmp_path, flag="--pcrs"):
+    out = []
+    for bank in ("sha1", "sha256"):
+        out += [flag, f"{bank},{m.pcr_file(bank, tmp_path)}"]
+    return out
+
+
+def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    for i in range(3):
+        mnt.client.call("generate", count=200 + i)
+        keep(mnt, archive, "--once")
+        assert count(mnt) == 0 and staged(mnt) == []
+        mnt.client.call("generate", count=50)
+        mnt.client.call("record", name="/var/log/v", violation=True)
+        keep(mnt, archive, "--once", "--mode", "count")
+        assert count(mnt) == 0
+    mnt.client.call("generate", count=17)  # left in the kernel: the whole log = archive + live
+    whole = export(mnt, archive)
+    assert_replays(mnt, whole, full_count(mnt))
+    assert export(mnt, archive, live=False) == whole[:len(whole) - len(mnt.read("binary_runtime_measurements"))]
+    # ASCII: the kernel's rendering of the same records
+    text = export(mnt, archive, "--format", "ascii", "--bank", "sha256").decode()
+    assert text.endswith(mnt.read("ascii_runtime_measurements_sha256").decode())
+    assert len(text.splitlines()) == full_count(mnt)
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    st = subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                        capture_output=True, text=True, check=True).stdout
+    st = json.loads(st)
+    assert st["records"] == full_count(mnt) - 17 and st["boots"][0]["trims"] == 6
+    if EVMCTL:
+        (tmp_path / "whole.bin").write_bytes(whole)
+        r = subprocess.run([EVMCTL, "ima_measurement", "--ignore-violations", *pcr_args(mnt, tmp_path),
+                            str(tmp_path / "whole.bin")], capture_output=True, text=True, check=False)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_verify_names_the_record_that_does_not_fit(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=30)
+    pcrs = pcr_args(mnt, tmp_path)  # the PCRs now
+    keep(mnt, archive, "--once")
+    mnt.client.call("record", name="/etc/late", digest="sha256:" + "ab" * 32)
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcrs], capture_output=True, text=True, check=False)
+    assert r.returncode == 1
+    # boot_aggregate is record 0, the 30 generated records 1-30
+    assert "the first record that does not fit is record 31" in r.stderr and "/etc/late" in r.stderr, r.stderr
+    # evmctl accepts a log whose prefix matches the PCRs (records after a quote are normal);
+    # keep verify is stricter: the whole log, to its last record
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("mode,step", [("stage", "after-A"), *((m, s) for m in ("stage", "count")
+                                                                 for s in ("mid-save", "after-commit", "after-D"))])
+def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once", "--mode", mode)  # a first chunk, so the crash is not on an empty archive
+    mnt.client.call("generate", count=300)
+    before = count(mnt)
+    r = keep(mnt, archive, "--once", "--mode", mode, env={"IMAFS_KEEP_CRASH_AT": step}, check=False)
+    assert r.returncode == 137, r.stderr
+    # what the kill left in the kernel: a delete only after the commit
+    if step in ("after-A", "mid-save", "after-commit"):
+        assert (len(staged(mnt)) if mode == "stage" else count(mnt)) == before
+    else:
+        assert count(mnt) == 0 and staged(mnt) == []
+    mnt.client.call("generate", count=40)  # records keep arriving
+    keep(mnt, archive, "--once", "--mode", mode)
+    keep(mnt, archive, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+    db = sqlite3.connect(archive)
+    n, first, last = db.execute("SELECT count(*), min(pos), max(pos) FROM records").fetchone()
+    assert (n, first, last) == (full_count(mnt), 0, full_count(mnt) - 1)
+
+
+def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
+    """The service, killed -9 again and again while records arrive and it trims."""
+    archive = tmp_path / "a.db"
+    env = dict(os.environ)
+    rnd = random.Random(12)
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                              "--archive", str(archive), "--max-records", "20", "--poll", "0.02",
+                              "--mode", rnd.choice(["stage", "count"])],
+                             stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + rnd.uniform(0.3, 1.5)
+        while time.monotonic() < deadline:
+            mnt.client.call("generate", count=rnd.randint(1, 60))
+        p.kill()
+        p.wait()
+    keep(mnt, archive, "--once")
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--poll", "30"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not archive.exists() or count(mnt):  # the start-up cycle
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mnt.client.call("generate", count=123)
+        time.sleep(0.3)
+        assert count(mnt) == 123  # no threshold, a 30 s poll: nothing trims by itself
+        p.send_signal(signal.SIGUSR1)
+        while count(mnt):
+            assert time.monotonic() < deadline, "SIGUSR1 did not trim"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        p.kill()
+    assert "requested" in p.stderr.read()
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_threshold_holds_the_list_down(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--max-records", "500", "--poll", "0.05", "--mode", "count"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(30):
+            mnt.client.call("generate", count=100)
+            time.sleep(0.03)
+        deadline = time.monotonic() + 20
+        while count(mnt) > 500:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        p.terminate()
+        assert p.wait(timeout=10) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=50)
+    # killed after its commit: the chunk is stored, still staged, and kexec carries it
+    assert keep(mnt, archive, "--once", env={"IMAFS_KEEP_CRASH_AT": "after-commit"}, check=False).returncode == 137
+    mnt.client.call("generate", count=20)
+    mnt.client.call("kexec")
+    assert staged(mnt) == [] and count(mnt) > 70
+    mnt.client.call("generate", count=10)
+    keep(mnt, archive, "--once", "--mode", "count")
+    mnt.client.call("generate", count=5)
+    whole = export(mnt, archive)
+    recs = assert_replays(mnt, whole)  # a kexec does not reset the PCRs: one chain
+    assert sum(1 for _, _, _, f in recs if f[1] == b"boot_aggregate\0") == 2
+    if EVMCTL:
+        (tmp_path / "w.bin").write_bytes(whole)
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path), str(tmp_path / "w.bin")],
+                           capture_output=True, text=True, check=False)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+    first_boot = whole
+    # a cold boot: PCRs reset, a new boot in the archive; the old one is kept whole
+    mnt.client.call("generate", count=3)  # lost with the reboot: never archived
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=60)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=6)
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+    assert export(mnt, archive, "--boot", "1", live=False) == first_boot[:len(first_boot) - len(
+        b"".join(T.binary_record(*r) for r in T.parse_binary_list(first_boot, 20)[-5:]))]
+    st = json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert [(b["boot"], b["kernels"], b["from_boot_aggregate"]) for b in st["boots"]] == [(1, 2, True), (2, 1, True)]
+
+
+def test_v5_abi(mount_imafs, tmp_path):
+    m = mount_imafs("abi=v5")
+    archive = tmp_path / "a.db"
+    for mode in ("stage", "count", "stage"):
+        m.client.call("generate", count=40)
+        keep(m, archive, "--once", "--mode", mode)
+        assert count(m) == 0 and staged(m) == []
+    assert_replays(m, export(m, archive), full_count(m))
+
+
+@pytest.fixture
+def small_fs():
+    base = Path(tempfile.mkdtemp(prefix="imafs-keep-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(base)], check=True)
+    yield base
+    subprocess.run(["umount", "-l", str(base)], check=False)
+    base.rmdir()
+
+
+@pytest.mark.parametrize("mode", ["stage", "count"])
+@pytest.mark.parametrize("fails_at", ["open", "commit"])
+def test_a_full_disk_never_leads_to_a_delete(mnt, small_fs, mode, fails_at):
+    """fails_at=commit: another connection holds the WAL files open, so the
+    keeper opens its archive and its chunk's commit is what fails; open: the
+    WAL cannot even be created."""
+    archive = small_fs / "a.db"
+    mnt.client.call("generate", count=50)
+    keep(mnt, archive, "--once", "--mode", mode)
+    holder = sqlite3.connect(archive) if fails_at == "commit" else None
+    if holder:
+        holder.execute("SELECT count(*) FROM records").fetchone()
+    filler = small_fs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the filesystem to the last byte
+        for size in (4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    mnt.client.call("generate", count=3000)
+    for _ in range(2):
+        r = keep(mnt, archive, "--once", "--mode", mode, check=False)
+        assert r.returncode == 1 and "nothing is deleted" in r.stderr, r.stderr
+        if fails_at == "commit":
+            assert "commit failed" in r.stderr, r.stderr
+        held = len(staged(mnt)) + count(mnt)
+        assert held == 3000
+    filler.unlink()
+    if holder:
+        holder.close()
+    keep(mnt, archive, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_a_busy_list_is_waited_for(mnt, tmp_path):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=10)
+    fd = os.open(mnt.ima / "ascii_runtime_measurements", os.O_RDONLY)  # a reader: writers get EBUSY
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                          "--archive", str(archive), "--once"], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert p.poll() is None, p.stderr.read()  # still waiting
+    assert count(mnt) == 11
+    os.close(fd)
+    assert p.wait(timeout=30) == 0
+    assert count(mnt) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_without_cap_sys_admin_a_clear_fatal_error(mount_imafs):
+    m = mount_imafs(reachable=True)
+    d = Path(tempfile.mkdtemp(prefix="imafs-keep-"))
+    d.chmod(0o777)
+    try:
+        r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
+                            "--archive", str(d / "a.db"), "--once"], capture_output=True, text=True,
+                           user=1000, env=dict(os.environ, PYTHONPATH=os.getcwd()), cwd="/", check=False)
+        assert r.returncode == 3 and "root with CAP_SYS_ADMIN" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_record_whose_digest_lies_is_refused():
+    tmpl = T.lookup_template("ima-ng")
+    fields = (b"sha256:\0" + bytes(32), b"/etc/x\0")
+    good = T.binary_record(10, T.template_digest("sha1", tmpl, fields), tmpl, fields)
+    assert len(split(good)) == 1
+    bad = T.binary_record(10, b"\1" * 20, tmpl, fields)
+    with pytest.raises(BadRecord, match="record 1 .* template digest"):
+        split(good + bad)
+    with pytest.raises(BadRecord, match="truncated|overruns"):
+        split(good[:-3])
+
+
+@pytest.mark.skipif(EVMCTL is None, reason="evmctl not installed")
+def test_readme_section(readme_paths, tmp_path):  # noqa: F811
+    from .test_readme import run_readme_block
+    r = run_readme_block("The keeper", readme_paths, tmp_path / "work")
+    assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr
+    assert "replay to the PCRs of sha256" in r.stdout
+    assert '"records": 601' in r.stdout  # boot_aggregate + 500 + 100, all in the archive
+
+
+def _reference_split(buf: bytes):
+    """templates.parse_binary_list + the digest rule: what split's fast path must equal."""
+    from imafs.keeper.trim import _slow
+    out, o = [], 0
+    while o < len(buf):
+        r, o = _slow(buf, o, "list", len(out))
+        out.append(r)
+    return out
+
+
+_TEMPLATES = ["ima-ng", "ima-sig", "ima-buf", "ima", "ima-ngv2", "evm-sig", "d-ng|n-ng|iuid"]
+
+
+def _record(tmpl_name: str, name: bytes, data: bytes, pcr: int, violation: bool) -> bytes:
+    tmpl = T.lookup_template(tmpl_name)
+    ev = T.Event(name=name, file_digest=T.hash_bytes("sha256", data), file_algo="sha256", buf=data,
+                 d_digest=T.hash_bytes("sha1", data),
+                 ima_xattr=data or None, uid=1, gid=2, mode=0o644, violation=violation)
+    fields = T.encode_fields(tmpl, ev)
+    digest = bytes(20) if violation else T.template_digest("sha1", tmpl, fields)
+    return T.binary_record(pcr, digest, tmpl, fields)
+
+
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_TEMPLATES), st.binary(min_size=1, max_size=20).map(
+    lambda b: b"/" + b.replace(b"\0", b"x")), st.binary(max_size=40), st.integers(0, 23), st.booleans()),
+    min_size=1, max_size=8),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3), st.integers(0, 10_000))
+def test_split_fast_path_equals_the_strict_parser(recs, flips, cut):
+    buf = b"".join(_record(*r) for r in recs)
+    got = [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in split(buf)]
+    assert got == [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in _reference_split(buf)]
+    bad = bytearray(buf)
+    for at, value in flips:
+        bad[at % len(bad)] = value
+    bad = bytes(bad[:len(bad) - cut % 7])
+
+    def outcome(fn):
+        try:
+            return [(r.raw, r.pcr, r.digest, r.template, r.fields) for r in fn(bad)]
+        except BadRecord:
+            return "refused"
+    assert outcome(split) == outcome(_reference_split)
+
+
+class _Killed(BaseException):
+    """Raised by the crash hook in process: the keeper dies at that step."""
+
+
+def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch):
+    """Random interleavings on a live mount: appends, trims in both modes,
+    the keeper killed at a random step (in process: the crash hook raises and
+    the keeper's archive connection is dropped uncommitted, as a kill leaves
+    it), reboots and kexecs. After every step the whole log of the latest boot,
+    exported, replays to the PCRs, with no record twice.
+
+    The policy measures critical data, so a kexec leaves its `kexec_execute`
+    record before the new kernel's boot_aggregate: with an empty policy, a
+    kexec right after a complete trim looks exactly like a reboot through the
+    ABI (docs/keeper.md, "The ambiguous case")."""
+    mnt = mount_imafs("ima_policy=critical_data")
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
+
+    from imafs.keeper import trim
+    from imafs.keeper.abi import Ima
+    from imafs.keeper.archive import Archive
+
+    kill_at: list[str | None] = [None]
+
+    def hook(step):
+        if kill_at[0] == step:
+            raise _Killed(step)
+
+    monkeypatch.setattr(trim, "crash_hook", hook)
+    serial = [0]
+
+    class Machine(RuleBasedStateMachine):
+        def __init__(self):
+            super().__init__()
+            mnt.client.call("reboot")
+            serial[0] += 1
+            self.path = tmp_path / f"a{serial[0]}.db"
+            self.kexecs = 0
+
+        def _keeper(self, mode):
+            return trim.Keeper(Ima(mnt.path, busy_timeout=5), Archive(str(self.path)), mode)
+
+        @rule(n=st.integers(1, 80))
+        def append(self, n):
+            mnt.client.call("generate", count=n)
+
+        @rule(mode=st.sampled_from(["stage", "count"]),
+              kill=st.sampled_from([None, None, "after-A", "mid-save", "after-commit", "after-D"]))
+        def trim(self, mode, kill):
+            kill_at[0] = kill
+            k = self._keeper(mode)
+            try:
+                k.cycle()
+            except _Killed:
+                pass
+            finally:
+                kill_at[0] = None
+                k.archive.db.close()  # a killed process's connection: whatever was not committed is gone
+
+        @rule()
+        def kexec(self):
+            mnt.client.call("kexec")
+            self.kexecs += 1
+
+        @rule()
+        def reboot(self):
+            # the keeper would run before shutdown; a cold boot loses only what it did not store
+            mnt.client.call("reboot")
+            self.kexecs = 0
+
+        @invariant()
+        def whole_log_replays(self):
+            if not self.path.exists():
+                return
+            whole = export(mnt, self.path)
+            recs = assert_replays(mnt, whole, full_count(mnt) if not self.kexecs else None)
+            assert recs and recs[0][3][1] == b"boot_aggregate\0"
+
+    run_state_machine_as_test(Machine, settings=settings(max_examples=15, stateful_step_count=12,
+                                                          deadline=None))
+
+
+@pytest.fixture
+def serve_whole(tmp_path):
+    """Factory: serve(archive, mount) -> the served directory; stopped with SIGTERM at teardown."""
+    procs = []
+
+    def start(archive, m):
+        mp = tmp_path / f"whole{len(procs)}"
+        mp.mkdir()
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive),
+                              "--securityfs", str(m.path), str(mp)], stderr=subprocess.PIPE, text=True)
+        procs.append((p, mp))
+        deadline = time.monotonic() + 20
+        while not (mp / "binary_runtime_measurements").exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return mp
+
+    yield start
+    for p, mp in procs:
+        p.send_signal(signal.SIGTERM)
+        try:
+            assert p.wait(timeout=10) == 0
+        finally:
+            p.kill()
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
+
+
+def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=100)
+    keep(mnt, archive, "--once")
+    whole = serve_whole(archive, mnt)
+    mnt.client.call("generate", count=40)
+    first = (whole / "binary_runtime_measurements").read_bytes()
+    assert first == export(mnt, archive)
+    ascii_first = (whole / "ascii_runtime_measurements_sha256").read_bytes()
+    assert ascii_first.endswith(mnt.read("ascii_runtime_measurements_sha256"))
+    assert (whole / "runtime_measurements_count").read_text() == f"{full_count(mnt)}\n"
+    # an agent remembers its offset; trims happen in both modes; it reads exactly the next records
+    mnt.client.call("generate", count=25)
+    keep(mnt, archive, "--once", "--mode", "count")
+    mnt.client.call("generate", count=7)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=3)
+    for name, offset in (("binary_runtime_measurements", len(first)),
+                         ("ascii_runtime_measurements_sha256", len(ascii_first))):
+        with open(whole / name, "rb") as f:
+            f.seek(offset)
+            rest = f.read()
+        new = T.parse_binary_list(mnt.read("binary_runtime_measurements"), 20)
+        if name.startswith("binary"):
+            got = T.parse_binary_list(rest, 20)
+            assert len(got) == 35 and got[-3:] == new
+        else:
+            assert len(rest.splitlines()) == 35 and rest.endswith(mnt.read("ascii_runtime_measurements_sha256"))
+    served = (whole / "binary_runtime_measurements").read_bytes()
+    assert_replays(mnt, served, full_count(mnt))
+    with pytest.raises(OSError) as e, open(whole / "binary_runtime_measurements", "wb"):
+        pass  # a read-only mount, files 0440
+    assert e.value.errno in (errno.EROFS, errno.EACCES)
+    if EVMCTL:
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path),
+                            str(whole / "binary_runtime_measurements")], capture_output=True, text=True, check=False)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+    # a cold boot: the files start over with the new boot's log
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=9)
+    keep(mnt, archive, "--once")
+    served = (whole / "binary_runtime_measurements").read_bytes()
+    assert len(T.parse_binary_list(served, 20)) == 10
+    assert_replays(mnt, served, full_count(mnt))
+
+
+def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path):
+    """The ambiguous case (docs/keeper.md): with an empty policy nothing is
+    measured between the last trim and the kexec, so the new list starts with a
+    boot_aggregate, as after a reboot. The keeper starts a new boot; verify
+    says the PCRs continue the previous one."""
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=20)
+    keep(mnt, archive, "--once")
+    mnt.client.call("kexec")
+    mnt.client.call("generate", count=5)
+    keep(mnt, archive, "--once")
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "verify", "--archive", archive,
+                        "--securityfs", mnt.path, *pcr_args(mnt, tmp_path)], capture_output=True, text=True, check=False)
+    assert r.returncode == 1
+    assert "boot 2 replays as the continuation of boot 1" in r.stderr, r.stderr
+    whole = export(mnt, archive, "--boot", "1") + export(mnt, archive, "--boot", "2")
+    assert_replays(mnt, whole, 21 + 6)
+
+
+def test_count_mode_under_flush_htable_says_use_stage(mount_imafs, tmp_path):
+    """ima_flush_htable refuses N (EINVAL): a clear fatal error; the records it
+    stored are recognised by the stage-mode run that follows, not stored twice."""
+    m = mount_imafs("ima_flush_htable=true")
+    archive = tmp_path / "a.db"
+    m.client.call("generate", count=30)
+    r = keep(m, archive, "--once", "--mode", "count", check=False)
+    assert r.returncode == 3 and "use --mode stage" in r.stderr, r.stderr
+    assert count(m) == 31
+    m.client.call("generate", count=4)
+    keep(m, archive, "--once")
+    assert count(m) == 0
+    assert_replays(m, export(m, archive), full_count(m))
