@@ -152,13 +152,14 @@ class Ima:
         """Encode ``ev`` with ``template`` (default: the boot template) and append it.
 
         Violations always use the default template and PCR (kernel-abi.md §4.4)
-        and count in ``violations`` even though they are never deduplicated.
+        and count in ``violations`` first, even when the entry cannot be
+        stored (measurements suspended); they are never deduplicated.
         """
-        if self.suspended:
-            raise RequestError("measurements are suspended: a reboot or kexec is under way")
         if ev.violation:
             template, pcr = self.template, self.profile.pcr_idx
             self.store.violations += 1
+        if self.suspended:
+            raise RequestError("measurements are suspended: a reboot or kexec is under way")
         template = template or self.template
         pcr = self.profile.pcr_idx if pcr is None else pcr
         fields = T.encode_fields(template, ev)

@@ -186,6 +186,7 @@ def test_suspended_store_step_records(measured):
         refused,
     ]
     assert m.read("runtime_measurements_count") == b"1\n"  # boot_aggregate alone
+    assert m.read("violations") == b"1\n"  # counted first, stored or not (kernel-abi.md §4.4)
 
 
 def test_boot_lines(mount_imafs):
