@@ -146,3 +146,33 @@ def test_a_policy_loaded_from_a_hung_filesystem_holds_up_its_writer_only(ramfs, 
         os.kill(pid_b, signal.SIGCONT)
     assert writer.wait(20) == 0
     assert Client(str(a.path)).call("status")["policy"] == ["measure func=BPRM_CHECK"]
+
+
+def test_runner_drives_steps_like_inline_and_holds_locks_only_while_running():
+    """A blocking step's result or exception comes back into the path; an
+    Exclusive key is held until the path ends, and the lock table empties."""
+    import trio
+
+    from imafs.blocking import Blocking, Exclusive, Runner, run_inline
+
+    def path(order: list, name: str):
+        yield Exclusive("inode")
+        order.append(f"{name} in")
+        try:
+            yield Blocking(os.stat, "/nonexistent/imafs")
+        except FileNotFoundError:
+            got = yield Blocking(len, b"abc")
+        order.append(f"{name} out")
+        return got
+
+    assert run_inline(path([], "inline")) == 3
+
+    async def two():
+        runner, order = Runner(), []
+        async with trio.open_nursery() as n:
+            for name in ("a", "b"):
+                n.start_soon(runner.run, path(order, name))
+        # never interleaved under one key, whichever trio started first
+        assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+        assert len(runner.locks) == 0
+    trio.run(two)

@@ -41,6 +41,17 @@ def tpm2(env, *args, check=True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def make_ak(env, t, *ak_format: str) -> None:
+    """An endorsement key, then an RSA attestation key under it (t/ak.ctx;
+    its public part in t/ak.pub, or t/ak.pem with ``"-f", "pem"``)."""
+    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
+         "-s", "rsassa", "-u", t / ("ak.pem" if ak_format else "ak.pub"), *ak_format, "-n", t / "ak.name")
+    tpm2(env, "tpm2_flushcontext", "-t")
+    tpm2(env, "tpm2_flushcontext", "-s")
+
+
 def quote(env, t, name: str, nonce: str, pcrs: bool = True) -> None:
     """tpm2_quote over sha256 PCR 10 with the AK; transient objects flushed
     (swtpm has no resource manager)."""
@@ -170,12 +181,7 @@ def test_quote_over_pcr10_matches_the_list_while_records_arrive(mount_imafs, tmp
     m = mount_imafs("tpm=swtpm")
     env = tpm_env(m)
     t = tmp_path
-    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
-         "-s", "rsassa", "-u", t / "ak.pem", "-f", "pem", "-n", t / "ak.name")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_flushcontext", "-s")
+    make_ak(env, t, "-f", "pem")
 
     gen = subprocess.Popen([sys.executable, "-m", "imafs", "generate", "--mount", m.path, "--count", "100000"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -468,12 +474,7 @@ def test_keylime_checks_a_quote_and_the_list_together(mount_imafs, tmp_path):
     m.cli("record", "--name", "/v", "--violation")
     env = tpm_env(m)
     t = tmp_path
-    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
-         "-s", "rsassa", "-u", t / "ak.pub", "-n", t / "ak.name")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_flushcontext", "-s")
+    make_ak(env, t)
     nonce = "imafs-keylime-nonce"
     quote(env, t, "k", nonce.encode().hex())
     blob = "r" + ":".join(base64.b64encode((t / f"k.{x}").read_bytes()).decode() for x in ("msg", "sig", "pcrs"))
@@ -517,12 +518,7 @@ def test_keylime_measured_boot_and_ima_with_the_exported_event_log(mount_imafs, 
     m.cli("generate", "--count", "100")
     env = tpm_env(m)
     t = tmp_path
-    tpm2(env, "tpm2_createek", "-c", t / "ek.ctx", "-G", "rsa", "-u", t / "ek.pub")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_createak", "-C", t / "ek.ctx", "-c", t / "ak.ctx", "-G", "rsa", "-g", "sha256",
-         "-s", "rsassa", "-u", t / "ak.pub", "-n", t / "ak.name")
-    tpm2(env, "tpm2_flushcontext", "-t")
-    tpm2(env, "tpm2_flushcontext", "-s")
+    make_ak(env, t)
     nonce = "imafs-mb-nonce"
     tpm2(env, "tpm2_quote", "-c", t / "ak.ctx", "-l", "sha256:0,1,2,3,4,5,6,7,8,9,10", "-q",
          nonce.encode().hex(), "-g", "sha256", "-m", t / "q.msg", "-s", t / "q.sig", "-o", t / "q.pcrs")
