@@ -161,7 +161,29 @@ def _init(spec: RunSpec, alive_r: int, old_mask, prepare, started) -> int:
         return launch.failed
     if started is not None:
         started(child)
-    return _wait(child, blocked, forward_to=child, reap_all=True)
+    code = _wait(child, blocked, forward_to=child, reap_all=True)
+    if not spec.attach:
+        _abort_connection()
+    return code
+
+
+def _abort_connection() -> None:
+    """Abort the FUSE connection of the run's daemon before the init exits:
+    the kernel then kills the namespace's processes, and a daemon thread
+    that waits on its own filesystem would hold up that teardown for ever
+    (it holds /dev/fuse, whose release is what ends such a wait)."""
+    devs = [dev for dev, _, point, fstype in _mounts() if point == SECURITYFS and fstype == "fuse.imafs"]
+    if not devs:
+        return
+    major, minor = map(int, devs[-1].split(":"))
+    conns = "/sys/fs/fuse/connections"
+    try:
+        if not os.listdir(conns):
+            _mount("fusectl", conns, "fusectl")
+        with open(f"{conns}/{os.makedev(major, minor)}/abort", "w") as f:
+            f.write("1")
+    except OSError as e:
+        print(f"imafs run: cannot abort the daemon's FUSE connection: {e}", file=sys.stderr)
 
 
 def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int | None:

@@ -129,6 +129,8 @@ def test_bad_input_is_refused_before_anything_runs(fuse, tmp_path):
     assert r.returncode == 125 and "bad profile: ima_policy" in r.stderr
     r = imafs_run("--measure", f"{tmp_path}/missing:{tmp_path}", "--", "true")
     assert r.returncode == 125 and "does not exist" in r.stderr
+    r = imafs_run("--measure", f"{tmp_path}:{tmp_path}", "--", "true")  # the daemon would wait on itself
+    assert r.returncode == 125 and "must not contain each other" in r.stderr
     r = imafs_run("--mount", tmp_path, "--", "true")
     assert r.returncode == 125 and "no imafs mount there" in r.stderr
     r = imafs_run("--mount", tmp_path, "--set", "kernel=6.1", "--", "true")
