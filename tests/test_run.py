@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from imafs.profile import load_profile
-from imafs.views import audit_line, cmdline, kmsg_record
+from imafs.views import KMSG_WAITERS, audit_line, cmdline, kmsg_record
 
 from .conftest import REQUIRE_FUSE, fuse_unavailable
 
@@ -265,22 +265,24 @@ def test_sigkill_at_any_moment_leaves_nothing(fuse, tmp_path, moment):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "run", "--set", "tpm=swtpm",
                           "--measure", f"{base}/src:{base}/dst", "--", "sh", "-c",
                           f"touch {marker}; sleep 1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ns = None
-    deadline = time.monotonic() + 60
-    while ns is None or ns == os.readlink("/proc/self/ns/pid"):
-        try:  # ENOENT between the unshare and the namespace's first process
-            ns = os.readlink(f"/proc/{p.pid}/ns/pid_for_children")
-        except FileNotFoundError:
-            pass
-        assert time.monotonic() < deadline and p.poll() is None
-    if moment == "started":
-        while not marker.exists():
+    try:
+        ns = None
+        deadline = time.monotonic() + 60
+        while ns is None or ns == os.readlink("/proc/self/ns/pid"):
+            try:  # ENOENT between the unshare and the namespace's first process
+                ns = os.readlink(f"/proc/{p.pid}/ns/pid_for_children")
+            except FileNotFoundError:
+                pass
             assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.02)
-    else:
-        time.sleep(moment)
-    p.kill()
-    p.wait()
+        if moment == "started":
+            while not marker.exists():
+                assert time.monotonic() < deadline and p.poll() is None
+                time.sleep(0.02)
+        else:
+            time.sleep(moment)
+    finally:
+        p.kill()
+        p.wait()
     while pid_ns_members(ns):  # the kernel kills the namespace's processes as its init goes
         assert time.monotonic() < deadline, pid_ns_members(ns)
         time.sleep(0.02)
@@ -289,3 +291,65 @@ def test_sigkill_at_any_moment_leaves_nothing(fuse, tmp_path, moment):
     os.rmdir(base / "src")
     os.rmdir(base / "dst")
     os.rmdir(base)
+
+
+# -- the views, driven on a mount -----------------------------------------------------------
+def test_views_are_hidden_read_only_and_kmsg_reads_one_record_at_a_time(mount_imafs):
+    m = mount_imafs("ima_policy=tcb", "kernel=6.12", reachable=True)
+    views = m.path / ".imafs-kernel"
+    assert ".imafs-kernel" not in os.listdir(m.path)
+    assert sorted(os.listdir(views)) == ["audit.log", "cmdline", "kmsg", "osrelease"]  # soft PCRs: no tpm
+    assert (views / "cmdline").read_bytes() == \
+        b"BOOT_IMAGE=/boot/vmlinuz-6.12.0-imafs root=/dev/vda1 ro ima_policy=tcb\n"
+    with pytest.raises(OSError) as e:
+        with open(views / "cmdline", "wb") as f:
+            f.write(b"x")
+    assert e.value.errno == 22  # EINVAL: no write method
+    fd = os.open(views / "kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError) as e:
+            os.read(fd, 8)  # a record does not fit: EINVAL, and the record stays
+        assert e.value.errno == 22
+        records = []
+        while True:
+            try:
+                records.append(os.read(fd, 8192))
+            except BlockingIOError:
+                break
+    finally:
+        os.close(fd)
+    assert records[0].startswith(b"6,0,") and records[0].endswith(b"\n") and len(records) >= 2
+    assert all(r.count(b"\n") == 1 for r in records)
+    # uid 1000: the log and cmdline are readable, audit.log (0600) is not, nothing is writable
+    r = subprocess.run([*SETPRIV_1000, "sh", "-c", f"cat {views}/cmdline >/dev/null && echo ok; "
+                        f"cat {views}/audit.log; echo x > {views}/kmsg"], capture_output=True, text=True)
+    assert r.stdout == "ok\n" and r.stderr.count("Permission denied") == 2, r.stderr
+
+
+def test_blocking_kmsg_readers_wait_for_records_and_never_stall_the_daemon(mount_imafs):
+    m = mount_imafs(reachable=True)
+    kmsg = m.path / ".imafs-kernel" / "kmsg"
+    reader = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+              "while True:\n    sys.stdout.buffer.write(os.read(fd, 8192)); sys.stdout.flush()\n")
+    procs = [subprocess.Popen([*SETPRIV_1000, sys.executable, "-c", reader, str(kmsg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(40)]
+    try:
+        time.sleep(2.0)  # every reader has read the log; KMSG_WAITERS wait, the others got EAGAIN
+        waiting = [p for p in procs if p.poll() is None]
+        assert len(waiting) == KMSG_WAITERS
+        assert all(b"BlockingIOError" in p.stderr.read() for p in procs if p not in waiting)
+        t = time.monotonic()
+        m.cli("status")
+        assert m.read("runtime_measurements_count") == b"1\n"
+        assert time.monotonic() - t < 10
+        subprocess.run(["sh", "-c", "echo bogus > policy"], cwd=m.ima, capture_output=True)
+        for p in waiting:  # each waiting reader gets the new records
+            line = p.stdout.readline()
+            while b"policy update failed" not in line:
+                line = p.stdout.readline()
+                assert line, p.stderr.read()
+    finally:
+        for p in procs:  # a killed reader's wait ends (EINTR), it does not wait for a record
+            p.kill()
+            p.wait(timeout=10)
+    m.cli("status")
