@@ -80,6 +80,13 @@ def _check(ret: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
+def _describe(e: Exception) -> str:
+    """An error for a human: a system call's own message without "[Errno N]"."""
+    if isinstance(e, OSError) and e.filename is None and e.strerror:
+        return e.strerror
+    return str(e)
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None):
     enc = (lambda s: None if s is None else os.fsencode(s))
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
@@ -99,7 +106,7 @@ def run(spec: RunSpec, prepare=None, started=None) -> int:
         _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        print(f"imafs run: {e} (imafs run needs root)", file=sys.stderr)
+        print(f"imafs run: {_describe(e)} (imafs run needs root)", file=sys.stderr)
         return EXIT_RUN_FAILED
     alive_r, alive_w = os.pipe()  # the init sees EOF on it once the runner is gone
     sys.stdout.flush()
@@ -153,7 +160,7 @@ def _init(spec: RunSpec, alive_r: int, old_mask, prepare, started) -> int:
     try:
         env = _setup(spec)
     except (RunError, OSError, ControlError) as e:
-        print(f"imafs run: {e}", file=sys.stderr)
+        print(f"imafs run: {_describe(e)}", file=sys.stderr)
         return EXIT_RUN_FAILED
     blocked = set(FORWARDED) | {signal.SIGCHLD}
     child = launch(spec.argv, env, old_mask, prepare)

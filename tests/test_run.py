@@ -136,6 +136,10 @@ def test_bad_input_is_refused_before_anything_runs(fuse, tmp_path):
     r = imafs_run("--mount", tmp_path, "--set", "kernel=6.1", "--", "true")
     assert r.returncode == 2 and "--mount joins a running emulator" in r.stderr
     assert imafs_run().returncode == 2
+    r = subprocess.run([*SETPRIV_1000, sys.executable, "-m", "imafs", "run", "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (125, "imafs run: unshare(CLONE_NEWPID): Operation not permitted "
+                                             "(imafs run needs root)\n")
 
 
 # -- what the command sees -----------------------------------------------------------------
