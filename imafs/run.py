@@ -163,9 +163,11 @@ def _init(spec: RunSpec, alive_r: int, old_mask, prepare, started) -> int:
         print(f"imafs run: {_describe(e)}", file=sys.stderr)
         return EXIT_RUN_FAILED
     blocked = set(FORWARDED) | {signal.SIGCHLD}
-    child = launch(spec.argv, env, old_mask, prepare)
-    if child is None:
-        return launch.failed
+    try:
+        child = launch(spec.argv, env, old_mask, prepare)
+    except ExecFailed as e:
+        print(f"imafs run: {e}", file=sys.stderr)
+        return e.status
     if started is not None:
         started(child)
     code = _wait(child, blocked, forward_to=child, reap_all=True)
@@ -193,11 +195,18 @@ def _abort_connection() -> None:
         print(f"imafs run: cannot abort the daemon's FUSE connection: {e}", file=sys.stderr)
 
 
-def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int | None:
+class ExecFailed(Exception):
+    """CMD could not be executed; ``status`` is what a shell exits with."""
+
+    def __init__(self, argv0: str, err: int):
+        self.status = EXIT_NOT_FOUND if err == errno.ENOENT else EXIT_CANNOT_EXEC
+        super().__init__(f"{argv0}: {'command not found' if err == errno.ENOENT else os.strerror(err)}")
+
+
+def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int:
     """Fork and exec CMD with the signal mask ``mask`` and default signal
     dispositions; ``prepare()`` runs in the child just before execve.
-    Returns the child's pid, or None (``launch.failed`` = 126 or 127) when
-    exec failed, which is reported as a shell reports it."""
+    Returns the child's pid once it has exec'd; ExecFailed if it could not."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -215,23 +224,16 @@ def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int | No
             os._exit(EXIT_CANNOT_EXEC)
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        err = f.read()
-    if not err:
-        return pid
-    os.waitpid(pid, 0)
-    e = int(err)
-    launch.failed = EXIT_NOT_FOUND if e == errno.ENOENT else EXIT_CANNOT_EXEC
-    what = "command not found" if e == errno.ENOENT else os.strerror(e)
-    print(f"imafs run: {argv[0]}: {what}", file=sys.stderr)
-    return None
-
-
-launch.failed = EXIT_CANNOT_EXEC
+        err = f.read()  # EOF at the exec (the pipe is close-on-exec), or the errno
+    if err:
+        os.waitpid(pid, 0)
+        raise ExecFailed(argv[0], int(err))
+    return pid
 
 
 def _setup(spec: RunSpec) -> dict[str, str]:
     """The run's mount namespace: the emulator at /sys/kernel/security, the
-    only securityfs; the kernel's views; a private runtime directory.
+    first securityfs; the kernel's views; a private runtime directory.
     Returns CMD's environment."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing of the run reaches the host
