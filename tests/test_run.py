@@ -228,17 +228,24 @@ def test_an_agent_script_runs_unchanged(fuse, tmp_path):
     assert (t / "audit").read_text().startswith("type=INTEGRITY_PCR msg=audit(")
 
 
-def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs):
-    m = mount_imafs("ima_policy=tcb")
+def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "x").write_text("x\n")
+    m = mount_imafs("ima_policy=tcb", measure=[(src, dst)])
     m.cli("record", "--name", "from-the-host", "--digest", "sha256:" + "ab" * 32)
     r = imafs_run("--mount", m.path, "--", "sh", "-c",
-                  "grep ^securityfs /proc/mounts | head -1 | cut -d' ' -f2; "
+                  "grep ^securityfs /proc/mounts | head -2 | cut -d' ' -f2; "
+                  f"cat {dst}/x >/dev/null; "
                   "grep -c from-the-host /sys/kernel/security/ima/ascii_runtime_measurements; "
                   f"{sys.executable} -m imafs record --mount /sys/kernel/security --name from-the-run "
                   "--digest sha256:" + "cd" * 32)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["/sys/kernel/security", "1"]
-    assert b"from-the-run" in m.read("ascii_runtime_measurements")
+    # the emulator first, its measured mount bound again after it
+    assert r.stdout.splitlines() == ["/sys/kernel/security", str(dst), "1"]
+    listed = m.read("ascii_runtime_measurements")
+    assert b"from-the-run" in listed and f" {dst}/x\n".encode() in listed
     m.cli("status")
 
 
