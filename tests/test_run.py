@@ -162,6 +162,18 @@ def test_the_emulator_is_the_first_securityfs_and_the_kernel_views_are_its(fuse,
     host.cli("status")  # the host's mount serves on
 
 
+def test_the_kernels_own_securityfs_is_hidden(fuse):
+    """A host whose /sys/kernel/security is the real securityfs (here in a
+    private namespace, made for the test): inside the run only the emulator is."""
+    inner = f"{sys.executable} -m imafs run -- grep securityfs /proc/mounts"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount --make-rprivate / && "
+                        "mount -t securityfs securityfs /sys/kernel/security && " + inner],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    types = {line.split()[2] for line in r.stdout.splitlines()}
+    assert types == {"fuse.imafs"} and r.stdout.startswith("securityfs /sys/kernel/security fuse.imafs ")
+
+
 def test_uid_1000_in_a_run_gets_the_kernel_modes(fuse):
     r = imafs_run("--", *SETPRIV_1000, "sh", "-c",
                   "cat /proc/cmdline >/dev/null && echo cmdline-ok; "
