@@ -69,7 +69,7 @@ class Key:
 
     id: bytes  # the 4 bytes a signature_v2_hdr names it by
     subject: str  # the kernel's fabricated name (CN, "O: CN", O or email)
-    public_key: object = field(repr=False)  # a cryptography public key
+    public_key: object = field(repr=False, compare=False)  # a cryptography public key
     der: bytes = field(repr=False)  # the certificate as the kernel got it (the KEY_CHECK buffer)
     keyring: str = ""
     # the kernel's asymmetric_key_ids: raw serial || raw issuer, SKID (if any)
@@ -77,7 +77,7 @@ class Key:
     skid: bytes | None = field(default=None, repr=False)
     # the AKID: raw serial || raw issuer, keyIdentifier (restrict_link_by_signature's auth_ids)
     auth_ids: tuple[bytes | None, bytes | None] = field(default=(None, None), repr=False)
-    cert: x509.Certificate | None = field(default=None, repr=False)
+    cert: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def description(self) -> str:
@@ -104,7 +104,8 @@ def _fabricated_name(name: x509.Name) -> str:
             found[attr.oid] = attr.value if isinstance(attr.value, str) else attr.value.decode("latin-1")
     cn, o = found.get(NameOID.COMMON_NAME), found.get(NameOID.ORGANIZATION_NAME)
     if cn and o:
-        if cn.startswith(o) or (len(cn) >= 7 and len(o) >= 7 and cn[:7] == o[:7]):
+        cn_raw, o_raw = cn.encode(), o.encode()  # the kernel compares the bytes
+        if cn_raw.startswith(o_raw) or (len(cn_raw) >= 7 and len(o_raw) >= 7 and cn_raw[:7] == o_raw[:7]):
             return cn
         return f"{o}: {cn}"
     return cn or o or found.get(NameOID.EMAIL_ADDRESS) or ""
@@ -138,10 +139,16 @@ def load_certs(data: bytes) -> list[bytes]:
         try:
             out.append(x509.load_pem_x509_certificate(m.group(0)).public_bytes(Encoding.DER))
         except ValueError as e:
-            raise KeyringError(errno.EBADMSG, f"not a PEM X.509 certificate ({e})") from None
+            raise KeyringError(errno.EBADMSG, f"not a PEM X.509 certificate ({_short(e)})") from None
     if not out:
         raise KeyringError(errno.EBADMSG, "no whole CERTIFICATE block in the PEM input")
     return out
+
+
+def _short(e: Exception) -> str:
+    """The first line of a parser's message, at most 100 characters."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def parse_cert(data: bytes, keyring: str = "") -> Key:
@@ -153,7 +160,7 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
         cert = x509.load_der_x509_certificate(der)
         pub = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise KeyringError(errno.EBADMSG, f"not an X.509 certificate ({e})") from None
+        raise KeyringError(errno.EBADMSG, f"not an X.509 certificate, DER or PEM ({_short(e)})") from None
     if not isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise KeyringError(errno.ENOPKG, f"{type(pub).__name__.lstrip('_')}: the kernel verifies "
                            "RSA and ECDSA keys only")
@@ -162,7 +169,7 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
         subject = _fabricated_name(cert.subject)
         raw_issuer = cert.issuer.public_bytes()
     except (ValueError, UnicodeDecodeError) as e:
-        raise KeyringError(errno.EBADMSG, f"bad X.509 certificate ({e})") from None
+        raise KeyringError(errno.EBADMSG, f"bad X.509 certificate ({_short(e)})") from None
     skid = None
     auth: tuple[bytes | None, bytes | None] = (None, None)
     for e in ext:
@@ -184,9 +191,9 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
 
 def _verify(signer: Key, cert: x509.Certificate) -> bool:
     """Whether ``signer``'s key made ``cert``'s signature over its TBSCertificate."""
-    algo = cert.signature_hash_algorithm
     pub = signer.public_key
     try:
+        algo = cert.signature_hash_algorithm
         if isinstance(pub, rsa.RSAPublicKey):
             pub.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algo)
         elif isinstance(pub, ec.EllipticCurvePublicKey):
@@ -201,7 +208,10 @@ def _verify(signer: Key, cert: x509.Certificate) -> bool:
 def tbs_digest(cert: x509.Certificate) -> bytes | None:
     """The digest of the TBSCertificate with the certificate's own signature
     hash (what ``tbs:<hex>`` blacklist entries name); None if it has none."""
-    algo = cert.signature_hash_algorithm
+    try:
+        algo = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return None
     if algo is None:
         return None
     h = hashes.Hash(algo)
@@ -347,15 +357,16 @@ def read_cert_file(path: str, limit: int = MAX_CERT) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RequestError(f"{path}: not a regular file; give an X.509 certificate file")
-        try:
-            data = f.read(limit + 1)
-        except OSError as e:
-            raise RequestError(f"{path}: {e.strerror}") from None
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise RequestError(f"{path}: larger than {limit} bytes; not an X.509 certificate")
     return data
-
