@@ -48,7 +48,11 @@ BLACKLIST = ".blacklist"
 # user space makes it (`keyctl newring _ima @u`) and it has no restriction.
 IMA_UNTRUSTED = "_ima"
 
-KEYRINGS = (BUILTIN, MACHINE, IMA, PLATFORM)  # keyrings of X.509 keys, in boot order
+# the keyrings filled at boot only, and the profile key that fills each
+BOOT_KEYS = {BUILTIN: "builtin_trusted_keys", MACHINE: "machine_keys", PLATFORM: "platform_keys"}
+
+# the NIST curves of crypto/ecdsa.c (P-521 since 6.10; imafs takes it for every version)
+EC_CURVES = ("secp192r1", "secp256r1", "secp384r1", "secp521r1")
 
 MAX_CERT = 64 * 1024  # larger than any certificate the kernel loads in practice
 
@@ -161,18 +165,31 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
         pub = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
         raise KeyringError(errno.EBADMSG, f"not an X.509 certificate, DER or PEM ({_short(e)})") from None
+    if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name not in EC_CURVES:
+        raise KeyringError(errno.ENOPKG, f"ECDSA key on {pub.curve.name}: the kernel verifies "
+                           f"{', '.join(EC_CURVES)} only")
     if not isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise KeyringError(errno.ENOPKG, f"{type(pub).__name__.lstrip('_')}: the kernel verifies "
                            "RSA and ECDSA keys only")
     try:
-        ext = cert.extensions
         subject = _fabricated_name(cert.subject)
         raw_issuer = cert.issuer.public_bytes()
-    except (ValueError, UnicodeDecodeError) as e:
+        skid, auth = _key_identifiers(cert)
+    # cryptography parses names and extensions when asked, and a malformed
+    # one can surface as any of these
+    except (ValueError, KeyError, TypeError, UnicodeError) as e:
         raise KeyringError(errno.EBADMSG, f"bad X.509 certificate ({_short(e)})") from None
+    ids = (_raw_serial(cert) + raw_issuer,) + ((skid,) if skid is not None else ())
+    key_id = (skid if skid is not None else ids[0])[-4:]
+    return Key(key_id, subject, pub, der, keyring, ids, skid, auth, cert)
+
+
+def _key_identifiers(cert: x509.Certificate) -> tuple[bytes | None, tuple[bytes | None, bytes | None]]:
+    """The SKID, and the AKID as the kernel's auth_ids: (raw serial || raw
+    issuer of the authority, its key identifier)."""
     skid = None
     auth: tuple[bytes | None, bytes | None] = (None, None)
-    for e in ext:
+    for e in cert.extensions:
         if isinstance(e.value, x509.SubjectKeyIdentifier):
             skid = e.value.digest
         elif isinstance(e.value, x509.AuthorityKeyIdentifier):
@@ -184,9 +201,7 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
                     n = a.authority_cert_serial_number
                     serial_issuer = n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True) + dn.public_bytes()
             auth = (serial_issuer, a.key_identifier)
-    ids = (_raw_serial(cert) + raw_issuer,) + ((skid,) if skid is not None else ())
-    key_id = (skid if skid is not None else ids[0])[-4:]
-    return Key(key_id, subject, pub, der, keyring, ids, skid, auth, cert)
+    return skid, auth
 
 
 def _verify(signer: Key, cert: x509.Certificate) -> bool:
@@ -293,12 +308,11 @@ class Keyrings:
             # nothing to other users: the lookup or the write is refused.
             raise KeyringError(errno.EACCES, f"uid {uid} may not add keys to {name} (owned by root, "
                                "no permissions for others)")
-        if not boot and name in (BUILTIN, PLATFORM):
-            # .builtin_trusted_keys: restrict_link_reject;
-            # .platform: the kernel alone loads it (firmware keys)
-            raise KeyringError(errno.EPERM if name == BUILTIN else errno.EACCES,
-                               f"{name} takes keys only at boot (set the profile's "
-                               f"{'builtin_trusted_keys' if name == BUILTIN else 'platform_keys'})")
+        if not boot and name in (BUILTIN, MACHINE, PLATFORM):
+            # The kernel fills them at boot; their permissions give root
+            # (not possessing them) no write: key_create_or_update says EACCES.
+            raise KeyringError(errno.EACCES, f"{name} takes keys only at boot (set the profile's "
+                               f"{BOOT_KEYS[name]})")
         key = parse_cert(data, name)
         tbs = tbs_digest(key.cert)
         if tbs is not None and f"tbs:{tbs.hex()}" in self._blacklist:
@@ -312,12 +326,9 @@ class Keyrings:
     def _restrict(self, name: str, key: Key) -> None:
         """The keyring's restrict_link check: restrict_link_by_signature
         against the trusted keyrings, with its errnos."""
-        if name == self.ima_name and self.trusted:
-            trust = [BUILTIN, MACHINE] if self.permit_secondary else [BUILTIN]
-        elif name == MACHINE:
-            return  # the machine keyring takes MOK keys from the boot loader; imafs lets root add them
-        else:
+        if name != self.ima_name or not self.trusted:
             return
+        trust = [BUILTIN, MACHINE] if self.permit_secondary else [BUILTIN]
         if key.auth_ids == (None, None):
             raise KeyringError(errno.ENOKEY, f"{key.description!r} has no authority key identifier, "
                                f"so no key on {' or '.join(trust)} can vouch for it")

@@ -40,7 +40,9 @@ def add_parser(sub, with_mount) -> None:
     a = with_mount(verbs.add_parser("add", help="add an X.509 certificate to a keyring, as keyctl padd "
                                     "asymmetric would; KEY_CHECK rules measure it"))
     a.add_argument("--keyring", default=".ima",
-                   help="the keyring: .ima (default; _ima without integrity_trusted_keyring), .machine")
+                   help="the keyring: .ima (default; the kernel names it _ima without "
+                        "integrity_trusted_keyring); .builtin_trusted_keys, .machine and .platform "
+                        "take keys at boot only, from the profile")
     a.add_argument("cert", help="the certificate file, DER or PEM")
     a.set_defaults(fn=cmd_keys_add)
     ls = with_mount(verbs.add_parser("list", help="the keys on every keyring: keyring, key id, subject"))

@@ -131,12 +131,12 @@ def test_trusted_ima_takes_only_keys_a_builtin_key_signed(certs):
         rings.add(IMA, bytes(bad))
     assert e.value.errno == errno.EKEYREJECTED
     # a key signed by a CA on .machine: only with the secondary keyring permitted
-    rings.add(MACHINE, certs["ca2"].read_bytes())
+    rings.add(MACHINE, certs["ca2"].read_bytes(), boot=True)
     with pytest.raises(KeyringError) as e:
         rings.add(IMA, certs["leaf2"].read_bytes())
     assert e.value.errno == errno.ENOKEY
     secondary = Keyrings(trusted=True, permit_secondary=True)
-    secondary.add(MACHINE, certs["ca2"].read_bytes())
+    secondary.add(MACHINE, certs["ca2"].read_bytes(), boot=True)
     assert secondary.add(IMA, certs["leaf2"].read_bytes()).keyring == ".ima"
 
 
@@ -146,9 +146,10 @@ def test_untrusted_ima_takes_any_key_but_not_from_other_users(certs):
     with pytest.raises(KeyringError) as e:
         rings.add(".ima", certs["ec"].read_bytes(), uid=1000)
     assert e.value.errno == errno.EACCES
-    with pytest.raises(KeyringError) as e:
-        rings.add(BUILTIN, certs["ec"].read_bytes())
-    assert e.value.errno == errno.EPERM  # restrict_link_reject
+    for ring in (BUILTIN, MACHINE, ".platform"):  # filled at boot; no write for root
+        with pytest.raises(KeyringError) as e:
+            rings.add(ring, certs["ec"].read_bytes())
+        assert e.value.errno == errno.EACCES
     assert [k.subject for k in rings] == ["Test Org: RSA signing key"]
 
 
@@ -180,9 +181,10 @@ def test_bad_certificates(certs):
         assert e.value.errno == err
 
 
-def test_ed25519_is_refused_as_the_kernel_has_no_code_for_it(tmp_path):
-    key, cert = tmp_path / "ed.key", tmp_path / "ed.pem"
-    openssl("req", "-x509", "-newkey", "ed25519", "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=ed",
+@pytest.mark.parametrize("newkey", [["ed25519"], ["ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"]])
+def test_keys_the_kernel_has_no_code_for(tmp_path, newkey):
+    key, cert = tmp_path / "k.key", tmp_path / "k.pem"
+    openssl("req", "-x509", "-newkey", *newkey, "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=k",
             cwd=tmp_path)
     with pytest.raises(KeyringError) as e:
         parse_cert(cert.read_bytes())
@@ -246,12 +248,11 @@ def ima_buf_records(m) -> list[tuple[str, bytes]]:
 
 
 def test_add_and_list(mount_imafs, certs):
-    m = mount_imafs()
+    m = mount_imafs(f"machine_keys={certs['rsa_der']}")
     r = m.cli("keys", "add", "--keyring", ".ima", certs["rsa"])
     rsa = parse_cert(certs["rsa"].read_bytes())
     assert r.stdout.startswith(f"_ima {rsa.id.hex()} {rsa.subject}: queued")
     m.cli("keys", "add", certs["ec"])
-    m.cli("keys", "add", "--keyring", ".machine", certs["rsa_der"])
     lines = m.cli("keys", "list").stdout.splitlines()
     ec = parse_cert(certs["ec"].read_bytes())
     assert lines[0].split() == ["KEYRING", "ID", "SUBJECT"]
@@ -264,9 +265,9 @@ def test_add_and_list(mount_imafs, certs):
     # the same certificate again replaces the key of the same description
     m.cli("keys", "add", certs["ec"])
     assert len(json.loads(m.cli("keys", "list", "--json").stdout)["keys"]) == 3
-    # keyrings are the running kernel's: a reboot empties them
+    # keyrings are the running kernel's: a reboot leaves only what the boot loads
     m.cli("reboot")
-    assert m.cli("keys", "list").stdout.splitlines()[1:] == []
+    assert [ln.split()[0] for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [".machine"]
 
 
 def kernel_ima_buf_digest(name: str, buf: bytes) -> tuple[bytes, bytes]:
@@ -300,7 +301,7 @@ def test_trusted_keyring_refuses_a_self_signed_key(mount_imafs, certs):
     assert r.stderr.startswith(f"imafs: cannot add {certs['rsa']} to .ima: Required key not available (ENOKEY): ")
     assert "self-signed" in r.stderr
     r = m.cli("keys", "add", "--keyring", ".builtin_trusted_keys", certs["rsa"], check=False)
-    assert "Operation not permitted (EPERM)" in r.stderr
+    assert "Permission denied (EACCES): .builtin_trusted_keys takes keys only at boot" in r.stderr
     m.cli("keys", "add", "--keyring", ".ima", certs["leaf"])
     ca, leaf = parse_cert(certs["ca"].read_bytes()), parse_cert(certs["leaf"].read_bytes())
     assert [ln.split(None, 2) for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [
@@ -313,15 +314,13 @@ def test_trusted_keyring_refuses_a_self_signed_key(mount_imafs, certs):
 def test_keys_queued_until_the_policy_loads(mount_imafs, certs):
     """Builtin keys (loaded before IMA's init) and keys added before the first
     custom policy wait; that policy measures those its KEY_CHECK rule names."""
-    m = mount_imafs(f"builtin_trusted_keys={certs['ca']}")
+    m = mount_imafs(f"builtin_trusted_keys={certs['ca']}", f"machine_keys={certs['ec']}")
     m.cli("keys", "add", certs["rsa"])
-    m.cli("keys", "add", "--keyring", ".machine", certs["ec"])
     assert ima_buf_records(m) == []
     write_policy(m, "measure func=KEY_CHECK keyrings=.builtin_trusted_keys|_ima\n")
     assert ima_buf_records(m) == [(".builtin_trusted_keys", der(certs["ca"])), ("_ima", der(certs["rsa"]))]
     # from now on keys are measured as they come, by the policy of the moment
     m.cli("keys", "add", certs["leaf"])
-    m.cli("keys", "add", "--keyring", ".machine", certs["leaf2"])
     assert ima_buf_records(m)[2:] == [("_ima", der(certs["leaf"]))]
 
 
@@ -336,11 +335,12 @@ def test_queued_keys_are_dropped_when_the_timer_ran_out(mount_imafs, certs):
 
 
 def test_key_check_rule_with_uid(mount_imafs, certs):
-    m = mount_imafs()
-    write_policy(m, "measure func=KEY_CHECK uid=1000\nmeasure func=KEY_CHECK keyrings=.machine uid=0\n")
-    m.cli("keys", "add", certs["rsa"])
-    m.cli("keys", "add", "--keyring", ".machine", certs["ec"])
-    assert ima_buf_records(m) == [(".machine", der(certs["ec"]))]
+    m = mount_imafs("write_policy=true")
+    write_policy(m, "measure func=KEY_CHECK uid=1000\n")
+    m.cli("keys", "add", certs["rsa"])  # root adds it: no rule matches
+    write_policy(m, "measure func=KEY_CHECK keyrings=_ima uid=0\n")
+    m.cli("keys", "add", certs["ec"])
+    assert ima_buf_records(m) == [("_ima", der(certs["ec"]))]
 
 
 def test_hostile_input_never_hurts_the_daemon(mount_imafs, certs, tmp_path):
@@ -359,7 +359,7 @@ def test_hostile_input_never_hurts_the_daemon(mount_imafs, certs, tmp_path):
             r = m.cli("keys", "add", path, check=False)
             assert r.returncode == 1 and message in r.stderr, (path, r.stderr)
         for keyring, message in [(".blacklist", "not certificates"), (".nope", "no keyring '.nope'"),
-                                 (".platform", "only at boot")]:
+                                 (".platform", "only at boot"), (".machine", "only at boot")]:
             r = m.cli("keys", "add", "--keyring", keyring, certs["rsa"], check=False)
             assert r.returncode == 1 and message in r.stderr, r.stderr
         # an emulated caller other than root: the keyrings grant nothing to others
