@@ -22,6 +22,7 @@ from imafs.keyqueue import KeyQueue
 from imafs.keys import BUILTIN, IMA, MACHINE, KeyringError, Keyrings, load_certs, parse_cert, tbs_digest
 
 from .test_evmctl import assert_matched, evmctl_replay
+from . import test_readme
 
 needs_evmctl = pytest.mark.skipif(shutil.which("evmctl") is None, reason="evmctl not installed")
 
@@ -410,3 +411,14 @@ def test_profile_errors_name_the_key(certs, tmp_path):
         load_profile(None, ["blacklist_hashes=bin:0"])
     p = load_profile(None, [f"builtin_trusted_keys={certs['ca']}", "integrity_trusted_keyring=yes"])
     assert p.boot_certs == ((BUILTIN, (der(certs["ca"]),)),) and p.integrity_trusted_keyring
+
+
+readme_paths = test_readme.readme_paths  # the fixture of the README's paths
+
+
+def test_readme_keys_block(readme_paths, tmp_path):
+    """The README's Keys section runs as written; its key id is evmctl's."""
+    r = test_readme.run_readme_block("Keys and keyrings", readme_paths, tmp_path / "work")
+    key = parse_cert((tmp_path / "work" / "ima.pem").read_bytes())
+    assert ["_ima", key.id.hex(), "my IMA key"] in [ln.split(None, 2) for ln in r.stdout.splitlines()]
+    assert f" ima-buf sha256:{hashlib.sha256(key.der).hexdigest()} _ima {key.der.hex()}\n" in r.stdout
