@@ -456,7 +456,8 @@ class Server:
         try:
             key, decided = self.ima.add_key(keyring, data, uid=uid)
         except RequestError as e:
-            raise RequestError(f"cannot add {cert} to {keyring}: {e}") from None
+            shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
+            raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
         return {**_key_info(key), "queued": decided is None, "added": bool(decided and decided["added"]),
                 "decision": decided["decision"] if decided else "queued until a custom policy is loaded"}
 

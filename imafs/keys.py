@@ -54,6 +54,8 @@ BOOT_KEYS = {BUILTIN: "builtin_trusted_keys", MACHINE: "machine_keys", PLATFORM:
 # the NIST curves of crypto/ecdsa.c (P-521 since 6.10; imafs takes it for every version)
 EC_CURVES = ("secp192r1", "secp256r1", "secp384r1", "secp521r1")
 
+MAX_DESCRIPTION = 4095  # a key's (and so a keyring's) description, at most
+
 MAX_CERT = 64 * 1024  # larger than any certificate the kernel loads in practice
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
@@ -252,7 +254,9 @@ class Keyrings:
     (or, with ``permit_secondary`` =
     CONFIG_IMA_KEYRINGS_PERMIT_SIGNED_BY_BUILTIN_OR_SECONDARY, also by one on
     the secondary keyring, which links ``.machine``).  Without it the IMA
-    keyring is ``_ima``, unrestricted; ``.ima`` names it too.
+    keyring is ``_ima``, unrestricted; ``.ima`` names it too.  Any other
+    name without a leading dot is a keyring of root's own, made when its
+    first key comes (``keyctl newring NAME @u``, then ``evmctl import``).
     """
 
     def __init__(self, trusted: bool = False, permit_secondary: bool = False):
@@ -270,8 +274,13 @@ class Keyrings:
             return self.ima_name
         if keyring in self._rings or keyring == BLACKLIST:
             return keyring
-        raise KeyringError(errno.ENOKEY, f"no keyring {keyring!r}; keyrings: "
-                           f"{', '.join((*self._rings, BLACKLIST))}")
+        if keyring.startswith("."):  # the kernel's own; user space cannot make one
+            raise KeyringError(errno.ENOKEY, f"no keyring {keyring!r}; keyrings: "
+                               f"{', '.join((*self._rings, BLACKLIST))}, or a name of your own "
+                               "without a leading dot")
+        if not keyring or "\0" in keyring or len(keyring.encode()) > MAX_DESCRIPTION:
+            raise KeyringError(errno.EINVAL, f"a keyring name is 1 to {MAX_DESCRIPTION} bytes, without NUL")
+        return keyring
 
     # -- lookup --------------------------------------------------------------------
     def find(self, keyring: str, key_id: bytes) -> Key | None:
@@ -320,7 +329,7 @@ class Keyrings:
                                f"(tbs:{tbs.hex()})")
         if not boot:
             self._restrict(name, key)
-        self._rings[name][key.description] = key
+        self._rings.setdefault(name, {})[key.description] = key
         return key
 
     def _restrict(self, name: str, key: Key) -> None:

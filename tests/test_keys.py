@@ -335,6 +335,24 @@ def test_queued_keys_are_dropped_when_the_timer_ran_out(mount_imafs, certs):
     assert ima_buf_records(m) == [("_ima", der(certs["ec"]))]
 
 
+def test_a_keyring_of_ones_own(mount_imafs, certs):
+    """LTP's ima_keys.sh: a key imported into a new keyring that a KEY_CHECK
+    rule names is measured; the record's buffer is the certificate's DER."""
+    m = mount_imafs()
+    write_policy(m, "measure func=KEY_CHECK keyrings=key_import_test template=ima-buf\n")
+    m.cli("keys", "add", "--keyring", "key_import_test", certs["rsa_der"])
+    m.cli("keys", "add", certs["ec"])  # _ima: not named
+    assert ima_buf_records(m) == [("key_import_test", der(certs["rsa"]))]
+    for line in m.read("ascii_runtime_measurements").decode().splitlines()[1:]:
+        f = line.split(" ")  # LTP: the digest is the hash of the hex-decoded buffer
+        assert f[3] == "sha256:" + hashlib.sha256(bytes.fromhex(f[5])).hexdigest()
+    rsa = parse_cert(certs["rsa"].read_bytes())
+    assert ["key_import_test", rsa.id.hex(), rsa.subject] in [
+        ln.split(None, 2) for ln in m.cli("keys", "list").stdout.splitlines()]
+    r = m.cli("keys", "add", "--keyring", "x" * 4096, certs["rsa"], check=False)
+    assert "Invalid argument (EINVAL)" in r.stderr
+
+
 def test_key_check_rule_with_uid(mount_imafs, certs):
     m = mount_imafs("write_policy=true")
     write_policy(m, "measure func=KEY_CHECK uid=1000\n")
