@@ -30,6 +30,7 @@ from .tpm import PcrBanks, boot_aggregate
 
 log = logging.getLogger(__name__)
 MAY_READ = MASKS["MAY_READ"]
+QUEUED = {"queued": True, "added": False, "decision": "queued until a custom policy is loaded"}
 
 
 def _getxattr(fd: int, name: str) -> bytes | None:
@@ -149,16 +150,25 @@ class Ima:
                 self.klog.kernel(f"{'' if ring == BUILTIN else 'integrity: '}Loaded X.509 cert "
                                  f"'{key.description}'")
 
-    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict | None]:
-        """key_create_or_update of a certificate, then IMA's hook
-        (ima_post_key_create_or_update): the key is queued until a custom
-        policy is loaded, or measured as a KEY_CHECK buffer named after its
-        keyring.  Returns the key and how it was decided (None: queued)."""
+    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict]:
+        """key_create_or_update of a certificate, then IMA's hook: the key
+        and how the hook decided (:meth:`key_check`)."""
         key = self.keyrings.add(keyring, data, uid=uid, boot=boot)
-        # keys loaded at boot come before IMA's init: queued, or dropped once the timer has run out
-        if self.key_queue.queue(key.keyring, key.der) or boot:
-            return key, None
-        return key, self.measure_buffer("KEY_CHECK", key.keyring, key.der, keyring=key.keyring, uid=uid)
+        if boot:  # before IMA's init: queued, or dropped once the timer has run out
+            self.key_queue.queue(key.keyring, key.der)
+            return key, dict(QUEUED)
+        return key, self.key_check(key.keyring, key.der, uid=uid)
+
+    def key_check(self, keyring: str, payload: bytes, *, uid: int = 0) -> dict:
+        """ima_post_key_create_or_update, for a key added to ``keyring``
+        (an emulated one, or a real one in ``imafs run``): queued until a
+        custom policy is loaded, or measured as a KEY_CHECK buffer named
+        after the keyring.  How it was decided, with "queued"."""
+        if not payload:
+            return {"queued": False, "added": False, "decision": "no payload: not measured"}
+        if self.key_queue.queue(keyring, payload):
+            return dict(QUEUED)
+        return {"queued": False, **self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=uid)}
 
     def _process_queued_keys(self) -> None:
         """A custom policy was loaded: measure the queued keys against it

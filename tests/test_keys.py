@@ -353,6 +353,23 @@ def test_a_keyring_of_ones_own(mount_imafs, certs):
     assert "Invalid argument (EINVAL)" in r.stderr
 
 
+def test_the_hook_for_keys_on_other_keyrings(mount_imafs, certs):
+    """key_check: IMA's hook for a key imafs does not hold (imafs run's
+    add_key): the same queue, then the policy."""
+    m = mount_imafs()
+    payload = der(certs["ec"])
+    assert m.client.call("key_check", keyring="_uid.0", data_hex=payload.hex())["queued"]
+    write_policy(m, "measure func=KEY_CHECK keyrings=_uid.0|.ima\n")
+    assert ima_buf_records(m) == [("_uid.0", payload)]
+    answer = m.client.call("key_check", keyring=".ima", data_hex=der(certs["rsa"]).hex())
+    assert (answer["queued"], answer["added"], answer["decision"]) == (False, True, "measure")
+    assert not m.client.call("key_check", keyring=".ima", data_hex="")["added"]  # no payload: not measured
+    from imafs.control import ControlError
+    with pytest.raises(ControlError, match="not a hexadecimal string"):
+        m.client.call("key_check", keyring=".ima", data_hex="zz")
+    assert ima_buf_records(m) == [("_uid.0", payload), (".ima", der(certs["rsa"]))]
+
+
 def test_key_check_rule_with_uid(mount_imafs, certs):
     m = mount_imafs("write_policy=true")
     write_policy(m, "measure func=KEY_CHECK uid=1000\n")
