@@ -95,10 +95,13 @@ class Key:
         return bool(key_id) and any(len(i) >= len(key_id) and i.endswith(key_id) for i in self.ids)
 
 
+def _int_octets(n: int) -> bytes:
+    """The content octets of a DER INTEGER (two's complement, minimal)."""
+    return n.to_bytes((n + (n < 0)).bit_length() // 8 + 1, "big", signed=True)
+
+
 def _raw_serial(cert: x509.Certificate) -> bytes:
-    """The serial INTEGER's content octets (two's complement, minimal)."""
-    n = cert.serial_number
-    return n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)
+    return _int_octets(cert.serial_number)
 
 
 def _fabricated_name(name: x509.Name) -> str:
@@ -200,8 +203,7 @@ def _key_identifiers(cert: x509.Certificate) -> tuple[bytes | None, tuple[bytes 
             if a.authority_cert_serial_number is not None and a.authority_cert_issuer:
                 dn = next((g.value for g in a.authority_cert_issuer if isinstance(g, x509.DirectoryName)), None)
                 if dn is not None:
-                    n = a.authority_cert_serial_number
-                    serial_issuer = n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True) + dn.public_bytes()
+                    serial_issuer = _int_octets(a.authority_cert_serial_number) + dn.public_bytes()
             auth = (serial_issuer, a.key_identifier)
     return skid, auth
 

@@ -171,6 +171,19 @@ def test_blacklist(certs):
         assert e.value.errno == errno.EINVAL
 
 
+@given(st.text(max_size=80))
+def test_blacklist_entries_fuzzed(text):
+    """An entry is taken exactly when it is bin:/tbs: and whole bytes of lower-case hex."""
+    from imafs.keys import blacklist_entry
+    import re
+    stripped = text.strip()
+    ok = re.fullmatch(r"(bin|tbs):(?:[0-9a-f]{2})+", stripped) is not None
+    try:
+        assert blacklist_entry(text) == stripped and ok
+    except KeyringError as e:
+        assert e.errno == errno.EINVAL and not ok
+
+
 def test_bad_certificates(certs):
     good = der(certs["rsa"])
     for data, err in [(b"", errno.EBADMSG), (b"\x30\x03\x02\x01", errno.EBADMSG), (good[:200], errno.EBADMSG),
