@@ -168,7 +168,7 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
     try:
         cert = x509.load_der_x509_certificate(der)
         pub = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm) as e:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:
         raise KeyringError(errno.EBADMSG, f"not an X.509 certificate, DER or PEM ({_short(e)})") from None
     if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name not in EC_CURVES:
         raise KeyringError(errno.ENOPKG, f"ECDSA key on {pub.curve.name}: the kernel verifies "

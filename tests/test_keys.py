@@ -320,15 +320,20 @@ def test_trusted_keyring_refuses_a_self_signed_key(mount_imafs, certs):
     ca, leaf = parse_cert(certs["ca"].read_bytes()), parse_cert(certs["leaf"].read_bytes())
     assert [ln.split(None, 2) for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [
         [".builtin_trusted_keys", ca.id.hex(), ca.subject], [".ima", leaf.id.hex(), leaf.subject]]
-    log = m.cli("dmesg").stdout
-    assert "Loading compiled-in X.509 certificates\n" in log
-    assert f"Loaded X.509 cert '{ca.description}'\n" in log
+    log = [line.split("] ", 1)[1] for line in m.cli("dmesg").stdout.splitlines()]
+    # certs/ loads the builtin keys before IMA starts
+    assert log[:3] == ["Loading compiled-in X.509 certificates", f"Loaded X.509 cert '{ca.description}'",
+                       "ima: Allocated hash algorithm: sha256"]
 
 
 def test_keys_queued_until_the_policy_loads(mount_imafs, certs):
     """Builtin keys (loaded before IMA's init) and keys added before the first
     custom policy wait; that policy measures those its KEY_CHECK rule names."""
     m = mount_imafs(f"builtin_trusted_keys={certs['ca']}", f"machine_keys={certs['ec']}")
+    log = [line.split("] ", 1)[1] for line in m.cli("dmesg").stdout.splitlines()]
+    ec = parse_cert(certs["ec"].read_bytes())
+    assert log[-2:] == ["integrity: Loading X.509 certificate: UEFI:MokListRT (MOKvar table)",
+                        f"integrity: Loaded X.509 cert '{ec.description}'"]  # after IMA's init
     m.cli("keys", "add", certs["rsa"])
     assert ima_buf_records(m) == []
     write_policy(m, "measure func=KEY_CHECK keyrings=.builtin_trusted_keys|_ima\n")
