@@ -19,7 +19,7 @@ from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
 from .keyqueue import KeyQueue
-from .keys import BUILTIN, MACHINE, PLATFORM, Key, Keyrings
+from .keys import BUILTIN, MACHINE, PLATFORM, Key, KeyringError, Keyrings
 from .measure import EVM_XATTRS, Measurer, OpenedFile, Task
 from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
                      measure_decision)
@@ -140,7 +140,8 @@ class Ima:
         compiled-in hashes, then the builtin certificates (certs/ loads them
         first), queued for measurement."""
         p = self.profile
-        self.keyrings = Keyrings(p.integrity_trusted_keyring, p.ima_keyrings_permit_signed_by_builtin_or_secondary)
+        self.keyrings = Keyrings(p.integrity_trusted_keyring, p.ima_keyrings_permit_signed_by_builtin_or_secondary,
+                                 tbs_sha256=p.kernel_version >= (7, 0))
         for entry in p.blacklist_hashes:
             self.keyrings.add_blacklist(entry)
         self.key_queue = KeyQueue(p.key_queue_timeout)
@@ -148,8 +149,7 @@ class Ima:
         if builtin:
             self.klog.kernel("Loading compiled-in X.509 certificates")
         for der in builtin:
-            key, _ = self.add_key(BUILTIN, der, boot=True)
-            self.klog.kernel(f"Loaded X.509 cert '{key.description}'")
+            self._boot_key(BUILTIN, der, "Problem loading in-kernel X.509 certificate ({})", "Loaded X.509 cert '{}'")
 
     def _boot_firmware_keys(self) -> None:
         """The MOK (.machine) and UEFI db (.platform) certificates, which
@@ -157,8 +157,20 @@ class Ima:
         for ring, source in ((MACHINE, "UEFI:MokListRT (MOKvar table)"), (PLATFORM, "UEFI:db")):
             for der in dict(self.profile.boot_certs).get(ring, ()):
                 self.klog.kernel(f"integrity: Loading X.509 certificate: {source}")
-                key, _ = self.add_key(ring, der, boot=True)
-                self.klog.kernel(f"integrity: Loaded X.509 cert '{key.description}'")
+                self._boot_key(ring, der, "integrity: Problem loading X.509 certificate {}",
+                               "integrity: Loaded X.509 cert '{}'")
+
+    def _boot_key(self, ring: str, der: bytes, problem: str, loaded: str) -> None:
+        """One certificate loaded by the kernel, logged as it logs it; one the
+        blacklist refuses is left out (the profile checked everything else)."""
+        try:
+            key, _ = self.add_key(ring, der, boot=True)
+        except KeyringError as e:
+            for line in e.log:
+                self.klog.kernel(line)
+            self.klog.kernel(problem.format(-e.errno))
+        else:
+            self.klog.kernel(loaded.format(key.description))
 
     def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict]:
         """key_create_or_update of a certificate, then IMA's hook: the key

@@ -64,9 +64,10 @@ _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 class KeyringError(RequestError):
     """``add_key`` refused: ``errno`` is the kernel's answer; the message says why."""
 
-    def __init__(self, err: int, why: str):
+    def __init__(self, err: int, why: str, log: tuple[str, ...] = ()):
         super().__init__(f"{os.strerror(err)} ({errno.errorcode[err]}): {why}")
         self.errno = err
+        self.log = log  # what the kernel logs on the way
 
 
 @dataclass(frozen=True)
@@ -224,11 +225,12 @@ def _verify(signer: Key, cert: x509.Certificate) -> bool:
     return True
 
 
-def tbs_digest(cert: x509.Certificate) -> bytes | None:
-    """The digest of the TBSCertificate with the certificate's own signature
-    hash (what ``tbs:<hex>`` blacklist entries name); None if it has none."""
+def tbs_digest(cert: x509.Certificate, sha256: bool = True) -> bytes | None:
+    """The digest of the TBSCertificate that ``tbs:<hex>`` blacklist entries
+    name: SHA-256 since the ML-DSA series (7.0), before it the certificate's
+    own signature hash (None if it has none)."""
     try:
-        algo = cert.signature_hash_algorithm
+        algo = hashes.SHA256() if sha256 else cert.signature_hash_algorithm
     except UnsupportedAlgorithm:
         return None
     if algo is None:
@@ -259,11 +261,13 @@ class Keyrings:
     keyring is ``_ima``, unrestricted; ``.ima`` names it too.  Any other
     name without a leading dot is a keyring of root's own, made when its
     first key comes (``keyctl newring NAME @u``, then ``evmctl import``).
+    ``tbs_sha256``: how ``tbs:`` blacklist entries are hashed (tbs_digest).
     """
 
-    def __init__(self, trusted: bool = False, permit_secondary: bool = False):
+    def __init__(self, trusted: bool = False, permit_secondary: bool = False, tbs_sha256: bool = True):
         self.trusted = trusted
         self.permit_secondary = permit_secondary
+        self.tbs_sha256 = tbs_sha256  # tbs: entries are SHA-256 (kernel >= 7.0), else the signature's hash
         self.ima_name = IMA if trusted else IMA_UNTRUSTED
         self._rings: dict[str, dict[str, Key]] = {name: {} for name in
                                                   (BUILTIN, MACHINE, self.ima_name, PLATFORM)}
@@ -325,10 +329,10 @@ class Keyrings:
             raise KeyringError(errno.EACCES, f"{name} takes keys only at boot (set the profile's "
                                f"{BOOT_KEYS[name]})")
         key = parse_cert(data, name)
-        tbs = tbs_digest(key.cert)
+        tbs = tbs_digest(key.cert, self.tbs_sha256)
         if tbs is not None and f"tbs:{tbs.hex()}" in self._blacklist:
             raise KeyringError(errno.EKEYREJECTED, f"certificate {key.description!r} is blacklisted "
-                               f"(tbs:{tbs.hex()})")
+                               f"(tbs:{tbs.hex()})", log=(f"X.509: Cert {tbs.hex()} is blacklisted",))
         if not boot:
             self._restrict(name, key)
         self._rings.setdefault(name, {})[key.description] = key

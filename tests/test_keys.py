@@ -160,11 +160,29 @@ def test_blacklist(certs):
     assert not rings.blacklisted(digest)
     rings.add_blacklist(f"bin:{digest.hex()}")
     assert rings.blacklisted(digest) and rings.blacklist() == [f"bin:{digest.hex()}"]
-    tbs = tbs_digest(parse_cert(certs["ec"].read_bytes()).cert)
+    ec = parse_cert(certs["ec"].read_bytes())
+    tbs = hashlib.sha256(ec.cert.tbs_certificate_bytes).digest()  # 7.0+: SHA-256, whatever signed it
+    assert tbs_digest(ec.cert) == tbs
     rings.add_blacklist(f"tbs:{tbs.hex()}")
     with pytest.raises(KeyringError) as e:
         rings.add(IMA, certs["ec"].read_bytes())
     assert e.value.errno == errno.EKEYREJECTED
+
+
+def test_blacklisted_tbs_before_7_0_uses_the_signature_hash(tmp_path):
+    key, cert = tmp_path / "k.key", tmp_path / "k.pem"
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-sha384", "-nodes", "-keyout", key, "-out", cert,
+            "-subj", "/CN=k", cwd=tmp_path)
+    tbs = parse_cert(cert.read_bytes()).cert.tbs_certificate_bytes
+    for tbs_sha256, digest in ((False, hashlib.sha384(tbs)), (True, hashlib.sha256(tbs))):
+        rings = Keyrings(tbs_sha256=tbs_sha256)
+        rings.add_blacklist(f"tbs:{digest.hexdigest()}")
+        with pytest.raises(KeyringError) as e:
+            rings.add(IMA, cert.read_bytes())
+        assert e.value.errno == errno.EKEYREJECTED
+        other = Keyrings(tbs_sha256=not tbs_sha256)
+        other.add_blacklist(f"tbs:{digest.hexdigest()}")
+        assert other.add(IMA, cert.read_bytes()).subject == "k"
     for bad in ("bin:", "bin:abc", "sha256:00", "bin:ABCD", "tbs:zz"):
         with pytest.raises(KeyringError) as e:
             rings.add_blacklist(bad)
@@ -451,6 +469,20 @@ def test_blacklist_from_the_profile_and_the_cli(mount_imafs, certs):
     assert "Key was rejected by service (EKEYREJECTED)" in r.stderr
     rows = [ln.split() for ln in m.cli("keys", "list").stdout.splitlines()[1:]]
     assert rows == [[".blacklist", "-", f"bin:{bad}"], [".blacklist", "-", f"tbs:{tbs}"]]
+
+
+def test_a_blacklisted_boot_certificate_is_left_out(mount_imafs, certs):
+    tbs = tbs_digest(parse_cert(certs["ca"].read_bytes()).cert).hex()
+    m = mount_imafs(f"builtin_trusted_keys={certs['ca']}", f"blacklist_hashes=tbs:{tbs}",
+                    f"platform_keys={certs['ca']}")
+    log = [line.split("] ", 1)[1] for line in m.cli("dmesg").stdout.splitlines()]
+    assert log[:3] == ["Loading compiled-in X.509 certificates", f"X.509: Cert {tbs} is blacklisted",
+                       f"Problem loading in-kernel X.509 certificate (-{errno.EKEYREJECTED})"]
+    assert log[-3:] == ["integrity: Loading X.509 certificate: UEFI:db", f"X.509: Cert {tbs} is blacklisted",
+                        f"integrity: Problem loading X.509 certificate -{errno.EKEYREJECTED}"]
+    assert [ln.split()[0] for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [".blacklist"]
+    m.cli("reboot")  # the same at every boot, and the daemon lives on
+    assert [ln.split()[0] for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [".blacklist"]
 
 
 def test_profile_errors_name_the_key(certs, tmp_path):
