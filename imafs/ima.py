@@ -15,6 +15,8 @@ from . import kexec
 from . import templates as T
 from .blocking import Blocking, Steps
 from .errors import FsError, RequestError
+from .appraise import Appraiser
+from .digsig import Verifier
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
@@ -98,6 +100,8 @@ class Ima:
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
+        self.appraiser = Appraiser(profile.ima_appraise, Verifier(self._find_key, self.klog.kernel),
+                                   profile.kernel_version)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self.boots = 0  # kernels booted: a path that waited on I/O re-checks it
         self._boot(())
@@ -129,6 +133,11 @@ class Ima:
                                ima_hash=self.ima_hash, d_digest=sha1))
         self.klog.kernel("ima: No architecture policies found")  # imafs emulates no arch policy
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
+
+    def _find_key(self, keyring: str, key_id: bytes):
+        """The key ``key_id`` on ``keyring``, if the emulated keyrings hold it."""
+        keyrings = getattr(self, "keyrings", None)
+        return keyrings.find(keyring, key_id) if keyrings is not None else None
 
     def critical_data(self, name: str, label: str, buf: bytes) -> None:
         """A CRITICAL_DATA event, measured when the policy says so."""

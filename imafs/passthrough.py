@@ -495,14 +495,20 @@ class MeasuredFs:
 
     async def _opened(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
                       ctx) -> pyfuse3.FileInfo:
-        """Register the open, then run its hooks: they never fail it."""
+        """Register the open, then run its hooks: only an appraisal that
+        fails in enforce mode fails it (the kernel then releases the file)."""
         fh, f = self.pt.register(node, fd, st, fs, flags)
+        denied = None
         if stat.S_ISREG(st.st_mode):
             try:
                 task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
-                await self.runner.run(self.pt.measurer.file_open(f, task))
+                done = await self.runner.run(self.pt.measurer.file_open(f, task))
+                denied = next((d["denied"] for d in done if "denied" in d), None)
             except Exception:
                 log.exception("open hooks of %s", os.fsdecode(f.name))
+        if denied is not None:
+            await self.release(fh)
+            raise pyfuse3.FUSEError(denied)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -585,10 +585,10 @@ class PolicyFile:
         except OSError as e:
             self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
             raise FsError(e.errno) from None
-        yield from self.measure_policy_file(name)
-        if needs_signed_policy(self.rules):  # an unsigned file fails appraisal
-            self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
-            raise FsError(errno.EACCES)
+        decided = yield from self.measure_policy_file(name)  # measured and appraised (POLICY_CHECK)
+        if decided and "denied" in decided:  # e.g. an unsigned file under secure_boot
+            self.log.kernel(f"ima: Unable to open file: {name} (-{decided['denied']})")
+            raise FsError(decided["denied"])
         size = len(content)
         for raw in content.split(b"\n"):
             if size <= 0:
