@@ -99,12 +99,12 @@ def file_id_hash(kind: int, algo: str, digest: bytes) -> bytes:
 class Verifier:
     """asymmetric_verify against the emulated keyrings.
 
-    ``find_key(keyring, key_id)`` returns the :class:`imafs.keys.Key` with
-    that 4-byte id on that keyring, or None; ``log`` takes the printk lines
-    the kernel writes on a failed key search."""
+    ``keyrings()`` returns the current kernel's :class:`imafs.keys.Keyrings`
+    (a reboot makes new ones); ``log`` takes the printk lines the kernel
+    writes on a failed key search."""
 
-    def __init__(self, find_key, log=None):
-        self.find_key = find_key
+    def __init__(self, keyrings, log=None):
+        self.keyrings = keyrings
         self.log = log or (lambda text: None)
 
     def verify(self, keyring: str, sig: bytes, digest: bytes) -> int:
@@ -121,7 +121,9 @@ class Verifier:
             return -errno.EBADMSG
         if algo_id >= HASH_ALGO_LAST:
             return -errno.ENOPKG
-        key = self.find_key(keyring, keyid.to_bytes(4, "big"))
+        rings = self.keyrings()
+        keyring = rings.name(keyring)
+        key = rings.find(keyring, keyid.to_bytes(4, "big"))
         if key is None:
             self.log(f"integrity: Request for unknown key 'id:{keyid:08x}' in '{keyring}' keyring. "
                      f"err {-errno.ENOKEY}")

@@ -20,6 +20,8 @@ from .digsig import Verifier
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
+from .keyqueue import KeyQueue
+from .keys import BUILTIN, Key, Keyrings
 from .measure import EVM_XATTRS, Measurer, OpenedFile, Task
 from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
                      measure_decision)
@@ -100,7 +102,7 @@ class Ima:
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
-        self.appraiser = Appraiser(profile.ima_appraise, Verifier(self._find_key, self.klog.kernel),
+        self.appraiser = Appraiser(profile.ima_appraise, Verifier(lambda: self.keyrings, self.klog.kernel),
                                    profile.kernel_version)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self.boots = 0  # kernels booted: a path that waited on I/O re-checks it
@@ -120,13 +122,14 @@ class Ima:
                                  Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
                                  measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
-                                 real_path=self.real_path)
+                                 real_path=self.real_path, on_update=self._process_queued_keys)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
                                       # Debian's 6.1 has no sha384/sha512 at IMA init (F-19)
                                       sha1_padded=("sha384", "sha512") if p.kernel == "6.1" else ())
         for pcr, digest, template, fields in restored:
             self.store.restore(template, fields, pcr, violation=not any(digest))
+        self._boot_keyrings()
         self.kexec_segment = None  # size of a loaded kexec segment
         algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
         self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
@@ -134,21 +137,49 @@ class Ima:
         self.klog.kernel("ima: No architecture policies found")  # imafs emulates no arch policy
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
 
-    def _find_key(self, keyring: str, key_id: bytes):
-        """The key ``key_id`` on ``keyring``, if the emulated keyrings hold it."""
-        keyrings = getattr(self, "keyrings", None)
-        return keyrings.find(keyring, key_id) if keyrings is not None else None
+    def _boot_keyrings(self) -> None:
+        """The keyrings of a new kernel: the blacklist's compiled-in hashes,
+        then the builtin and machine certificates, queued for measurement."""
+        p = self.profile
+        self.keyrings = Keyrings(p.integrity_trusted_keyring, p.ima_keyrings_permit_signed_by_builtin_or_secondary)
+        for entry in p.blacklist_hashes:
+            self.keyrings.add_blacklist(entry)
+        self.key_queue = KeyQueue(p.key_queue_timeout)
+        for ring, certs in p.boot_certs:
+            if ring == BUILTIN:
+                self.klog.kernel("Loading compiled-in X.509 certificates")
+            for der in certs:
+                key = self.add_key(ring, der, boot=True)
+                self.klog.kernel(f"{'' if ring == BUILTIN else 'integrity: '}Loaded X.509 cert "
+                                 f"'{key.description}'")
+
+    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> Key:
+        """key_create_or_update of a certificate, then IMA's hook
+        (ima_post_key_create_or_update): the key is queued until a custom
+        policy is loaded, or measured as a KEY_CHECK buffer named after its keyring."""
+        key = self.keyrings.add(keyring, data, uid=uid, boot=boot)
+        # keys loaded at boot come before IMA's init: queued, or dropped once the timer has run out
+        if not self.key_queue.queue(key.keyring, key.der) and not boot:
+            self.measure_buffer("KEY_CHECK", key.keyring, key.der, keyring=key.keyring, uid=uid)
+        return key
+
+    def _process_queued_keys(self) -> None:
+        """A custom policy was loaded: measure the queued keys against it
+        (as the policy writer, root)."""
+        for keyring, payload in self.key_queue.process():
+            self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=0)
 
     def critical_data(self, name: str, label: str, buf: bytes) -> None:
         """A CRITICAL_DATA event, measured when the policy says so."""
         self.measure_buffer("CRITICAL_DATA", name, buf, label=label)
 
     def measure_buffer(self, func: str, name: str, buf: bytes, *, keyring: str | None = None,
-                       label: str | None = None) -> dict:
+                       label: str | None = None, uid: int | None = None) -> dict:
         """A buffer hook (KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA): the first
         matching measure/dont_measure rule decides; the record uses ima-buf
         unless the rule names a template. Returns how it was decided."""
-        rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label))
+        rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label,
+                                                                   uid=uid, euid=uid))
         added = False
         if rule is not None and rule.action == "measure":
             ev = self._content_event(name.encode(), buf)
