@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import digsig as D
@@ -188,25 +190,41 @@ class Measurer:
             done.append((yield from self.process(f, task, "BPRM_CHECK", MAY_EXEC)))
         return done
 
-    def file_close(self, f: OpenedFile) -> None:
+    def file_close(self, f: OpenedFile) -> Callable[[], None] | None:
         """The last reference to an open is gone (ima_file_free), then uncount it.
 
         Not a path of steps: the kernel has run this when close() returns,
         and FUSE sends the release after it, so the next open may already
         be queued.  Done before anything else is read, the state is the
         kernel's for that open.  The change cookie comes from the open's own
-        descriptor (an fstat and an ioctl)."""
+        descriptor (an fstat and an ioctl).
+
+        Returns the blocking rest, if any, for the caller to run before it
+        closes the descriptor: the new hash of an appraised file that its
+        last writer changed (ima_update_xattr)."""
         try:
             if f.writer and self.cache.counts(f.key)[1] == 1:
-                self._last_writer(f)
+                return self._last_writer(f)
         finally:
             self.cache.closed(f.key, f.reader, f.writer)
+        return None
 
-    def xattr_changed(self, key: tuple[int, int]) -> None:
-        """security.ima or an EVM xattr was set or removed: measure again."""
+    @staticmethod
+    def check_ima_xattr(value: bytes) -> None:
+        """ima_inode_setxattr's check of a new security.ima: EINVAL for an
+        empty value or an unknown type."""
+        if not value or value[0] >= D.IMA_XATTR_LAST:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    def xattr_changed(self, key: tuple[int, int], ima_value: bytes | None = None) -> None:
+        """security.ima or an EVM xattr was set or removed: measure and
+        appraise again (ima_reset_appraise_flags); ``ima_value`` is the new
+        security.ima, whose being a signature makes the file immutable."""
         iint = self.cache.find(key)
         if iint is not None:
             iint.reset()
+            digsig = ima_value is not None and ima_value[:1] == bytes([D.EVM_IMA_XATTR_DIGSIG])
+            iint.atomic = iint.atomic | DIGSIG if digsig else iint.atomic & ~DIGSIG
             self.cache.put(iint)
 
     def unlinked(self, key: tuple[int, int], nlink: int) -> None:
@@ -316,19 +334,33 @@ class Measurer:
         ima.klog.integrity(1804, task.subject(), "invalid_pcr", cause, int(stored is not None),
                            name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
 
-    def _last_writer(self, f: OpenedFile) -> None:
-        """ima_check_last_writer: the last writer closes; a change measures again."""
+    def _last_writer(self, f: OpenedFile) -> Callable[[], None] | None:
+        """ima_check_last_writer: the last writer closes; a change measures
+        and appraises again, and the hash of a file that passed appraisal
+        with a hash is brought up to date (ima_update_xattr)."""
         iint = self.cache.find(f.key)
         if iint is None:
-            return
+            return None
         try:
             moved = change_cookie(f.fd) != iint.cookie
         except OSError:
             moved = True  # no cookie: assume changed, as the kernel does
-        iint.atomic &= ~EMITTED_OPENWRITERS
+        update = iint.atomic & UPDATE_XATTR
+        iint.atomic &= ~(EMITTED_OPENWRITERS | UPDATE_XATTR)
+        rest = None
         if moved:
+            if update and not iint.atomic & DIGSIG and iint.status("FILE_CHECK") == PASS:
+                rest = functools.partial(self._update_xattr, f, self.ima.ima_hash)
             iint.reset()
+            iint.flags &= ~NEW_FILE
         self.cache.put(iint)
+        return rest
+
+    @classmethod
+    def _update_xattr(cls, f: OpenedFile, algo: str) -> None:
+        """Hash the content with the IMA hash and write it to security.ima."""
+        _, algo, digest = cls._hash(f, algo)
+        cls._set_ima_xattr(f, D.hash_xattr(algo, digest))
 
     def _reset(self, key: tuple[int, int]) -> None:
         iint = self.cache.find(key)

@@ -184,9 +184,10 @@ class Passthrough:
         elif replaced is not None and not stat.S_ISDIR(replaced.st_mode):
             self.measurer.unlinked((replaced.st_dev, replaced.st_ino), replaced.st_nlink - 1)
 
-    def xattr_changed(self, node: Node, name: bytes) -> None:
+    def xattr_changed(self, node: Node, name: bytes, value: bytes | None = None) -> None:
+        """``value``: the new value of a set xattr, None for a removed one."""
         if os.fsdecode(name) in MEASURE_XATTRS:
-            self.measurer.xattr_changed(node.key)
+            self.measurer.xattr_changed(node.key, value if name == b"security.ima" else None)
 
     # -- handles -----------------------------------------------------------------------
     def known_fs(self, st: os.stat_result) -> FsInfo | None:
@@ -447,8 +448,10 @@ class MeasuredFs:
 
     async def setxattr(self, nodeid, name, value) -> None:
         node = self.pt.node(nodeid)
+        if name == b"security.ima":
+            self.pt.measurer.check_ima_xattr(value)
         await self.io(functools.partial(os.setxattr, self.pt.path(node), name, value, follow_symlinks=False))
-        self.pt.xattr_changed(node, name)
+        self.pt.xattr_changed(node, name, value)
 
     async def removexattr(self, nodeid, name) -> None:
         node = self.pt.node(nodeid)
@@ -536,13 +539,20 @@ class MeasuredFs:
         (Measurer.file_close says why); then the descriptor is closed."""
         h = self.pt.closing(fh)
         f = h.file
+        rest = None
         if stat.S_ISREG(f.st.st_mode):
             try:
-                self.pt.measurer.file_close(f)
+                rest = self.pt.measurer.file_close(f)
                 self.pt.measurer.unlinked(f.key, os.fstat(h.fd).st_nlink)
             except Exception:  # never fail a close
                 log.exception("close hooks of %s", os.fsdecode(f.name))
-        await self.io(os.close, h.fd)
+        try:
+            if rest is not None:
+                await self.io(rest)
+        except OSError as e:
+            log.warning("close hooks of %s: security.ima not updated: %s", os.fsdecode(f.name), e.strerror)
+        finally:
+            await self.io(os.close, h.fd)
 
 
 def _lstat_all(path: bytes, names: list[bytes]) -> list[os.stat_result | None]:
