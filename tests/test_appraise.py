@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import struct
 import subprocess
 import tempfile
@@ -62,10 +63,8 @@ def tree():
     """An empty directory on /tmp's filesystem, where any uid can reach it."""
     d = Path(tempfile.mkdtemp(prefix="imafs-appraise-", dir="/tmp"))
     d.chmod(0o755)
-    yield d
-    for p in sorted(d.rglob("*"), reverse=True):
-        p.unlink() if not p.is_dir() or p.is_symlink() else p.rmdir()
-    d.rmdir()
+    yield d  # requested before mount_imafs: removed after the mounts are gone
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def ima_sign(path: Path, key: Path, algo: str = "sha256") -> bytes:
@@ -325,3 +324,200 @@ def test_hash_algo_of_xattrs():
     assert D.hash_algo(b"\x01" + bytes(20), "sha256") == "md5"  # legacy: zero tail
     assert D.hash_algo(b"\x01" + b"\x01" * 20, "sha256") == "sha1"
     assert D.hash_algo(b"\x04\xff", "sha256") == "sha256"
+
+
+# -- a real measured mount: opens and execs by real processes ------------------------------------
+def add_key(m, cert: Path) -> None:
+    m.cli("keys", "add", "--keyring", ".ima", cert)
+
+
+def dmesg_audits(m) -> list[str]:
+    out = []
+    for line in m.cli("dmesg").stdout.splitlines():
+        a = AUDIT.match(line)
+        if a and a[1] == "1800":
+            out.append(a[2])
+    return out
+
+
+def denied_record(cause: str, name: Path, src: Path, comm: str, uid: int = 0) -> re.Pattern:
+    """The appraise_data record of a real process: its pid varies."""
+    st_ = os.stat(src)
+    return re.compile(rf"pid=\d+ uid={uid} auid=\d+ ses=\d+ subj=unconfined op=appraise_data cause={cause} "
+                      rf'comm="{comm}" name="{re.escape(str(name))}" dev="[^"]+" ino={st_.st_ino} res=0 errno=0')
+
+
+@pytest.fixture
+def signed_tree(tree, keys):
+    """SRC with files signed, hashed, unsigned, tampered, signed by a foreign
+    key; DST beside it for the measured mount."""
+    src, dst = tree / "src", tree / "dst"
+    src.mkdir()
+    dst.mkdir()
+    src.chmod(0o755)
+    dst.chmod(0o755)
+    files = {
+        "rsa.sh": (b"#!/bin/sh\necho rsa ok\n", "rsa"),
+        "ec.sh": (b"#!/bin/sh\necho ec ok\n", "ec"),
+        "hashed.txt": (b"hashed content\n", "hash"),
+        "unsigned.txt": (b"no xattr\n", None),
+        "tampered.sh": (b"#!/bin/sh\necho tampered\n", "rsa"),
+        "foreign.sh": (b"#!/bin/sh\necho foreign\n", "other"),
+    }
+    for name, (content, how) in files.items():
+        f = make(src / name, content)
+        if how == "hash":
+            ima_hash(f)
+        elif how:
+            ima_sign(f, keys[how][0])
+    with open(src / "tampered.sh", "r+b") as fh:
+        fh.seek(12)
+        fh.write(b"T")
+    return src, dst
+
+
+def test_enforce_through_a_measured_mount(signed_tree, keys, mount_imafs):
+    src, dst = signed_tree
+    m = mount_imafs("ima_policy=tcb|appraise_tcb", "ima_template=ima-sig", measure=[(src, dst)])
+    add_key(m, keys["rsa"][1])
+    add_key(m, keys["ec"][2])
+    # root and uid 1000 run the signed scripts, read the hashed file
+    for who in ([], SETPRIV_1000):
+        assert run(*who, dst / "rsa.sh").stdout == b"rsa ok\n"
+        assert run(*who, dst / "ec.sh").stdout == b"ec ok\n"
+    assert run("cat", dst / "hashed.txt").stdout == b"hashed content\n"
+    # the failures: EACCES from open and from execve, each with its cause
+    with pytest.raises(PermissionError):
+        open(dst / "unsigned.txt", "rb").close()
+    for name in ("tampered.sh", "foreign.sh"):
+        r = subprocess.run([*SETPRIV_1000, str(dst / name)], capture_output=True, text=True)
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    records = dmesg_audits(m)
+    assert len(records) == 3, records
+    assert denied_record("missing-hash", dst / "unsigned.txt", src / "unsigned.txt", "python3").fullmatch(records[0]) \
+        or denied_record("missing-hash", dst / "unsigned.txt", src / "unsigned.txt", "pytest").fullmatch(records[0]), \
+        records[0]
+    assert denied_record("invalid-signature", dst / "tampered.sh", src / "tampered.sh", "setpriv", 1000) \
+        .fullmatch(records[1]), records[1]
+    assert denied_record("invalid-signature", dst / "foreign.sh", src / "foreign.sh", "setpriv", 1000) \
+        .fullmatch(records[2]), records[2]
+    # the measured records of the signed files carry their signatures (ima-sig)
+    text = m.read("ascii_runtime_measurements").decode()
+    for name in ("rsa.sh", "ec.sh"):
+        sig = os.getxattr(src / name, "security.ima").hex()
+        assert f" {dst / name} {sig}\n" in text
+    # writing to a signed file is refused; a hashed file takes the new hash at its last close
+    with pytest.raises(PermissionError):
+        open(dst / "rsa.sh", "r+b").close()
+    with open(dst / "hashed.txt", "ab") as f:
+        f.write(b"more\n")
+    assert os.getxattr(src / "hashed.txt", "security.ima") == \
+        bytes.fromhex(run("evmctl", "ima_hash", "-n", "-a", "sha256", src / "hashed.txt").stdout.split()[-1].decode())
+    assert run("cat", dst / "hashed.txt").stdout == b"hashed content\nmore\n"
+    # a root setxattr through the mount re-appraises: a bad type is refused, a good hash is taken
+    with pytest.raises(OSError) as e:
+        os.setxattr(dst / "unsigned.txt", "security.ima", b"\x09bogus")
+    assert e.value.errno == errno.EINVAL
+    run("evmctl", "ima_hash", "-a", "sha256", dst / "unsigned.txt")
+    assert run("cat", dst / "unsigned.txt").stdout == b"no xattr\n"
+
+
+def test_fix_mode_through_a_mount(signed_tree, keys, mount_imafs):
+    src, dst = signed_tree
+    m = mount_imafs("ima_policy=appraise_tcb", "ima_appraise=fix", measure=[(src, dst)])
+    assert run("cat", dst / "unsigned.txt").stdout == b"no xattr\n"
+    expected = run("evmctl", "ima_hash", "-n", "-a", "sha256", src / "unsigned.txt").stdout.split()[-1].decode()
+    assert os.getxattr(src / "unsigned.txt", "security.ima").hex() == expected
+    sig = os.getxattr(src / "foreign.sh", "security.ima")
+    assert run(dst / "foreign.sh").stdout == b"foreign\n"  # allowed, but a signature is never replaced
+    assert os.getxattr(src / "foreign.sh", "security.ima") == sig
+    causes = [re.search(r"cause=(\S+)", r)[1] for r in dmesg_audits(m)]
+    # the exec's open, its BPRM_CHECK and the shell's read of the script: a
+    # failure is never cached, each is appraised and logged
+    assert causes == ["missing-hash"] + ["invalid-signature"] * 3
+
+
+def test_log_mode_through_a_mount(signed_tree, mount_imafs):
+    src, dst = signed_tree
+    m = mount_imafs("ima_policy=appraise_tcb", "ima_appraise=log", measure=[(src, dst)])
+    assert run(*SETPRIV_1000, "cat", dst / "unsigned.txt").stdout == b"no xattr\n"
+    with pytest.raises(OSError):
+        os.getxattr(src / "unsigned.txt", "security.ima")
+    assert denied_record("missing-hash", dst / "unsigned.txt", src / "unsigned.txt", "cat", 1000) \
+        .fullmatch(dmesg_audits(m)[0])
+
+
+def test_signed_policy_loads_unsigned_is_refused(tree, keys, mount_imafs):
+    m = mount_imafs("ima_policy=secure_boot", "read_policy=true")
+    add_key(m, keys["rsa"][1])
+    signed, unsigned = tree / "signed.policy", tree / "unsigned.policy"
+    signed.write_text("measure func=BPRM_CHECK\n")
+    unsigned.write_text("measure func=MODULE_CHECK\n")
+    ima_sign(signed, keys["rsa"][0])
+    with pytest.raises(PermissionError):
+        with open(m.ima / "policy", "w") as p:
+            p.write(f"{unsigned}\n")
+    log = m.cli("dmesg").stdout
+    assert f"ima: Unable to open file: {unsigned} (-13)" in log
+    assert re.search(rf"op=appraise_data cause=IMA-signature-required comm=\"[^\"]+\" name=\"{unsigned}\"", log)
+    with open(m.ima / "policy", "w") as p:
+        p.write(f"{signed}\n")
+    assert "measure func=BPRM_CHECK" in m.read("policy").decode()
+    # a tampered signed policy is refused too
+    (tree / "signed.policy").write_text("measure func=FILE_CHECK\n")
+    with pytest.raises(PermissionError):
+        with open(m.ima / "policy", "w") as p:
+            p.write(f"{signed}\n")
+
+
+def test_keylime_checks_the_ima_sig_list(signed_tree, keys, mount_imafs):
+    """keylime's verifier, given the same certificates, accepts the list and
+    rejects it once a signature is swapped for another file's."""
+    from keylime.common.algorithms import Hash
+    from keylime.ima import file_signatures, ima as kima
+
+    from .keylime_check import runtime_policy
+    src, dst = signed_tree
+    m = mount_imafs("ima_policy=tcb|appraise_tcb", "ima_template=ima-sig", measure=[(src, dst)])
+    add_key(m, keys["rsa"][1])
+    add_key(m, keys["ec"][1])
+    run(dst / "rsa.sh")
+    run(dst / "ec.sh")
+    text = m.read("ascii_runtime_measurements").decode()
+    lines = text.splitlines(keepends=True)
+    assert len(lines) == 3 and all(len(line.split()) == 6 for line in lines[1:]), lines
+    rings = file_signatures.ImaKeyrings()
+    for name in ("rsa", "ec"):
+        rings.add_to_keyring_from_data(keys[name][2].read_bytes(), "ima")
+    policy = runtime_policy(lines[0], "sha256")  # only boot_aggregate by digest: files by signature
+    pcr = m.client.call("pcrs", bank="sha1")["pcrs"]["sha1"][10]
+    assert pcr == pcr_of(lines)
+
+    def failures(ascii_lines):
+        _, failure = kima.process_measurement_list(None, ascii_lines, policy, pcrval=pcr_of(ascii_lines),
+                                                   ima_keyrings=rings, hash_alg=Hash.SHA1)
+        return [e.event_id for e in failure.events]
+    assert failures(lines) == []
+    # swap the two signatures; the template digests and PCR 10 are made to
+    # match the forged list, so that only the signatures are wrong
+    a, b = lines[1].split(), lines[2].split()
+    a[5], b[5] = b[5], a[5]
+    forged = [lines[0]] + [ima_sig_line(*fields) for fields in (a, b)]
+    assert failures([lines[0]] + [ima_sig_line(*line.split()) for line in lines[1:]]) == []  # the helpers agree
+    failed = failures(forged)
+    assert failed and all("ima-sig" in e or "signature" in e for e in failed), failed
+
+
+def ima_sig_line(pcr: str, _old: str, template: str, digest: str, name: str, sig: str) -> str:
+    """An ima-sig ASCII line with its template digest computed by hand."""
+    algo, hexd = digest.split(":")
+    fields = [algo.encode() + b":\0" + bytes.fromhex(hexd), name.encode() + b"\0", bytes.fromhex(sig)]
+    data = b"".join(struct.pack("<I", len(f)) + f for f in fields)
+    return f"{pcr} {hashlib.sha1(data).hexdigest()} {template} {digest} {name} {sig}\n"
+
+
+def pcr_of(lines: list[str]) -> str:
+    value = bytes(20)
+    for line in lines:
+        value = hashlib.sha1(value + bytes.fromhex(line.split()[1])).digest()
+    return value.hex()
