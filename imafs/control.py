@@ -30,6 +30,7 @@ import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
+from .keys import read_cert_file
 from .policy import BUFFER_FUNCS
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,11 @@ def _read_regular(path: str, limit: int) -> bytes:
             return f.read(limit + 1)[:limit]
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def _key_info(key) -> dict:
+    return {"keyring": key.keyring, "id": key.id.hex(), "subject": key.subject,
+            "description": key.description}
 
 
 def _error(message: str) -> dict:
@@ -443,6 +449,24 @@ class Server:
         except ValueError:
             raise RequestError("--data-hex: not a hexadecimal string") from None
         return self.ima.measure_buffer(func, name, buf, keyring=keyring, label=label)
+
+    async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
+        """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""
+        data = await self.runner.io(read_cert_file, cert)
+        try:
+            key, decided = self.ima.add_key(keyring, data, uid=uid)
+        except RequestError as e:
+            raise RequestError(f"cannot add {cert} to {keyring}: {e}") from None
+        return {**_key_info(key), "queued": decided is None, "added": bool(decided and decided["added"]),
+                "decision": decided["decision"] if decided else "queued until a custom policy is loaded"}
+
+    async def cmd_keys_list(self):
+        return {"keys": [_key_info(k) for k in self.ima.keyrings],
+                "blacklist": self.ima.keyrings.blacklist()}
+
+    async def cmd_keys_blacklist(self, entry: str):
+        """Add a bin:<hex> or tbs:<hex> entry to .blacklist."""
+        return {"entry": self.ima.keyrings.add_blacklist(entry)}
 
     async def cmd_suspend(self):
         self.ima.suspend()

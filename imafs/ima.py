@@ -149,19 +149,20 @@ class Ima:
             if ring == BUILTIN:
                 self.klog.kernel("Loading compiled-in X.509 certificates")
             for der in certs:
-                key = self.add_key(ring, der, boot=True)
+                key, _ = self.add_key(ring, der, boot=True)
                 self.klog.kernel(f"{'' if ring == BUILTIN else 'integrity: '}Loaded X.509 cert "
                                  f"'{key.description}'")
 
-    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> Key:
+    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict | None]:
         """key_create_or_update of a certificate, then IMA's hook
         (ima_post_key_create_or_update): the key is queued until a custom
-        policy is loaded, or measured as a KEY_CHECK buffer named after its keyring."""
+        policy is loaded, or measured as a KEY_CHECK buffer named after its
+        keyring.  Returns the key and how it was decided (None: queued)."""
         key = self.keyrings.add(keyring, data, uid=uid, boot=boot)
         # keys loaded at boot come before IMA's init: queued, or dropped once the timer has run out
-        if not self.key_queue.queue(key.keyring, key.der) and not boot:
-            self.measure_buffer("KEY_CHECK", key.keyring, key.der, keyring=key.keyring, uid=uid)
-        return key
+        if self.key_queue.queue(key.keyring, key.der) or boot:
+            return key, None
+        return key, self.measure_buffer("KEY_CHECK", key.keyring, key.der, keyring=key.keyring, uid=uid)
 
     def _process_queued_keys(self) -> None:
         """A custom policy was loaded: measure the queued keys against it

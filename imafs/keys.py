@@ -48,7 +48,11 @@ BLACKLIST = ".blacklist"
 # user space makes it (`keyctl newring _ima @u`) and it has no restriction.
 IMA_UNTRUSTED = "_ima"
 
-KEYRINGS = (BUILTIN, MACHINE, IMA, PLATFORM)  # keyrings of X.509 keys, in boot order
+# the keyrings filled at boot only, and the profile key that fills each
+BOOT_KEYS = {BUILTIN: "builtin_trusted_keys", MACHINE: "machine_keys", PLATFORM: "platform_keys"}
+
+# the NIST curves of crypto/ecdsa.c (P-521 since 6.10; imafs takes it for every version)
+EC_CURVES = ("secp192r1", "secp256r1", "secp384r1", "secp521r1")
 
 MAX_CERT = 64 * 1024  # larger than any certificate the kernel loads in practice
 
@@ -69,7 +73,7 @@ class Key:
 
     id: bytes  # the 4 bytes a signature_v2_hdr names it by
     subject: str  # the kernel's fabricated name (CN, "O: CN", O or email)
-    public_key: object = field(repr=False)  # a cryptography public key
+    public_key: object = field(repr=False, compare=False)  # a cryptography public key
     der: bytes = field(repr=False)  # the certificate as the kernel got it (the KEY_CHECK buffer)
     keyring: str = ""
     # the kernel's asymmetric_key_ids: raw serial || raw issuer, SKID (if any)
@@ -77,7 +81,7 @@ class Key:
     skid: bytes | None = field(default=None, repr=False)
     # the AKID: raw serial || raw issuer, keyIdentifier (restrict_link_by_signature's auth_ids)
     auth_ids: tuple[bytes | None, bytes | None] = field(default=(None, None), repr=False)
-    cert: x509.Certificate | None = field(default=None, repr=False)
+    cert: x509.Certificate | None = field(default=None, repr=False, compare=False)
 
     @property
     def description(self) -> str:
@@ -104,7 +108,8 @@ def _fabricated_name(name: x509.Name) -> str:
             found[attr.oid] = attr.value if isinstance(attr.value, str) else attr.value.decode("latin-1")
     cn, o = found.get(NameOID.COMMON_NAME), found.get(NameOID.ORGANIZATION_NAME)
     if cn and o:
-        if cn.startswith(o) or (len(cn) >= 7 and len(o) >= 7 and cn[:7] == o[:7]):
+        cn_raw, o_raw = cn.encode(), o.encode()  # the kernel compares the bytes
+        if cn_raw.startswith(o_raw) or (len(cn_raw) >= 7 and len(o_raw) >= 7 and cn_raw[:7] == o_raw[:7]):
             return cn
         return f"{o}: {cn}"
     return cn or o or found.get(NameOID.EMAIL_ADDRESS) or ""
@@ -138,10 +143,16 @@ def load_certs(data: bytes) -> list[bytes]:
         try:
             out.append(x509.load_pem_x509_certificate(m.group(0)).public_bytes(Encoding.DER))
         except ValueError as e:
-            raise KeyringError(errno.EBADMSG, f"not a PEM X.509 certificate ({e})") from None
+            raise KeyringError(errno.EBADMSG, f"not a PEM X.509 certificate ({_short(e)})") from None
     if not out:
         raise KeyringError(errno.EBADMSG, "no whole CERTIFICATE block in the PEM input")
     return out
+
+
+def _short(e: Exception) -> str:
+    """The first line of a parser's message, at most 100 characters."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text if len(text) <= 100 else text[:100] + "..."
 
 
 def parse_cert(data: bytes, keyring: str = "") -> Key:
@@ -153,19 +164,32 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
         cert = x509.load_der_x509_certificate(der)
         pub = cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
-        raise KeyringError(errno.EBADMSG, f"not an X.509 certificate ({e})") from None
+        raise KeyringError(errno.EBADMSG, f"not an X.509 certificate, DER or PEM ({_short(e)})") from None
+    if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name not in EC_CURVES:
+        raise KeyringError(errno.ENOPKG, f"ECDSA key on {pub.curve.name}: the kernel verifies "
+                           f"{', '.join(EC_CURVES)} only")
     if not isinstance(pub, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise KeyringError(errno.ENOPKG, f"{type(pub).__name__.lstrip('_')}: the kernel verifies "
                            "RSA and ECDSA keys only")
     try:
-        ext = cert.extensions
         subject = _fabricated_name(cert.subject)
         raw_issuer = cert.issuer.public_bytes()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise KeyringError(errno.EBADMSG, f"bad X.509 certificate ({e})") from None
+        skid, auth = _key_identifiers(cert)
+    # cryptography parses names and extensions when asked, and a malformed
+    # one can surface as any of these
+    except (ValueError, KeyError, TypeError, UnicodeError) as e:
+        raise KeyringError(errno.EBADMSG, f"bad X.509 certificate ({_short(e)})") from None
+    ids = (_raw_serial(cert) + raw_issuer,) + ((skid,) if skid is not None else ())
+    key_id = (skid if skid is not None else ids[0])[-4:]
+    return Key(key_id, subject, pub, der, keyring, ids, skid, auth, cert)
+
+
+def _key_identifiers(cert: x509.Certificate) -> tuple[bytes | None, tuple[bytes | None, bytes | None]]:
+    """The SKID, and the AKID as the kernel's auth_ids: (raw serial || raw
+    issuer of the authority, its key identifier)."""
     skid = None
     auth: tuple[bytes | None, bytes | None] = (None, None)
-    for e in ext:
+    for e in cert.extensions:
         if isinstance(e.value, x509.SubjectKeyIdentifier):
             skid = e.value.digest
         elif isinstance(e.value, x509.AuthorityKeyIdentifier):
@@ -177,16 +201,14 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
                     n = a.authority_cert_serial_number
                     serial_issuer = n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True) + dn.public_bytes()
             auth = (serial_issuer, a.key_identifier)
-    ids = (_raw_serial(cert) + raw_issuer,) + ((skid,) if skid is not None else ())
-    key_id = (skid if skid is not None else ids[0])[-4:]
-    return Key(key_id, subject, pub, der, keyring, ids, skid, auth, cert)
+    return skid, auth
 
 
 def _verify(signer: Key, cert: x509.Certificate) -> bool:
     """Whether ``signer``'s key made ``cert``'s signature over its TBSCertificate."""
-    algo = cert.signature_hash_algorithm
     pub = signer.public_key
     try:
+        algo = cert.signature_hash_algorithm
         if isinstance(pub, rsa.RSAPublicKey):
             pub.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), algo)
         elif isinstance(pub, ec.EllipticCurvePublicKey):
@@ -201,7 +223,10 @@ def _verify(signer: Key, cert: x509.Certificate) -> bool:
 def tbs_digest(cert: x509.Certificate) -> bytes | None:
     """The digest of the TBSCertificate with the certificate's own signature
     hash (what ``tbs:<hex>`` blacklist entries name); None if it has none."""
-    algo = cert.signature_hash_algorithm
+    try:
+        algo = cert.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        return None
     if algo is None:
         return None
     h = hashes.Hash(algo)
@@ -283,12 +308,11 @@ class Keyrings:
             # nothing to other users: the lookup or the write is refused.
             raise KeyringError(errno.EACCES, f"uid {uid} may not add keys to {name} (owned by root, "
                                "no permissions for others)")
-        if not boot and name in (BUILTIN, PLATFORM):
-            # .builtin_trusted_keys: restrict_link_reject;
-            # .platform: the kernel alone loads it (firmware keys)
-            raise KeyringError(errno.EPERM if name == BUILTIN else errno.EACCES,
-                               f"{name} takes keys only at boot (set the profile's "
-                               f"{'builtin_trusted_keys' if name == BUILTIN else 'platform_keys'})")
+        if not boot and name in (BUILTIN, MACHINE, PLATFORM):
+            # The kernel fills them at boot; their permissions give root
+            # (not possessing them) no write: key_create_or_update says EACCES.
+            raise KeyringError(errno.EACCES, f"{name} takes keys only at boot (set the profile's "
+                               f"{BOOT_KEYS[name]})")
         key = parse_cert(data, name)
         tbs = tbs_digest(key.cert)
         if tbs is not None and f"tbs:{tbs.hex()}" in self._blacklist:
@@ -302,12 +326,9 @@ class Keyrings:
     def _restrict(self, name: str, key: Key) -> None:
         """The keyring's restrict_link check: restrict_link_by_signature
         against the trusted keyrings, with its errnos."""
-        if name == self.ima_name and self.trusted:
-            trust = [BUILTIN, MACHINE] if self.permit_secondary else [BUILTIN]
-        elif name == MACHINE:
-            return  # the machine keyring takes MOK keys from the boot loader; imafs lets root add them
-        else:
+        if name != self.ima_name or not self.trusted:
             return
+        trust = [BUILTIN, MACHINE] if self.permit_secondary else [BUILTIN]
         if key.auth_ids == (None, None):
             raise KeyringError(errno.ENOKEY, f"{key.description!r} has no authority key identifier, "
                                f"so no key on {' or '.join(trust)} can vouch for it")
@@ -347,15 +368,16 @@ def read_cert_file(path: str, limit: int = MAX_CERT) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RequestError(f"{path}: not a regular file; give an X.509 certificate file")
-        try:
-            data = f.read(limit + 1)
-        except OSError as e:
-            raise RequestError(f"{path}: {e.strerror}") from None
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, limit + 1 - len(data))):
+            data += chunk
+    except OSError as e:
+        raise RequestError(f"{path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise RequestError(f"{path}: larger than {limit} bytes; not an X.509 certificate")
     return data
-

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 from . import templates as T
-from .keys import KeyringError, blacklist_entry, load_certs, parse_cert
+from .keys import BOOT_KEYS, KeyringError, blacklist_entry, load_certs, parse_cert
 from .tpm import parse_pcr_file
 
 KERNELS = ("6.1", "6.12", "7.2")
@@ -212,6 +212,7 @@ KEYS = {
     "ima_keyrings_permit_signed_by_builtin_or_secondary": _bool,
     "builtin_trusted_keys": _str,
     "machine_keys": _str,
+    "platform_keys": _str,
     "blacklist_hashes": _blacklist,
     "key_queue_timeout": _int_range(0, 1 << 31),
 }
@@ -251,6 +252,7 @@ class Profile:
     ima_keyrings_permit_signed_by_builtin_or_secondary: bool = False
     builtin_trusted_keys: str = ""  # PEM/DER certificates loaded onto .builtin_trusted_keys at boot
     machine_keys: str = ""  # PEM/DER certificates loaded onto .machine at boot (MOK keys)
+    platform_keys: str = ""  # PEM/DER certificates loaded onto .platform at boot (UEFI db)
     blacklist_hashes: tuple[str, ...] = ()  # CONFIG_SYSTEM_BLACKLIST_HASH_LIST: bin:/tbs: entries
     key_queue_timeout: int = 300  # seconds keys wait for a custom policy (ima_queue_keys.c: 5 min)
     boot_certs: tuple[tuple[str, tuple[bytes, ...]], ...] = ()  # (keyring, DER certificates) loaded at boot
@@ -414,8 +416,7 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
                  for bank, file in pcr_files.items())
     _check_tpm(p, boot)
     p = replace(p, boot_certs=tuple((ring, _load_certs(key, getattr(p, key)))
-                                    for ring, key in ((".builtin_trusted_keys", "builtin_trusted_keys"),
-                                                      (".machine", "machine_keys")) if getattr(p, key)))
+                                    for ring, key in BOOT_KEYS.items() if getattr(p, key)))
     return _resolve_violation_limits(_resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot))))
 
 
