@@ -536,3 +536,31 @@ def pcr_of(lines: list[str]) -> str:
     for line in lines:
         value = hashlib.sha1(value + bytes.fromhex(line.split()[1])).digest()
     return value.hex()
+
+
+def test_hostile_accesses_leave_the_daemon_serving(signed_tree, keys, mount_imafs):
+    """A reader killed while its file is hashed, uid 1000 setting
+    security.ima, an explicit event on a file that fails: the daemon goes on
+    and appraises the next access as before."""
+    src, dst = signed_tree
+    m = mount_imafs("ima_policy=appraise_tcb", measure=[(src, dst)])
+    add_key(m, keys["rsa"][1])
+    big = src / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: hashing it takes a second or more
+    p = subprocess.Popen(["cat", str(dst / "big.img")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.3)
+    p.kill()
+    p.wait()
+    assert run(dst / "rsa.sh").stdout == b"rsa ok\n"  # not held up by the hashing
+    r = subprocess.run([*SETPRIV_1000, "setfattr", "-n", "security.ima", "-v", "0x0404" + "00" * 32,
+                        str(dst / "unsigned.txt")], capture_output=True, text=True)
+    assert r.returncode != 0 and "not permitted" in r.stderr, r
+    with pytest.raises(OSError):
+        os.getxattr(src / "unsigned.txt", "security.ima")
+    r = m.cli("measure", "--func", "FILE_CHECK", "--mask", "MAY_READ", src / "unsigned.txt", check=False)
+    assert r.returncode == 1 and "would fail with EACCES" in r.stderr, r
+    assert '"denied": 13' in r.stdout
+    with pytest.raises(PermissionError):
+        open(dst / "unsigned.txt", "rb").close()
+    assert m.client.call("status")["ok"]
