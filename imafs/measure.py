@@ -108,6 +108,7 @@ class OpenedFile:
     flags: int = os.O_RDONLY  # the open flags
     fd: int | None = None  # an open descriptor of the real file, else ``path`` is used
     path: str = ""
+    created: bool = False  # this open made the file (FMODE_CREATED)
     violations: list[str] = field(default_factory=list)  # causes recorded at this open
 
     @property
@@ -276,7 +277,7 @@ class Measurer:
         added, why, verdict, collected = False, "", None, None
         if do_measure or do_appraise:
             template = (rule.template if must_measure else None) or ima.template
-            collected = yield from self._collect(f, task, do_appraise or template.name != "ima")
+            collected = yield from self._collect(f, do_appraise or template.name != "ima")
             if ima.boots != boot:
                 return self._decided(f, func, rule, False, "measure: dropped, the kernel rebooted")
             if collected is not None:
@@ -387,7 +388,7 @@ class Measurer:
         finally:
             os.close(fd)
 
-    def _collect(self, f: OpenedFile, task: Task, read_xattr: bool) -> Steps[tuple[dict, bool] | None]:
+    def _collect(self, f: OpenedFile, read_xattr: bool) -> Steps[tuple[dict, bool] | None]:
         """ima_collect_measurement, once per change: security.ima decides the
         algorithm (when it is read), a verity rule takes the fs-verity digest.
         Returns (xattrs, O_DIRECT) or None when no hash can be made."""
@@ -443,7 +444,7 @@ class Measurer:
         iint = self.cache.get(f.key)
         xattr = xattrs.get("security.ima")
         v = ima.appraiser.appraise(func, iint.flags, xattr, iint.algo, iint.digest,
-                                   size=f.st.st_size, created=bool(f.flags & os.O_CREAT and not f.st.st_size))
+                                   size=f.st.st_size, created=f.created)
         if v.fix is not None:
             try:
                 yield Blocking(self._set_ima_xattr, f, v.fix)
@@ -454,6 +455,8 @@ class Measurer:
             ima.klog.integrity(1800, task.subject(), "appraise_data", v.cause, int(not v.rc),
                                name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
         iint = self.cache.get(f.key)
+        if f.created and not xattr:
+            iint.flags |= NEW_FILE
         if v.digsig is not None:
             iint.atomic = iint.atomic | DIGSIG if v.digsig else iint.atomic & ~DIGSIG
         if v.passed:

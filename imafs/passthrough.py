@@ -194,12 +194,13 @@ class Passthrough:
         """Per device; called from worker threads too (a dict read)."""
         return self._fs.get(st.st_dev)
 
-    def register(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int) -> tuple[int, OpenedFile]:
+    def register(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
+                 created: bool = False) -> tuple[int, OpenedFile]:
         """A handle for a real descriptor, and the file as the hooks see it."""
         self._fs[st.st_dev] = fs
         path = self.path(node)
         f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs,
-                       flags=flags, fd=fd, path=os.fsdecode(path))
+                       flags=flags, fd=fd, path=os.fsdecode(path), created=created)
         fh = self._fh
         self._fh += 1
         self.handles[fh] = Handle(fd, f)
@@ -494,13 +495,13 @@ class MeasuredFs:
         fd, st, fs = await self.io(create_real, self.pt.path(p), self.pt.child(p, name), mode, flags,
                                    ctx.uid, ctx.gid, self.pt.known_fs)
         node = self.pt.adopt(p, name, st)
-        return await self._opened(node, fd, st, fs, flags, ctx), self._entry(node, st)
+        return await self._opened(node, fd, st, fs, flags, ctx, created=True), self._entry(node, st)
 
     async def _opened(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
-                      ctx) -> pyfuse3.FileInfo:
+                      ctx, created: bool = False) -> pyfuse3.FileInfo:
         """Register the open, then run its hooks: only an appraisal that
         fails in enforce mode fails it (the kernel then releases the file)."""
-        fh, f = self.pt.register(node, fd, st, fs, flags)
+        fh, f = self.pt.register(node, fd, st, fs, flags, created)
         denied = None
         if stat.S_ISREG(st.st_mode):
             try:
