@@ -156,6 +156,8 @@ class Appraiser:
             rc = self.verifier.verify(".ima", xattr, signed)
             if rc == -errno.EOPNOTSUPP:
                 return Verdict(UNKNOWN, "unknown", rc, digsig=True)
+            if rc and func == "KEXEC_KERNEL_CHECK":  # CONFIG_INTEGRITY_PLATFORM_KEYRING: the firmware's keys too
+                rc = self.verifier.verify(".platform", xattr, signed)
             return Verdict(FAIL, "invalid-signature", rc, digsig=True) if rc else Verdict(PASS, digsig=True)
         if kind == D.IMA_VERITY_DIGSIG:
             if flags & DIGSIG_REQUIRED and not flags & VERITY_REQUIRED:
