@@ -122,13 +122,17 @@ class OpenedFile:
 
     @property
     def open_mask(self) -> int:
-        """The access mask of an open (FILE_CHECK's ``mask``)."""
+        """The access mask of an open (FILE_CHECK's ``mask``): build_open_flags'
+        acc_mode, where O_APPEND adds MAY_APPEND to the write bit and O_TRUNC
+        implies MAY_WRITE."""
         if self.flags & FMODE_EXEC:
             return MAY_EXEC
         acc = self.flags & os.O_ACCMODE
         mask = MAY_READ if acc in (os.O_RDONLY, os.O_RDWR) else 0
-        if acc in (os.O_WRONLY, os.O_RDWR):
-            mask |= MAY_APPEND if self.flags & os.O_APPEND else MAY_WRITE
+        if acc in (os.O_WRONLY, os.O_RDWR) or self.flags & os.O_TRUNC:
+            mask |= MAY_WRITE
+        if self.flags & os.O_APPEND:
+            mask |= MAY_APPEND
         return mask
 
     def reopen(self) -> int:

@@ -62,7 +62,9 @@ def test_open_masks():
         return OpenedFile((0, 0), b"", None, None, flags).open_mask
     assert mask(os.O_RDONLY) == MAY_READ
     assert mask(os.O_WRONLY) == MAY_WRITE
-    assert mask(os.O_RDWR | os.O_APPEND) == MAY_READ | MAY_APPEND
+    assert mask(os.O_RDWR | os.O_APPEND) == MAY_READ | MAY_WRITE | MAY_APPEND  # build_open_flags
+    assert mask(os.O_WRONLY | os.O_APPEND) == MAY_WRITE | MAY_APPEND
+    assert mask(os.O_RDONLY | os.O_TRUNC) == MAY_READ | MAY_WRITE
     assert mask(os.O_RDONLY | FMODE_EXEC) == MAY_EXEC
 
 
