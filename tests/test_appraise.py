@@ -622,3 +622,50 @@ def test_fuzzed_xattrs_through_a_mount_never_grant(signed_tree, keys, mount_imaf
     check()
     assert run(dst / "rsa.sh").stdout == b"rsa ok\n"
     assert m.client.call("status")["ok"]
+
+
+def v3_file_sig(path: Path, key: Path, keyid: bytes, algo: str = "sha256") -> bytes:
+    """A 7.1 v3 signature of a regular file (type 0x03, version 3) built by
+    hand: `openssl pkeyutl` signs the hash of the ima_file_id (type, algo,
+    file digest from `sha256sum`)."""
+    digest = bytes.fromhex(run(f"{algo}sum", path).stdout.split()[0].decode())
+    to_sign = hashlib.new(algo, bytes([D.EVM_IMA_XATTR_DIGSIG, T.HASH_ALGOS[algo][0]]) + digest).digest()
+    sig = subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-pkeyopt", f"digest:{algo}"],
+                         input=to_sign, capture_output=True, check=True).stdout
+    return struct.pack(">BBBIH", D.EVM_IMA_XATTR_DIGSIG, 3, T.HASH_ALGOS[algo][0],
+                       int.from_bytes(keyid, "big"), len(sig)) + sig
+
+
+@pytest.mark.parametrize("kernel_version", ["7.2", "6.12"])
+def test_sigv3_of_a_regular_file(tmp_path, tree, keys, kernel_version):
+    """7.1 takes v3 signatures of regular files, and appraise_type=sigv3
+    wants one; before, a v3 signature of type 0x03 is a bad version."""
+    ima, log = kernel(tmp_path, f"kernel={kernel_version}")
+    ima.add_key(".ima", keys["ec"][1].read_bytes())
+    rule = "appraise func=BPRM_CHECK appraise_type=sigv3" if kernel_version == "7.2" else \
+        "appraise func=BPRM_CHECK appraise_type=imasig"
+    ima.policy.rules = [ima.policy.parser.parse(rule, lsm_rejected=False)]
+    v3 = make(tree / "v3", b"#!/bin/sh\necho v3\n")
+    os.setxattr(v3, "security.ima", v3_file_sig(v3, keys["ec"][0], skid_tail(keys["ec"][1])))
+    v2 = make(tree / "v2", b"#!/bin/sh\necho v2\n")
+    ima_sign(v2, keys["ec"][0])
+    if kernel_version == "7.2":
+        assert "denied" not in event(ima, v3, "BPRM_CHECK", MAY_EXEC)
+        assert event(ima, v2, "BPRM_CHECK", MAY_EXEC)["denied"] == errno.EACCES
+        assert audits(log) == [appraise_record("IMA-sigv3-required", v2)]
+    else:
+        assert event(ima, v3, "BPRM_CHECK", MAY_EXEC)["denied"] == errno.EACCES
+        assert "denied" not in event(ima, v2, "BPRM_CHECK", MAY_EXEC)
+        assert audits(log) == [appraise_record("invalid-signature-version", v3)]
+
+
+def test_appraise_algos_denies_other_algorithms(tmp_path, tree):
+    ima, log = kernel(tmp_path)
+    ima.policy.rules = [ima.policy.parser.parse("appraise func=FILE_CHECK appraise_algos=sha512",
+                                                lsm_rejected=False)]
+    ok, other = make(tree / "ok", b"ok\n", 0o644), make(tree / "other", b"other\n", 0o644)
+    ima_hash(ok, "sha512")
+    ima_hash(other, "sha256")
+    assert "denied" not in event(ima, ok)
+    assert event(ima, other)["denied"] == errno.EACCES
+    assert audits(log) == [appraise_record("denied-hash-algorithm", other, op="collect_data")]
