@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 from . import digsig as D
 from .iint import IMA_APPRAISED
-from .policy import Rule
+from .policy import HookEvent, Rule
 
 # ima_appraise (the boot parameter's values)
 APPRAISE_ENFORCE, APPRAISE_FIX, APPRAISE_LOG = 0x01, 0x02, 0x04
 MODES = {"enforce": APPRAISE_ENFORCE, "fix": APPRAISE_FIX, "log": APPRAISE_LOG, "off": 0}
 # enum integrity_status
 PASS, PASS_IMMUTABLE, FAIL, FAIL_IMMUTABLE, NOLABEL, NOXATTRS, UNKNOWN = range(7)
-# rule flags kept in iint->flags (IMA_NONACTION_FLAGS)
+# rule flags kept in iint->flags (the kernel's IMA_NONACTION_FLAGS)
 DIGSIG_REQUIRED = 0x01000000
 PERMIT_DIRECTIO = 0x02000000
 NEW_FILE = 0x04000000
@@ -50,11 +50,11 @@ def appraised_flags(func: str) -> int:
     return IMA_APPRAISED | _SUBACTION.get(func, READ_APPRAISE) << 1
 
 
-def appraise_decision(rules: list[Rule], matches) -> Rule | None:
-    """The first appraise/dont_appraise rule that ``matches`` (ima_match_policy
-    for the appraise category)."""
+def appraise_decision(rules: list[Rule], ev: HookEvent) -> Rule | None:
+    """The first matching appraise/dont_appraise rule, if any (the appraise
+    category of ima_match_policy)."""
     for r in rules:
-        if r.action in ("appraise", "dont_appraise") and matches(r):
+        if r.action in ("appraise", "dont_appraise") and r.matches(ev):
             return r
     return None
 

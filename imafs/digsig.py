@@ -84,13 +84,6 @@ def hash_xattr(algo: str, digest: bytes) -> bytes:
     return bytes([IMA_XATTR_DIGEST_NG, ident]) + digest
 
 
-def key_id(xattr: bytes) -> int | None:
-    """The signature header's key id, if the xattr is long enough to have one."""
-    if len(xattr) < SIG_HEADER.size:
-        return None
-    return SIG_HEADER.unpack_from(xattr)[3]
-
-
 def file_id_hash(kind: int, algo: str, digest: bytes) -> bytes:
     """calc_file_id_hash: the digest of the used part of ``struct ima_file_id``."""
     return T.hash_bytes(algo, bytes([kind, T.HASH_ALGOS[algo][0]]) + digest)

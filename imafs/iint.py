@@ -28,7 +28,6 @@ IMA_COLLECTED = 0x20
 IMA_APPRAISE_SUBMASK = 0x1000 | 0x4000 | 0x10000 | 0x40000 | 0x100000
 IMA_APPRAISED_SUBMASK = IMA_APPRAISE_SUBMASK << 1
 IMA_DONE_MASK = 0x2 | 0x8 | 0x80 | 0x200 | 0x20 | IMA_APPRAISED_SUBMASK  # MEASURED APPRAISED AUDITED HASHED COLLECTED
-IMA_NONACTION_FLAGS = 0xFF000000
 # iint->atomic_flags (bit numbers as masks)
 UPDATE_XATTR = 1 << 1  # an appraised file was opened for write: its hash is rewritten at the last close
 DIGSIG = 1 << 3  # security.ima holds a signature: the file is immutable

@@ -247,7 +247,7 @@ class Measurer:
         rule = measure_decision(ima.policy.rules, ev)
         must_measure = rule is not None and rule.action == "measure"
         appraiser = ima.appraiser
-        arule = appraise_decision(ima.policy.rules, lambda r: r.matches(ev)) if appraiser.mode else None
+        arule = appraise_decision(ima.policy.rules, ev) if appraiser.mode else None
         must_appraise = arule is not None and arule.action == "appraise"
         violation_check = func in VIOLATION_FUNCS and any(r.action == "measure" for r in ima.policy.rules)
         if not must_measure and not must_appraise and not violation_check:
