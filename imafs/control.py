@@ -456,9 +456,20 @@ class Server:
         try:
             key, decided = self.ima.add_key(keyring, data, uid=uid)
         except RequestError as e:
-            raise RequestError(f"cannot add {cert} to {keyring}: {e}") from None
-        return {**_key_info(key), "queued": decided is None, "added": bool(decided and decided["added"]),
-                "decision": decided["decision"] if decided else "queued until a custom policy is loaded"}
+            shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
+            raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
+        return {**_key_info(key), **{k: decided[k] for k in ("queued", "added", "decision")}}
+
+    async def cmd_key_check(self, keyring: str, data_hex: str, uid: int = 0):
+        """IMA's hook for a key added to a keyring imafs does not hold (the
+        add_key calls of ``imafs run``): queued before the first custom
+        policy, else measured; ``imafs measure --func KEY_CHECK`` is the
+        measurement alone."""
+        try:
+            payload = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("key_check: data_hex is not a hexadecimal string") from None
+        return self.ima.key_check(keyring, payload, uid=uid)
 
     async def cmd_keys_list(self):
         return {"keys": [_key_info(k) for k in self.ima.keyrings],

@@ -21,7 +21,7 @@ from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
 from .keyqueue import KeyQueue
-from .keys import BUILTIN, Key, Keyrings
+from .keys import BUILTIN, MACHINE, PLATFORM, Key, Keyrings
 from .measure import EVM_XATTRS, Measurer, OpenedFile, Task
 from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
                      measure_decision)
@@ -32,6 +32,7 @@ from .tpm import PcrBanks, boot_aggregate
 
 log = logging.getLogger(__name__)
 MAY_READ = MASKS["MAY_READ"]
+QUEUED = {"queued": True, "added": False, "decision": "queued until a custom policy is loaded"}
 
 
 def _getxattr(fd: int, name: str) -> bytes | None:
@@ -115,6 +116,7 @@ class Ima:
         self.suspended = False
         self.iint.clear()
         p = self.profile
+        self._boot_keyrings()
         if not p.tpm_banks:
             self.klog.kernel("ima: No TPM chip found, activating TPM-bypass!")
         self.klog.kernel(f"ima: Allocated hash algorithm: {self.ima_hash}")
@@ -129,40 +131,58 @@ class Ima:
                                       sha1_padded=("sha384", "sha512") if p.kernel == "6.1" else ())
         for pcr, digest, template, fields in restored:
             self.store.restore(template, fields, pcr, violation=not any(digest))
-        self._boot_keyrings()
         self.kexec_segment = None  # size of a loaded kexec segment
         algo, digest, sha1 = boot_aggregate(self.pcrs, self.ima_hash)
         self.add_event(T.Event(name=b"boot_aggregate", file_digest=digest, file_algo=algo,
                                ima_hash=self.ima_hash, d_digest=sha1))
         self.klog.kernel("ima: No architecture policies found")  # imafs emulates no arch policy
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
+        self._boot_firmware_keys()
 
     def _boot_keyrings(self) -> None:
-        """The keyrings of a new kernel: the blacklist's compiled-in hashes,
-        then the builtin and machine certificates, queued for measurement."""
+        """The keyrings of a new kernel, before IMA starts: the blacklist's
+        compiled-in hashes, then the builtin certificates (certs/ loads them
+        first), queued for measurement."""
         p = self.profile
         self.keyrings = Keyrings(p.integrity_trusted_keyring, p.ima_keyrings_permit_signed_by_builtin_or_secondary)
         for entry in p.blacklist_hashes:
             self.keyrings.add_blacklist(entry)
         self.key_queue = KeyQueue(p.key_queue_timeout)
-        for ring, certs in p.boot_certs:
-            if ring == BUILTIN:
-                self.klog.kernel("Loading compiled-in X.509 certificates")
-            for der in certs:
-                key, _ = self.add_key(ring, der, boot=True)
-                self.klog.kernel(f"{'' if ring == BUILTIN else 'integrity: '}Loaded X.509 cert "
-                                 f"'{key.description}'")
+        builtin = dict(p.boot_certs).get(BUILTIN, ())
+        if builtin:
+            self.klog.kernel("Loading compiled-in X.509 certificates")
+        for der in builtin:
+            key, _ = self.add_key(BUILTIN, der, boot=True)
+            self.klog.kernel(f"Loaded X.509 cert '{key.description}'")
 
-    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict | None]:
-        """key_create_or_update of a certificate, then IMA's hook
-        (ima_post_key_create_or_update): the key is queued until a custom
-        policy is loaded, or measured as a KEY_CHECK buffer named after its
-        keyring.  Returns the key and how it was decided (None: queued)."""
+    def _boot_firmware_keys(self) -> None:
+        """The MOK (.machine) and UEFI db (.platform) certificates, which
+        load_uefi_certs adds after IMA's init: queued as well."""
+        for ring, source in ((MACHINE, "UEFI:MokListRT (MOKvar table)"), (PLATFORM, "UEFI:db")):
+            for der in dict(self.profile.boot_certs).get(ring, ()):
+                self.klog.kernel(f"integrity: Loading X.509 certificate: {source}")
+                key, _ = self.add_key(ring, der, boot=True)
+                self.klog.kernel(f"integrity: Loaded X.509 cert '{key.description}'")
+
+    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict]:
+        """key_create_or_update of a certificate, then IMA's hook: the key
+        and how the hook decided (:meth:`key_check`)."""
         key = self.keyrings.add(keyring, data, uid=uid, boot=boot)
-        # keys loaded at boot come before IMA's init: queued, or dropped once the timer has run out
-        if self.key_queue.queue(key.keyring, key.der) or boot:
-            return key, None
-        return key, self.measure_buffer("KEY_CHECK", key.keyring, key.der, keyring=key.keyring, uid=uid)
+        if boot:  # before IMA's init: queued, or dropped once the timer has run out
+            self.key_queue.queue(key.keyring, key.der)
+            return key, dict(QUEUED)
+        return key, self.key_check(key.keyring, key.der, uid=uid)
+
+    def key_check(self, keyring: str, payload: bytes, *, uid: int = 0) -> dict:
+        """ima_post_key_create_or_update, for a key added to ``keyring``
+        (an emulated one, or a real one in ``imafs run``): queued until a
+        custom policy is loaded, or measured as a KEY_CHECK buffer named
+        after the keyring.  How it was decided, with "queued"."""
+        if not payload:
+            return {"queued": False, "added": False, "decision": "no payload: not measured"}
+        if self.key_queue.queue(keyring, payload):
+            return dict(QUEUED)
+        return {"queued": False, **self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=uid)}
 
     def _process_queued_keys(self) -> None:
         """A custom policy was loaded: measure the queued keys against it

@@ -54,6 +54,8 @@ BOOT_KEYS = {BUILTIN: "builtin_trusted_keys", MACHINE: "machine_keys", PLATFORM:
 # the NIST curves of crypto/ecdsa.c (P-521 since 6.10; imafs takes it for every version)
 EC_CURVES = ("secp192r1", "secp256r1", "secp384r1", "secp521r1")
 
+MAX_DESCRIPTION = 4095  # a key's (and so a keyring's) description, at most
+
 MAX_CERT = 64 * 1024  # larger than any certificate the kernel loads in practice
 
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
@@ -93,10 +95,13 @@ class Key:
         return bool(key_id) and any(len(i) >= len(key_id) and i.endswith(key_id) for i in self.ids)
 
 
+def _int_octets(n: int) -> bytes:
+    """The content octets of a DER INTEGER (two's complement, minimal)."""
+    return n.to_bytes((n + (n < 0)).bit_length() // 8 + 1, "big", signed=True)
+
+
 def _raw_serial(cert: x509.Certificate) -> bytes:
-    """The serial INTEGER's content octets (two's complement, minimal)."""
-    n = cert.serial_number
-    return n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)
+    return _int_octets(cert.serial_number)
 
 
 def _fabricated_name(name: x509.Name) -> str:
@@ -163,7 +168,7 @@ def parse_cert(data: bytes, keyring: str = "") -> Key:
     try:
         cert = x509.load_der_x509_certificate(der)
         pub = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm) as e:
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as e:
         raise KeyringError(errno.EBADMSG, f"not an X.509 certificate, DER or PEM ({_short(e)})") from None
     if isinstance(pub, ec.EllipticCurvePublicKey) and pub.curve.name not in EC_CURVES:
         raise KeyringError(errno.ENOPKG, f"ECDSA key on {pub.curve.name}: the kernel verifies "
@@ -198,8 +203,7 @@ def _key_identifiers(cert: x509.Certificate) -> tuple[bytes | None, tuple[bytes 
             if a.authority_cert_serial_number is not None and a.authority_cert_issuer:
                 dn = next((g.value for g in a.authority_cert_issuer if isinstance(g, x509.DirectoryName)), None)
                 if dn is not None:
-                    n = a.authority_cert_serial_number
-                    serial_issuer = n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True) + dn.public_bytes()
+                    serial_issuer = _int_octets(a.authority_cert_serial_number) + dn.public_bytes()
             auth = (serial_issuer, a.key_identifier)
     return skid, auth
 
@@ -252,7 +256,9 @@ class Keyrings:
     (or, with ``permit_secondary`` =
     CONFIG_IMA_KEYRINGS_PERMIT_SIGNED_BY_BUILTIN_OR_SECONDARY, also by one on
     the secondary keyring, which links ``.machine``).  Without it the IMA
-    keyring is ``_ima``, unrestricted; ``.ima`` names it too.
+    keyring is ``_ima``, unrestricted; ``.ima`` names it too.  Any other
+    name without a leading dot is a keyring of root's own, made when its
+    first key comes (``keyctl newring NAME @u``, then ``evmctl import``).
     """
 
     def __init__(self, trusted: bool = False, permit_secondary: bool = False):
@@ -270,8 +276,13 @@ class Keyrings:
             return self.ima_name
         if keyring in self._rings or keyring == BLACKLIST:
             return keyring
-        raise KeyringError(errno.ENOKEY, f"no keyring {keyring!r}; keyrings: "
-                           f"{', '.join((*self._rings, BLACKLIST))}")
+        if keyring.startswith("."):  # the kernel's own; user space cannot make one
+            raise KeyringError(errno.ENOKEY, f"no keyring {keyring!r}; keyrings: "
+                               f"{', '.join((*self._rings, BLACKLIST))}, or a name of your own "
+                               "without a leading dot")
+        if not keyring or "\0" in keyring or len(keyring.encode()) > MAX_DESCRIPTION:
+            raise KeyringError(errno.EINVAL, f"a keyring name is 1 to {MAX_DESCRIPTION} bytes, without NUL")
+        return keyring
 
     # -- lookup --------------------------------------------------------------------
     def find(self, keyring: str, key_id: bytes) -> Key | None:
@@ -320,7 +331,7 @@ class Keyrings:
                                f"(tbs:{tbs.hex()})")
         if not boot:
             self._restrict(name, key)
-        self._rings[name][key.description] = key
+        self._rings.setdefault(name, {})[key.description] = key
         return key
 
     def _restrict(self, name: str, key: Key) -> None:

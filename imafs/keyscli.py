@@ -42,7 +42,8 @@ def add_parser(sub, with_mount) -> None:
     a.add_argument("--keyring", default=".ima",
                    help="the keyring: .ima (default; the kernel names it _ima without "
                         "integrity_trusted_keyring); .builtin_trusted_keys, .machine and .platform "
-                        "take keys at boot only, from the profile")
+                        "take keys at boot only, from the profile; a name without a leading dot "
+                        "is a keyring of your own, made by its first key")
     a.add_argument("cert", help="the certificate file, DER or PEM")
     a.set_defaults(fn=cmd_keys_add)
     ls = with_mount(verbs.add_parser("list", help="the keys on every keyring: keyring, key id, subject"))

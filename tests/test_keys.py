@@ -22,6 +22,7 @@ from imafs.keyqueue import KeyQueue
 from imafs.keys import BUILTIN, IMA, MACHINE, KeyringError, Keyrings, load_certs, parse_cert, tbs_digest
 
 from .test_evmctl import assert_matched, evmctl_replay
+from . import test_readme
 
 needs_evmctl = pytest.mark.skipif(shutil.which("evmctl") is None, reason="evmctl not installed")
 
@@ -170,6 +171,19 @@ def test_blacklist(certs):
         assert e.value.errno == errno.EINVAL
 
 
+@given(st.text(max_size=80))
+def test_blacklist_entries_fuzzed(text):
+    """An entry is taken exactly when it is bin:/tbs: and whole bytes of lower-case hex."""
+    from imafs.keys import blacklist_entry
+    import re
+    stripped = text.strip()
+    ok = re.fullmatch(r"(bin|tbs):(?:[0-9a-f]{2})+", stripped) is not None
+    try:
+        assert blacklist_entry(text) == stripped and ok
+    except KeyringError as e:
+        assert e.errno == errno.EINVAL and not ok
+
+
 def test_bad_certificates(certs):
     good = der(certs["rsa"])
     for data, err in [(b"", errno.EBADMSG), (b"\x30\x03\x02\x01", errno.EBADMSG), (good[:200], errno.EBADMSG),
@@ -306,15 +320,20 @@ def test_trusted_keyring_refuses_a_self_signed_key(mount_imafs, certs):
     ca, leaf = parse_cert(certs["ca"].read_bytes()), parse_cert(certs["leaf"].read_bytes())
     assert [ln.split(None, 2) for ln in m.cli("keys", "list").stdout.splitlines()[1:]] == [
         [".builtin_trusted_keys", ca.id.hex(), ca.subject], [".ima", leaf.id.hex(), leaf.subject]]
-    log = m.cli("dmesg").stdout
-    assert "Loading compiled-in X.509 certificates\n" in log
-    assert f"Loaded X.509 cert '{ca.description}'\n" in log
+    log = [line.split("] ", 1)[1] for line in m.cli("dmesg").stdout.splitlines()]
+    # certs/ loads the builtin keys before IMA starts
+    assert log[:3] == ["Loading compiled-in X.509 certificates", f"Loaded X.509 cert '{ca.description}'",
+                       "ima: Allocated hash algorithm: sha256"]
 
 
 def test_keys_queued_until_the_policy_loads(mount_imafs, certs):
     """Builtin keys (loaded before IMA's init) and keys added before the first
     custom policy wait; that policy measures those its KEY_CHECK rule names."""
     m = mount_imafs(f"builtin_trusted_keys={certs['ca']}", f"machine_keys={certs['ec']}")
+    log = [line.split("] ", 1)[1] for line in m.cli("dmesg").stdout.splitlines()]
+    ec = parse_cert(certs["ec"].read_bytes())
+    assert log[-2:] == ["integrity: Loading X.509 certificate: UEFI:MokListRT (MOKvar table)",
+                        f"integrity: Loaded X.509 cert '{ec.description}'"]  # after IMA's init
     m.cli("keys", "add", certs["rsa"])
     assert ima_buf_records(m) == []
     write_policy(m, "measure func=KEY_CHECK keyrings=.builtin_trusted_keys|_ima\n")
@@ -332,6 +351,41 @@ def test_queued_keys_are_dropped_when_the_timer_ran_out(mount_imafs, certs):
     assert ima_buf_records(m) == []
     m.cli("keys", "add", certs["ec"])
     assert ima_buf_records(m) == [("_ima", der(certs["ec"]))]
+
+
+def test_a_keyring_of_ones_own(mount_imafs, certs):
+    """LTP's ima_keys.sh: a key imported into a new keyring that a KEY_CHECK
+    rule names is measured; the record's buffer is the certificate's DER."""
+    m = mount_imafs()
+    write_policy(m, "measure func=KEY_CHECK keyrings=key_import_test template=ima-buf\n")
+    m.cli("keys", "add", "--keyring", "key_import_test", certs["rsa_der"])
+    m.cli("keys", "add", certs["ec"])  # _ima: not named
+    assert ima_buf_records(m) == [("key_import_test", der(certs["rsa"]))]
+    for line in m.read("ascii_runtime_measurements").decode().splitlines()[1:]:
+        f = line.split(" ")  # LTP: the digest is the hash of the hex-decoded buffer
+        assert f[3] == "sha256:" + hashlib.sha256(bytes.fromhex(f[5])).hexdigest()
+    rsa = parse_cert(certs["rsa"].read_bytes())
+    assert ["key_import_test", rsa.id.hex(), rsa.subject] in [
+        ln.split(None, 2) for ln in m.cli("keys", "list").stdout.splitlines()]
+    r = m.cli("keys", "add", "--keyring", "x" * 4096, certs["rsa"], check=False)
+    assert "Invalid argument (EINVAL)" in r.stderr
+
+
+def test_the_hook_for_keys_on_other_keyrings(mount_imafs, certs):
+    """key_check: IMA's hook for a key imafs does not hold (imafs run's
+    add_key): the same queue, then the policy."""
+    m = mount_imafs()
+    payload = der(certs["ec"])
+    assert m.client.call("key_check", keyring="_uid.0", data_hex=payload.hex())["queued"]
+    write_policy(m, "measure func=KEY_CHECK keyrings=_uid.0|.ima\n")
+    assert ima_buf_records(m) == [("_uid.0", payload)]
+    answer = m.client.call("key_check", keyring=".ima", data_hex=der(certs["rsa"]).hex())
+    assert (answer["queued"], answer["added"], answer["decision"]) == (False, True, "measure")
+    assert not m.client.call("key_check", keyring=".ima", data_hex="")["added"]  # no payload: not measured
+    from imafs.control import ControlError
+    with pytest.raises(ControlError, match="not a hexadecimal string"):
+        m.client.call("key_check", keyring=".ima", data_hex="zz")
+    assert ima_buf_records(m) == [("_uid.0", payload), (".ima", der(certs["rsa"]))]
 
 
 def test_key_check_rule_with_uid(mount_imafs, certs):
@@ -410,3 +464,14 @@ def test_profile_errors_name_the_key(certs, tmp_path):
         load_profile(None, ["blacklist_hashes=bin:0"])
     p = load_profile(None, [f"builtin_trusted_keys={certs['ca']}", "integrity_trusted_keyring=yes"])
     assert p.boot_certs == ((BUILTIN, (der(certs["ca"]),)),) and p.integrity_trusted_keyring
+
+
+readme_paths = test_readme.readme_paths  # the fixture of the README's paths
+
+
+def test_readme_keys_block(readme_paths, tmp_path):
+    """The README's Keys section runs as written; its key id is evmctl's."""
+    r = test_readme.run_readme_block("Keys and keyrings", readme_paths, tmp_path / "work")
+    key = parse_cert((tmp_path / "work" / "ima.pem").read_bytes())
+    assert ["_ima", key.id.hex(), "my IMA key"] in [ln.split(None, 2) for ln in r.stdout.splitlines()]
+    assert f" ima-buf sha256:{hashlib.sha256(key.der).hexdigest()} _ima {key.der.hex()}\n" in r.stdout
