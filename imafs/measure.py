@@ -164,6 +164,23 @@ def change_cookie(fd: int) -> int:
     return hash((st.st_ctime_ns, st.st_mtime_ns, st.st_size, gen)) & _MASK64
 
 
+def _available(algo: str) -> bool:
+    try:
+        T.hasher(algo)
+        return True
+    except T.UnknownHashError:
+        return False
+
+
+def dentry_path(path: str) -> str:
+    """A blocking step: ``path`` from the root of its filesystem (dentry_path)."""
+    real = os.path.realpath(path)
+    root = real
+    while not os.path.ismount(root):
+        root = os.path.dirname(root)
+    return "/" + os.path.relpath(real, root) if real != root else "/"
+
+
 class Measurer:
     """process_measurement and its neighbours, over one :class:`IintCache`.
 
@@ -214,12 +231,25 @@ class Measurer:
             self.cache.closed(f.key, f.reader, f.writer)
         return None
 
-    @staticmethod
-    def check_ima_xattr(value: bytes) -> None:
-        """ima_inode_setxattr's check of a new security.ima: EINVAL for an
-        empty value or an unknown type."""
+    def check_ima_xattr(self, value: bytes, f: OpenedFile, task: Task) -> None:
+        """ima_inode_setxattr's checks of a new security.ima on ``f``: EINVAL
+        for an empty value or an unknown type; EACCES and a ``set_data``
+        record for a hash algorithm that the policy's SETXATTR_CHECK rule
+        does not allow, or, without one, that the kernel lacks
+        (validate_hash_algo).  ``f.path`` is the dentry path the record names."""
         if not value or value[0] >= D.IMA_XATTR_LAST:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        ima = self.ima
+        algo = D.hash_algo(value, ima.ima_hash, ima.profile.kernel_version)
+        allowed = next((r.appraise_algos for r in ima.policy.rules if r.func == "SETXATTR_CHECK"), None)
+        if allowed:
+            ok, cause = algo in allowed, "denied-hash-algorithm"
+        else:
+            ok, cause = algo == ima.ima_hash or _available(algo), "unavailable-hash-algorithm"
+        if not ok:
+            ima.klog.integrity(1800, task.subject(), "set_data", cause, 0, name=f.path, dev=f.fs.s_id,
+                               ino=f.st.st_ino)
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
 
     def xattr_changed(self, key: tuple[int, int], ima_value: bytes | None = None) -> None:
         """security.ima or an EVM xattr was set or removed: measure and

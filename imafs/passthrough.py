@@ -28,7 +28,7 @@ import pyfuse3
 
 from .blocking import Runner
 from .fsinfo import FsInfo, fs_info
-from .measure import FMODE_EXEC, Measurer, OpenedFile, Task
+from .measure import FMODE_EXEC, Measurer, OpenedFile, Task, dentry_path
 
 FIRST_NODE = 1 << 32  # node ids below are the securityfs tree's
 HIDDEN_PREFIX = ".imafs-measured-"  # securityfs-root names the bind mounts are made from
@@ -447,11 +447,16 @@ class MeasuredFs:
                                                 follow_symlinks=False))
         return [os.fsencode(n) for n in names]
 
-    async def setxattr(self, nodeid, name, value) -> None:
+    async def setxattr(self, nodeid, name, value, ctx) -> None:
         node = self.pt.node(nodeid)
+        path = self.pt.path(node)
         if name == b"security.ima":
-            self.pt.measurer.check_ima_xattr(value)
-        await self.io(functools.partial(os.setxattr, self.pt.path(node), name, value, follow_symlinks=False))
+            st = await self.io(os.lstat, path)
+            fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(path))
+            where = await self.io(dentry_path, os.fsdecode(path))
+            f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, path=where)
+            self.pt.measurer.check_ima_xattr(value, f, Task.of_pid(ctx.pid, ctx.uid, ctx.gid))
+        await self.io(functools.partial(os.setxattr, path, name, value, follow_symlinks=False))
         self.pt.xattr_changed(node, name, value)
 
     async def removexattr(self, nodeid, name) -> None:

@@ -669,3 +669,30 @@ def test_appraise_algos_denies_other_algorithms(tmp_path, tree):
     assert "denied" not in event(ima, ok)
     assert event(ima, other)["denied"] == errno.EACCES
     assert audits(log) == [appraise_record("denied-hash-algorithm", other, op="collect_data")]
+
+
+def test_setxattr_hash_algorithms(signed_tree, mount_imafs):
+    """validate_hash_algo: without a SETXATTR_CHECK rule a security.ima naming
+    an algorithm the kernel lacks is refused; with one, any algorithm it
+    does not list.  Each refusal is EACCES and a set_data record."""
+    src, dst = signed_tree
+    m = mount_imafs(measure=[(src, dst)])
+    target = dst / "unsigned.txt"
+    tgr128 = "0x040e" + "00" * 16  # the Tiger hashes left the kernel: unavailable
+    r = subprocess.run(["setfattr", "-n", "security.ima", "-v", tgr128, str(target)], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    run("setfattr", "-n", "security.ima", "-v", "0x0406" + "00" * 64, target)  # sha512: built in
+    with open(m.ima / "policy", "w") as p:
+        p.write("appraise func=SETXATTR_CHECK appraise_algos=sha256\n")
+    r = subprocess.run(["setfattr", "-n", "security.ima", "-v", "0x0406" + "11" * 64, str(target)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    assert os.getxattr(src / "unsigned.txt", "security.ima") == b"\x04\x06" + bytes(64)
+    run("setfattr", "-n", "security.ima", "-v", "0x0404" + "00" * 32, target)
+    st_ = os.stat(src / "unsigned.txt")
+    records = dmesg_audits(m)
+    for record, cause in zip(records, ["unavailable-hash-algorithm", "denied-hash-algorithm"]):
+        assert re.fullmatch(rf'pid=\d+ uid=0 auid=\d+ ses=\d+ subj=unconfined op=set_data cause={cause} '
+                            rf'comm="setfattr" name="{re.escape(str(src / "unsigned.txt"))}" dev="[^"]+" '
+                            rf'ino={st_.st_ino} res=0 errno=0', record), record
+    assert len(records) == 2
