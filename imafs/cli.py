@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -221,6 +222,9 @@ def cmd_measure(args) -> int:
     answer = _client(args).call("measure", **{k: v for k, v in req.items() if v is not None})
     answer.pop("ok")
     print(json.dumps(answer))
+    if "denied" in answer:  # the access this event stands for fails
+        return _fail(f"{answer['name']}: {answer['func']} would fail with "
+                     f"{errno.errorcode[answer['denied']]} ({answer['appraise']})", 1)
     return 0
 
 

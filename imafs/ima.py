@@ -15,6 +15,8 @@ from . import kexec
 from . import templates as T
 from .blocking import Blocking, Steps
 from .errors import FsError, RequestError
+from .appraise import Appraiser
+from .digsig import Verifier
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
@@ -101,6 +103,8 @@ class Ima:
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
+        self.appraiser = Appraiser(profile.ima_appraise, Verifier(lambda: self.keyrings, self.klog.kernel),
+                                   profile.kernel_version)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self.boots = 0  # kernels booted: a path that waited on I/O re-checks it
         self._boot(())
@@ -119,7 +123,7 @@ class Ima:
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
-                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
+                                 measure_policy_file=self._policy_check,
                                  real_path=self.real_path, on_update=self._process_queued_keys)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
@@ -288,10 +292,17 @@ class Ima:
         return {"added": added, "count": self.store.current.count, "violations": self.store.violations}
 
     # -- hooks (ima_main.c process_measurement) -------------------------------------------
+    def _policy_check(self, path: str, writer) -> Steps[dict]:
+        """The POLICY_CHECK hook of a policy loaded by path: the file is read
+        (measured, appraised) by the task that wrote the path."""
+        return self.measure_file(path, "POLICY_CHECK", MAY_READ, task=Task.of_pid(writer.pid, writer.uid, 0))
+
     def measure_file(self, path: str, func: str, mask: int = 0, *, uid: int = 0, euid: int | None = None,
-                     gid: int = 0, egid: int | None = None, name: str | None = None) -> Steps[dict]:
+                     gid: int = 0, egid: int | None = None, name: str | None = None,
+                     task: Task | None = None) -> Steps[dict]:
         """An explicit file hook: the policy decides with the given credentials
-        and the file's owner and filesystem, through the iint cache."""
+        (or those of ``task``) and the file's owner and filesystem, through
+        the iint cache."""
         func = FUNCS.get(func)
         if func is None or func in BUFFER_FUNCS:
             raise RequestError("--func: not a file hook; file hooks: "
@@ -304,7 +315,7 @@ class Ima:
         recorded = name or (path if real != path else os.path.realpath(path))
         if not stat.S_ISREG(st.st_mode):
             return self.decided(recorded, func, None, False, "not a regular file: never measured")
-        task = Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
+        task = task or Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
         f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=real)
         return (yield from self.measurer.process(f, task, func, mask))
 

@@ -488,7 +488,7 @@ class PolicyFile:
         self.read_policy = read_policy
         self.write_policy = write_policy
         self.log = log
-        self.measure_policy_file = measure_policy_file or no_steps(lambda path: None)
+        self.measure_policy_file = measure_policy_file or no_steps(lambda path, writer: None)
         self.real_path = real_path or (lambda path: path)  # where the daemon itself finds a file
         self.on_update = on_update or (lambda: None)  # ima_update_policy's tail: queued keys
         self.custom = False  # a custom policy replaced the boot policy
@@ -586,10 +586,10 @@ class PolicyFile:
         except OSError as e:
             self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
             raise FsError(e.errno) from None
-        yield from self.measure_policy_file(name)
-        if needs_signed_policy(self.rules):  # an unsigned file fails appraisal
-            self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
-            raise FsError(errno.EACCES)
+        decided = yield from self.measure_policy_file(name, s.writer)  # measured and appraised (POLICY_CHECK)
+        if decided and "denied" in decided:  # e.g. an unsigned file under secure_boot
+            self.log.kernel(f"ima: Unable to open file: {name} (-{decided['denied']})")
+            raise FsError(decided["denied"])
         size = len(content)
         for raw in content.split(b"\n"):
             if size <= 0:

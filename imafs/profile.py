@@ -197,6 +197,7 @@ KEYS = {
     "ima_flush_htable": _bool,
     "kexec": _bool,
     "ima_policy": _policy,
+    "ima_appraise": _choice(("enforce", "fix", "log", "off")),
     "uts_release": _str,
     "read_policy": _bool,
     "write_policy": _bool,
@@ -233,6 +234,7 @@ class Profile:
     ima_flush_htable: bool = False
     kexec: bool = True  # CONFIG_IMA_KEXEC: binary_runtime_size is tracked
     ima_policy: str = ""  # built-in policies, "|"-separated; "" = the empty default policy
+    ima_appraise: str = "enforce"  # what failed appraisals do (docs/appraisal.md); no secure boot overrides it
     uts_release: str = ""  # the kernel release string (kernel_version record); "" = "<kernel>.0-imafs"
     read_policy: bool = False  # CONFIG_IMA_READ_POLICY
     write_policy: bool = False  # CONFIG_IMA_WRITE_POLICY
