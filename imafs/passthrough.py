@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from .blocking import Runner
+from .errors import RequestError
 from .fsinfo import FsInfo, fs_info
 from .measure import FMODE_EXEC, Measurer, OpenedFile, Task
 
@@ -504,6 +505,29 @@ class MeasuredFs:
             except Exception:
                 log.exception("open hooks of %s", os.fsdecode(f.name))
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
+
+    async def hook(self, nodeid: int, funcs: list[str], mask: int, pid: int, flags: int) -> list[dict]:
+        """A hook FUSE does not see (mmap, finit_module, kexec_file_load: see
+        imafs/supervise.py) on a file of a measured mount, reached by its node
+        id (the st_ino the task's descriptor shows), for task ``pid``, whose
+        descriptor was opened with ``flags``.  The file is the open's: same
+        iint, same recorded name; its content is read through a live handle
+        (the task holds the file open), so a later unlink does not matter."""
+        node = self.pt.nodes.get(nodeid)
+        if node is None:
+            raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
+        alive = self.pt.alive_fd(node)
+        st = await self.io(stat_real, self.pt.path(node), alive)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(f"hook: node {nodeid} is not a regular file")
+        fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
+        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
+                       fd=alive, path=os.fsdecode(self.pt.path(node)))
+        task = Task.of_pid(pid, 0, 0)
+        done = []
+        for func in funcs:
+            done.append(await self.runner.run(self.pt.measurer.process(f, task, func, mask)))
+        return done
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT
