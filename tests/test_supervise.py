@@ -1,0 +1,249 @@
+"""The hooks FUSE cannot see, through seccomp user notification (issue 11, item 2).
+
+Real programs under the filter (a small C program of system calls, uname,
+keyctl, setpriv to uid 1000) act on a ramfs measured at DST; the expected
+records are computed by hand with struct and hashlib.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from imafs import supervise
+from imafs.supervise import Outstanding, build_filter
+
+from .test_measured_mount import SETPRIV_1000, entries, ng_line
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def hookcalls(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("bin") / "hookcalls"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(HERE / "hooks" / "hookcalls.c")], check=True)
+    out.parent.chmod(0o755)
+    return str(out)
+
+
+@pytest.fixture
+def measured(ramfs, mount_imafs):
+    def make(*settings):
+        src, dst = ramfs()
+        return mount_imafs("ima_policy=tcb", *settings, measure=[(src, dst)], reachable=True), src, dst
+    return make
+
+
+def run(m, argv, timeout=30) -> subprocess.CompletedProcess:
+    s = supervise.spawn([str(a) for a in argv], str(m.path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = s.process.communicate(timeout=timeout)
+    s.wait(timeout)
+    return subprocess.CompletedProcess(argv, s.process.returncode, out.decode(), err.decode())
+
+
+def buf_line(name: str, buf: bytes, pcr: int = 10) -> str:
+    """An ima-buf ASCII line, by hand."""
+    d_ng = b"sha256:\0" + hashlib.sha256(buf).digest()
+    n_ng = name.encode() + b"\0"
+    data = (struct.pack("<I", len(d_ng)) + d_ng + struct.pack("<I", len(n_ng)) + n_ng
+            + struct.pack("<I", len(buf)) + buf)
+    return f"{pcr} {hashlib.sha1(data).hexdigest()} ima-buf sha256:{hashlib.sha256(buf).hexdigest()} {name} {buf.hex()}"
+
+
+def write_policy(m, *rules: str) -> None:
+    fd = os.open(m.ima / "policy", os.O_WRONLY)
+    try:
+        data = "".join(r + "\n" for r in rules).encode()
+        while data:  # the kernel takes one rule per write
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+# -- plain objects ---------------------------------------------------------------------------
+def test_filter_stops_only_exec_mappings_of_files(tmp_path):
+    with open(tmp_path / "pfc", "w") as f:
+        build_filter(no_new_privs=True).export_pfc(f)
+    pfc = (tmp_path / "pfc").read_text()
+    assert pfc.count("action 0x7fc00000;") == 5  # SECCOMP_RET_USER_NOTIF
+    for name in ("mmap", "uname", "add_key", "finit_module", "kexec_file_load"):
+        assert f"# filter for syscall \"{name}\"" in pfc
+    assert "mprotect" not in pfc and "getpid" not in pfc
+
+
+def test_outstanding_ids_cover_the_sweep():
+    o = Outstanding()
+    slot = o.take()
+    o.put(slot, 41)
+    ids = o.ids()
+    assert 41 in ids and 42 in ids and 41 + supervise.SWEEP in ids
+    o.release(slot)
+    assert o.ids().count(41) == 1  # the last id only, from the sweep
+
+
+def test_bzimage_probe():
+    head = bytearray(0x238)
+    head[0x1FE:0x200] = b"\x55\xaa"
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = struct.pack("<H", 0x20F)
+    head[0x211] = 1
+    head[0x234] = 1
+    head[0x236:0x238] = struct.pack("<H", 3)
+    assert supervise._bzimage64(bytes(head))
+    head[0x202] = 0
+    assert not supervise._bzimage64(bytes(head))
+    assert not supervise._bzimage64(b"\x7fELF")
+
+
+# -- real programs under the filter -------------------------------------------------------------
+def test_uid_1000_mmap_exec_is_measured(measured, hookcalls):
+    """MMAP_CHECK with the task's credentials: tcb measures uid 1000's exec
+    mapping, not its read (FILE_CHECK is for uid 0); once per inode."""
+    m, src, dst = measured()
+    content = b"\x7fELF a library\n" * 100
+    (dst / "lib.so").write_bytes(content)
+    r = run(m, [*SETPRIV_1000, hookcalls, "mmap", dst / "lib.so", 3])
+    assert r.stdout == "ok\n", r.stderr
+    assert entries(m) == [ng_line(f"{dst}/lib.so", content)]
+    with open(dst / "lib.so", "rb") as f:  # root's read: the same iint, measured already
+        f.read()
+    assert len(entries(m)) == 1
+    last = [e for e in m.client.call("status")["last_events"] if e["func"] == "MMAP_CHECK"]
+    assert last and last[0]["added"]
+
+
+def test_mmap_exec_outside_measured_mounts_and_mprotect_make_no_record(measured, hookcalls, tmp_path):
+    """Libraries the loader maps from / are not the emulated kernel's files;
+    mprotect(PROT_EXEC) never measures (ima_file_mprotect only audits or
+    denies under an appraise rule)."""
+    m, src, dst = measured()
+    (dst / "data.bin").write_bytes(b"data\n")
+    r = run(m, [*SETPRIV_1000, hookcalls, "mprotect", dst / "data.bin"])
+    assert r.stdout == "ok\n", r.stderr
+    r = run(m, [*SETPRIV_1000, hookcalls, "mmap", "/usr/bin/true"])
+    assert r.stdout == "ok\n", r.stderr
+    assert entries(m) == []
+
+
+def test_executable_under_dst(measured, hookcalls):
+    """An executable under DST: BPRM_CHECK (FUSE) and MMAP_CHECK of its own
+    mapping are one iint, one record; the host's libc gives none."""
+    m, src, dst = measured()
+    exe = dst / "hookcalls"
+    exe.write_bytes(Path(hookcalls).read_bytes())
+    exe.chmod(0o755)
+    r = run(m, [*SETPRIV_1000, exe, "loop", "1"])
+    assert r.returncode == 0, r.stderr
+    assert entries(m) == [ng_line(str(exe), exe.read_bytes())]
+
+
+def test_uname_is_the_emulated_release(measured, hookcalls):
+    m, src, dst = measured("uts_release=6.12.99-emulated")
+    host = os.uname()
+    assert run(m, ["uname", "-r"]).stdout == "6.12.99-emulated\n"
+    assert run(m, ["uname", "-n"]).stdout == host.nodename + "\n"
+    assert run(m, [*SETPRIV_1000, "/usr/bin/python3", "-c", "import os; print(os.uname().release)"]).stdout \
+        == "6.12.99-emulated\n"
+    assert run(m, ["uname", "-v"]).stdout == host.version + "\n"
+    assert run(m, [hookcalls, "uname-bad"]).stdout == "errno=14\n"  # EFAULT, as the kernel
+
+
+def test_finit_module_is_module_check(measured, hookcalls):
+    """MODULE_CHECK (tcb measures it) of the file, then the host's call runs:
+    this host has no modules (ENOSYS)."""
+    m, src, dst = measured()
+    module = b"\x7fELF not really a module\n"
+    (dst / "m.ko").write_bytes(module)
+    r = run(m, [hookcalls, "finit_module", dst / "m.ko"])
+    assert r.stdout.startswith("errno="), r.stderr
+    assert entries(m) == [ng_line(f"{dst}/m.ko", module)]
+    # uid 1000 has no CAP_SYS_MODULE: EPERM before the file is read, no record
+    # (the call then fails as the host has it)
+    (dst / "n.ko").write_bytes(b"other\n")
+    host = subprocess.run([*SETPRIV_1000, hookcalls, "finit_module", dst / "n.ko"], capture_output=True, text=True)
+    assert run(m, [*SETPRIV_1000, hookcalls, "finit_module", dst / "n.ko"]).stdout == host.stdout
+    assert len(entries(m)) == 1
+
+
+def _bzimage() -> bytes:
+    head = bytearray(4096)
+    head[0x1FE:0x200] = b"\x55\xaa"
+    head[0x202:0x206] = b"HdrS"
+    head[0x206:0x208] = struct.pack("<H", 0x20F)
+    head[0x211] = 1
+    head[0x234] = 1
+    head[0x236:0x238] = struct.pack("<H", 3)
+    return bytes(head)
+
+
+def test_kexec_file_load_records(measured, hookcalls):
+    m, src, dst = measured()
+    write_policy(m, "measure func=KEXEC_KERNEL_CHECK", "measure func=KEXEC_INITRAMFS_CHECK",
+                 "measure func=KEXEC_CMDLINE")
+    kernel, initrd = _bzimage(), b"initrd image\n"
+    (dst / "vmlinuz").write_bytes(kernel)
+    (dst / "initrd").write_bytes(initrd)
+    r = run(m, [hookcalls, "kexec_file_load", dst / "vmlinuz", dst / "initrd", "root=/dev/vda ima_policy=tcb"])
+    assert r.stdout.startswith("errno="), r.stderr  # the host has no kexec
+    assert entries(m) == [ng_line(f"{dst}/vmlinuz", kernel), ng_line(f"{dst}/initrd", initrd),
+                          buf_line("kexec-cmdline", b"root=/dev/vda ima_policy=tcb")]
+
+
+def test_keyctl_padd_asymmetric_is_key_check(measured, tmp_path):
+    """`keyctl padd asymmetric` of a DER certificate into a keyring a
+    KEY_CHECK rule names: ima-buf, name = the keyring's description, buf =
+    the payload; a keyring no rule names and a refused payload: nothing."""
+    m, src, dst = measured()
+    write_policy(m, "measure func=KEY_CHECK keyrings=imafs_ring")
+    ders = []
+    for who in ("root", "user"):  # two certificates: the list keeps one record per template digest
+        der = src.parent / f"{who}.der"  # where uid 1000 reaches it
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        str(tmp_path / "k"), "-subj", f"/CN=imafs {who}", "-days", "2", "-outform", "DER",
+                        "-out", str(der)], check=True, capture_output=True)
+        ders.append(der)
+    for prefix, der in zip(([], SETPRIV_1000), ders):
+        script = ('keyctl newring imafs_ring @s >/dev/null && keyctl newring other_ring @s >/dev/null && '
+                  f'keyctl padd asymmetric "" %keyring:imafs_ring < {der} >/dev/null && '
+                  f'keyctl padd asymmetric "" %keyring:other_ring < {der} >/dev/null && '
+                  '! echo garbage | keyctl padd asymmetric "" %keyring:imafs_ring 2>/dev/null')
+        r = run(m, [*prefix, "keyctl", "session", "-", "sh", "-ec", script])
+        assert r.returncode == 0, r.stderr
+    assert entries(m) == [buf_line("imafs_ring", der.read_bytes()) for der in ders]
+
+
+# -- fail safe, hostile targets ------------------------------------------------------------------
+def test_supervisor_killed_calls_continue(measured, hookcalls):
+    m, src, dst = measured()
+    (dst / "lib.so").write_bytes(b"lib\n")
+    s = supervise.spawn([hookcalls, "mmap-loop", str(dst / "lib.so"), "20000"], str(m.path),
+                        stdout=subprocess.PIPE)
+    time.sleep(0.3)
+    s.supervisor.send_signal(signal.SIGKILL)
+    out, _ = s.process.communicate(timeout=60)
+    assert out == b"ok\n"
+    assert s.wait(10) == 0
+    assert s.holder.returncode == 0
+
+
+def test_hostile_targets(measured, hookcalls):
+    m, src, dst = measured()
+    assert run(m, [hookcalls, "bogus-mmap"]).stdout == "errno=9\n"  # EBADF, as the host says
+    # a target killed while stopped: the supervisor goes on with the next
+    s = supervise.spawn([hookcalls, "loop", "1000000"], str(m.path), stdout=subprocess.DEVNULL)
+    time.sleep(0.3)
+    s.process.kill()
+    s.wait(10)
+    assert run(m, ["uname", "-r"]).stdout == "7.2.0-imafs\n"
+    # a bad control request
+    assert "func must be" in str(pytest.raises(Exception, m.client.call, "hook", node=1, pid=1,
+                                               funcs=["BPRM_CHECK"], mask=1).value)
+    assert "no file" in str(pytest.raises(Exception, m.client.call, "hook", node=5, pid=1,
+                                          funcs=["MMAP_CHECK"], mask=1).value)
