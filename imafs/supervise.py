@@ -7,14 +7,13 @@ arguments where the kernel's hook is (``mmap`` only with ``PROT_EXEC`` of a
 file, never anonymous memory).  Everything else runs with no stop.  The
 filter's listener descriptor goes to two processes outside the command:
 
-* the **supervisor** (:class:`Supervisor`, ``python -m imafs.supervise
-  serve``) answers each stopped call as the emulated kernel's hook would
+* the **supervisor** (:class:`Supervisor`, a forked process) answers each stopped call as the emulated kernel's hook would
   (:class:`Hooks`): it reads the task's descriptors, memory and credentials
   in /proc, asks the daemon over the control socket to measure (a file of a
   measured mount by its FUSE node, so that the open, the mmap and the module
   load of one file share one iint), then lets the call continue
   (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``) or, for ``uname``, answers it.
-* the **holder** (:func:`hold`, ``python -m imafs.supervise hold``) keeps the
+* the **holder** (:func:`hold`, a forked process) keeps the
   listener open and watches the supervisor: if it dies, the holder lets every
   stopped call continue — the one the supervisor was answering included —
   so a dead supervisor fails safe (the kernel would fail them with ENOSYS
@@ -34,7 +33,6 @@ Which hook does what (the kernel's ``ima_main.c``, ``ima_asymmetric_keys.c``,
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import errno
 import fcntl
@@ -44,9 +42,11 @@ import os
 import select
 import socket
 import struct
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,7 +84,8 @@ SWEEP = 64  # ids after the last recorded one that a dying supervisor may have r
 HOOKED = ("mmap", "uname", "add_key", "finit_module", "kexec_file_load")
 ARCH = seccomp.Arch.NATIVE
 NR = {name: seccomp.resolve_syscall(ARCH, name) for name in HOOKED}
-SYS = {name: seccomp.resolve_syscall(ARCH, name) for name in ("add_key", "keyctl", "setfsuid", "setfsgid")}
+SYS = {name: seccomp.resolve_syscall(ARCH, name) for name in ("add_key", "keyctl", "setfsuid", "setfsgid",
+                                                                 "pidfd_getfd")}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -323,6 +324,21 @@ def _uname_of(pid: int) -> os.uname_result:
         os.close(theirs)
 
 
+def _peek(pid: int, fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of the task's open file ``fd``, read through
+    a copy of its descriptor (pidfd_getfd): no open of our own, which on a
+    measured mount would be a hook event of the supervisor's."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = _syscall(SYS["pidfd_getfd"], pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    try:
+        return os.pread(copy, size, 0)
+    finally:
+        os.close(copy)
+
+
 def _bzimage64(head: bytes) -> bool:
     """x86's kexec_file_load probe (arch/x86/kernel/kexec-bzimage64.c): a
     relocatable 64-bit bzImage of boot protocol 2.12 or later, else ENOEXEC
@@ -459,8 +475,7 @@ class Hooks:
             return None
         self._hook(listener, n, kernel_fd, ["KEXEC_KERNEL_CHECK"], MAY_READ)
         try:
-            with open(f"/proc/{n.pid}/fd/{kernel_fd}", "rb") as f:
-                head = f.read(0x238)
+            head = _peek(n.pid, kernel_fd, 0x238)
         except OSError:
             return None
         if not _bzimage64(head):
@@ -582,46 +597,99 @@ def hold(listener: int, outstanding: Outstanding, supervisor: int) -> None:
 
 # -- starting it all ---------------------------------------------------------------------------------
 class Supervised:
-    """A command under the hooks, with its supervisor and holder."""
+    """A command under the hooks, with the pids of its supervisor and holder."""
 
-    def __init__(self, process: subprocess.Popen, supervisor: subprocess.Popen, holder: subprocess.Popen):
+    def __init__(self, process: subprocess.Popen, supervisor: int, holder: int):
         self.process = process
         self.supervisor = supervisor
         self.holder = holder
+        self.helpers: dict[int, int] = {}  # pid -> wait status
 
     def wait(self, timeout: float | None = None) -> int:
+        """The command's status, once its helpers are gone too (they end when
+        the last task under the filter does)."""
         rc = self.process.wait(timeout)
-        for p in (self.supervisor, self.holder):  # they end when the last task under the filter does
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        deadline = time.monotonic() + 10
+        for pid in (self.supervisor, self.holder):
+            while pid not in self.helpers:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.helpers[pid] = status
+                elif time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    time.sleep(0.01)
         return rc
 
 
-def start_helpers(listener: int, socket_path: str, fuse_dev: int, release: str,
-                  log_file: str | None = None) -> tuple[subprocess.Popen, subprocess.Popen]:
-    """The supervisor and the holder of ``listener``; the caller then closes
-    its own copy."""
-    outstanding = Outstanding()
-    common = [sys.executable, "-m", "imafs.supervise"]
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+def _fork(body, log_file: str | None) -> int:
+    """A helper process running ``body()``: forked, not a new interpreter
+    (``imafs run`` starts in a fraction of a second), in its own session,
+    its output to ``log_file``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
     try:
-        sup = subprocess.Popen(common + ["serve", "--listener-fd", str(listener), "--state-fd",
-                                         str(outstanding.fd), "--socket", socket_path, "--fuse-dev",
-                                         str(fuse_dev), "--release", release],
-                               pass_fds=(listener, outstanding.fd), stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=out, start_new_session=True)
-        holder = subprocess.Popen(common + ["hold", "--listener-fd", str(listener), "--state-fd",
-                                            str(outstanding.fd), "--supervisor", str(sup.pid)],
-                                  pass_fds=(listener, outstanding.fd), stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=out, start_new_session=True)
+        os.setsid()
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        out = os.open(log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        logging.basicConfig(level=logging.WARNING, format="imafs supervise[%(process)d]: %(message)s", force=True)
+        body()
+        code = 0
+    except BaseException:  # noqa: BLE001 -- a forked helper exits, never returns
+        log.exception("seccomp helper failed")
     finally:
-        if out is not subprocess.DEVNULL:
-            out.close()
-        os.close(outstanding.fd)
+        os._exit(code)
+
+
+def start_helpers(listener: int, socket_path: str, fuse_dev: int, release: str,
+                  log_file: str | None = None) -> tuple[int, int]:
+    """Fork the supervisor and the holder of ``listener`` (their pids); the
+    caller then closes its own copy of it."""
+    outstanding = Outstanding()
+    hooks = Hooks(Client(path=socket_path, timeout=60), fuse_dev, release)
+    sup = _fork(lambda: Supervisor(listener, hooks, outstanding).serve(), log_file)
+    holder = _fork(lambda: hold(listener, outstanding, sup), log_file)
+    os.close(outstanding.fd)
     return sup, holder
+
+
+class RunHooks:
+    """The hooks of ``imafs run`` (imafs/run.py): made in the runner,
+    :meth:`prepare` runs in the command just before execve, :meth:`started`
+    in the init once it has exec'd."""
+
+    def __init__(self):
+        self.parent, self.child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    def prepare(self) -> None:
+        install(self.child)
+
+    def started(self, pid: int, mountpoint: str, socket_path: str, log_file: str | None = None) -> None:
+        self.child.close()
+        self.parent.settimeout(10)
+        try:
+            _, fds, _, _ = socket.recv_fds(self.parent, 1, 1)
+        except OSError as e:
+            log.error("imafs run: no seccomp listener from the command (%s): its hooks are not seen", e)
+            return
+        finally:
+            self.parent.close()
+        if not fds:
+            log.error("imafs run: no seccomp listener from the command: its hooks are not seen")
+            return
+        try:
+            release = Client(mountpoint, timeout=10).call("status")["release"]
+            start_helpers(fds[0], socket_path, os.stat(mountpoint).st_dev, release, log_file)
+        finally:
+            os.close(fds[0])
 
 
 def spawn(argv: list[str], mountpoint: str, profile: Profile | None = None, socket_path: str | None = None,
@@ -644,32 +712,3 @@ def spawn(argv: list[str], mountpoint: str, profile: Profile | None = None, sock
     finally:
         os.close(listener)
     return Supervised(proc, sup, holder)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m imafs.supervise",
-                                description="the seccomp supervisor of imafs run, and its holder")
-    sub = p.add_subparsers(dest="role", required=True)
-    s = sub.add_parser("serve", help="answer the stopped calls of a listener")
-    s.add_argument("--listener-fd", type=int, required=True, help="the seccomp listener descriptor")
-    s.add_argument("--state-fd", type=int, required=True, help="the memfd shared with the holder")
-    s.add_argument("--socket", required=True, help="the daemon's control socket")
-    s.add_argument("--fuse-dev", type=int, required=True, help="st_dev of the imafs mount")
-    s.add_argument("--release", required=True, help="the emulated kernel release (uname -r)")
-    h = sub.add_parser("hold", help="keep a listener; let its calls continue once the supervisor is gone")
-    h.add_argument("--listener-fd", type=int, required=True, help="the seccomp listener descriptor")
-    h.add_argument("--state-fd", type=int, required=True, help="the memfd shared with the supervisor")
-    h.add_argument("--supervisor", type=int, required=True, help="the supervisor's pid")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="imafs supervise: %(message)s")
-    outstanding = Outstanding(args.state_fd)
-    if args.role == "hold":
-        hold(args.listener_fd, outstanding, args.supervisor)
-    else:
-        hooks = Hooks(Client(path=args.socket, timeout=60), args.fuse_dev, args.release)
-        Supervisor(args.listener_fd, hooks, outstanding).serve()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
