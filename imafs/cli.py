@@ -149,6 +149,7 @@ def _clear(mp: str, why: str, done: str) -> int:
 # -- run ---------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .run import EXIT_RUN_FAILED, SECURITYFS, RunSpec, run
+    from .supervise import RunHooks
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         return _fail("run: no command; usage: imafs run [options] -- CMD [ARGS]", 2)
@@ -156,7 +157,8 @@ def cmd_run(args) -> int:
         if args.profile or args.set or args.measure:
             return _fail("run: --mount joins a running emulator as it is; --profile, --set and "
                          "--measure are for a new one", 2)
-        return run(RunSpec(argv, attach=args.mount))
+        hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+        return run(RunSpec(argv, attach=args.mount), hooks.prepare, hooks.started)
     try:
         profile = load_profile(args.profile, args.set)
     except ProfileError as e:
@@ -167,7 +169,8 @@ def cmd_run(args) -> int:
             parse_measure(spec, SECURITYFS)
     except MountError as e:
         return _fail(str(e), EXIT_RUN_FAILED)
-    return run(RunSpec(argv, profile=profile, measure=args.measure))
+    hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+    return run(RunSpec(argv, profile=profile, measure=args.measure), hooks.prepare, hooks.started)
 
 
 # -- requests to a running daemon -------------------------------------------------------

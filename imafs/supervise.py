@@ -662,32 +662,37 @@ def start_helpers(listener: int, socket_path: str, fuse_dev: int, release: str,
 
 
 class RunHooks:
-    """The hooks of ``imafs run`` (imafs/run.py): made in the runner,
-    :meth:`prepare` runs in the command just before execve, :meth:`started`
-    in the init once it has exec'd."""
+    """The hooks of ``imafs run`` (imafs/run.py), for the emulator at
+    ``mountpoint``: made in the runner, :meth:`prepare` runs in the command
+    just before execve, :meth:`started` in the init once it has exec'd."""
 
-    def __init__(self):
+    def __init__(self, mountpoint: str):
+        self.mountpoint = mountpoint
         self.parent, self.child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
     def prepare(self) -> None:
         install(self.child)
 
-    def started(self, pid: int, mountpoint: str, socket_path: str, log_file: str | None = None) -> None:
+    def started(self, pid: int) -> None:
+        from .control import socket_path
         self.child.close()
-        self.parent.settimeout(10)
+        sock = socket_path(self.mountpoint)  # the run's own runtime directory
         try:
+            self.parent.settimeout(10)
             _, fds, _, _ = socket.recv_fds(self.parent, 1, 1)
         except OSError as e:
-            log.error("imafs run: no seccomp listener from the command (%s): its hooks are not seen", e)
-            return
+            fds = []
+            log.error("imafs run: no seccomp listener from the command (%s)", e)
         finally:
             self.parent.close()
         if not fds:
-            log.error("imafs run: no seccomp listener from the command: its hooks are not seen")
+            print("imafs run: the command runs without the seccomp hooks (mmap, uname, add_key, "
+                  "finit_module, kexec_file_load)", file=sys.stderr)
             return
         try:
-            release = Client(mountpoint, timeout=10).call("status")["release"]
-            start_helpers(fds[0], socket_path, os.stat(mountpoint).st_dev, release, log_file)
+            release = Client(self.mountpoint, timeout=10).call("status")["release"]
+            start_helpers(fds[0], str(sock), os.stat(self.mountpoint).st_dev, release,
+                          str(sock.with_suffix(".hooks.log")))
         finally:
             os.close(fds[0])
 
