@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import mmap
 import os
@@ -352,12 +353,67 @@ def _bzimage64(head: bytes) -> bool:
             and xloadflags & 0x3 == 0x3)
 
 
+class Connection(threading.local):
+    """One control connection per worker thread, kept between requests (a
+    stopped call should not pay a connect and the daemon's new task).  The
+    daemon closes a connection idle for a minute, with an error line: a
+    connection with anything to read before a request is stale, and is
+    replaced.  Raises ControlError like :class:`Client`."""
+
+    def __init__(self, path: str, timeout: float):
+        self.path = path
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def call(self, cmd: str, **args) -> dict:
+        request = json.dumps({"cmd": cmd, **args}).encode() + b"\n"
+        try:
+            try:
+                line = self._exchange(request)
+            except (ConnectionError, FileNotFoundError):  # closed meanwhile: once more, on a new one
+                self._close()
+                line = self._exchange(request)
+        except OSError as e:
+            self._close()
+            raise ControlError(f"control socket {self.path}: {e.strerror or e}") from None
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            self._close()
+            raise ControlError(f"the daemon at {self.path} answered something that is not JSON") from None
+        if not answer.get("ok"):
+            raise ControlError(answer.get("error", "unknown error"))
+        return answer
+
+    def _exchange(self, request: bytes) -> bytes:
+        if self.sock is not None and select.select([self.sock], [], [], 0)[0]:
+            self._close()  # the daemon closed it (idle, or to make room) with an error line
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(self.path)
+        self.sock.sendall(request)
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buf = None, b""
+
+
 class Hooks:
     """What each stopped call means to the emulated kernel.  ``client``
     reaches the daemon; ``fuse_dev`` is the st_dev of its mount (and of its
     measured mounts, binds of it)."""
 
-    def __init__(self, client: Client, fuse_dev: int, release: str):
+    def __init__(self, client: Connection, fuse_dev: int, release: str):
         self.client = client
         self.fuse_dev = fuse_dev
         self.release = release
@@ -654,7 +710,7 @@ def start_helpers(listener: int, socket_path: str, fuse_dev: int, release: str,
     """Fork the supervisor and the holder of ``listener`` (their pids); the
     caller then closes its own copy of it."""
     outstanding = Outstanding()
-    hooks = Hooks(Client(path=socket_path, timeout=60), fuse_dev, release)
+    hooks = Hooks(Connection(socket_path, timeout=60), fuse_dev, release)
     sup = _fork(lambda: Supervisor(listener, hooks, outstanding).serve(), log_file)
     holder = _fork(lambda: hold(listener, outstanding, sup), log_file)
     os.close(outstanding.fd)
