@@ -161,9 +161,13 @@ def install(channel: socket.socket) -> None:
     """In the command's process, just before exec: load the filter and send
     its listener over ``channel``.  With CAP_SYS_ADMIN no_new_privs stays
     off, so set-uid programs under the filter keep working."""
-    f = build_filter(no_new_privs=not _cap_eff("self") >> CAP_SYS_ADMIN & 1)
-    f.load()
-    listener = f.get_notify_fd()
+    try:
+        f = build_filter(no_new_privs=not _cap_eff("self") >> CAP_SYS_ADMIN & 1)
+        f.load()  # EBUSY under another listener (a run inside a run)
+        listener = f.get_notify_fd()
+    except Exception:  # noqa: BLE001 -- the command runs all the same, without the hooks
+        channel.send(b"N")
+        return
     socket.send_fds(channel, [b"L"], [listener])
     os.close(listener)
 
@@ -766,6 +770,10 @@ def spawn(argv: list[str], mountpoint: str, profile: Profile | None = None, sock
         child.close()
         parent.settimeout(10)
         _, fds, _, _ = socket.recv_fds(parent, 1, 1)
+    if not fds:
+        proc.kill()
+        proc.wait()
+        raise OSError(errno.EBUSY, "the command could not load the seccomp filter (already under one?)")
     listener = fds[0]
     try:
         sup, holder = start_helpers(listener, socket_path or str(default_socket(mountpoint)), fuse_dev, release,

@@ -20,6 +20,7 @@ import pytest
 from imafs import supervise
 from imafs.supervise import Outstanding, build_filter
 
+from .conftest import REQUIRE_FUSE, fuse_unavailable, imafs
 from .test_measured_mount import SETPRIV_1000, entries, ng_line
 
 HERE = Path(__file__).parent
@@ -219,6 +220,42 @@ def test_keyctl_padd_asymmetric_is_key_check(measured, tmp_path):
     assert entries(m) == [buf_line("imafs_ring", der.read_bytes()) for der in ders]
 
 
+def test_imafs_run_has_the_hooks(ramfs, hookcalls):
+    """`imafs run`: the command and its children are under the filter."""
+    if why := fuse_unavailable():
+        if REQUIRE_FUSE:
+            pytest.fail(f"IMAFS_REQUIRE_FUSE=1 but {why}")
+        pytest.skip(why)
+    src, dst = ramfs()
+    (src / "lib.so").write_bytes(b"run lib\n")
+    script = (f"setpriv --reuid 1000 --regid 1000 --clear-groups {hookcalls} mmap {dst}/lib.so && uname -r && "
+              "tail -n 1 /sys/kernel/security/ima/ascii_runtime_measurements")
+    r = imafs("run", "--set", "ima_policy=tcb", "--set", "uts_release=6.12.5-run", "--measure", f"{src}:{dst}",
+              "--", "sh", "-ec", script, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["ok", "6.12.5-run", ng_line(f"{dst}/lib.so", b"run lib\n")]
+
+
+def test_threads_map_at_once(measured):
+    """Threads of one task stopped at once: each mapping is answered, each
+    file measured once."""
+    m, src, dst = measured()
+    for i in range(8):
+        (dst / f"lib{i}.so").write_bytes(b"lib %d\n" % i)
+    prog = (
+        "import mmap, sys, threading\n"
+        "def work(i):\n"
+        "    with open(f'{sys.argv[1]}/lib{i}.so', 'rb') as f:\n"
+        "        for _ in range(30):\n"
+        "            mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | mmap.PROT_EXEC).close()\n"
+        "ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print('done')\n")
+    r = run(m, [*SETPRIV_1000, "/usr/bin/python3", "-c", prog, dst])
+    assert r.stdout == "done\n", r.stderr
+    assert sorted(entries(m)) == sorted(ng_line(f"{dst}/lib{i}.so", b"lib %d\n" % i) for i in range(8))
+
+
 # -- fail safe, hostile targets ------------------------------------------------------------------
 def test_supervisor_killed_calls_continue(measured, hookcalls):
     m, src, dst = measured()
@@ -237,6 +274,13 @@ def test_supervisor_killed_calls_continue(measured, hookcalls):
 def test_hostile_targets(measured, hookcalls):
     m, src, dst = measured()
     assert run(m, [hookcalls, "bogus-mmap"]).stdout == "errno=9\n"  # EBADF, as the host says
+    assert run(m, [hookcalls, "add_key-bad"]).stdout == "errno=14\n"  # EFAULT
+    assert run(m, [hookcalls, "add_key-huge"]).stdout == "errno=22\n"  # EINVAL
+    write_policy(m, "measure func=KEXEC_KERNEL_CHECK", "measure func=KEXEC_CMDLINE")
+    (dst / "vmlinuz").write_bytes(_bzimage())
+    host = subprocess.run([hookcalls, "kexec-bad-cmdline", dst / "vmlinuz"], capture_output=True, text=True)
+    assert run(m, [hookcalls, "kexec-bad-cmdline", dst / "vmlinuz"]).stdout == host.stdout
+    assert entries(m) == [ng_line(f"{dst}/vmlinuz", _bzimage())]  # no kexec-cmdline: it cannot be read
     # a target killed while stopped: the supervisor goes on with the next
     s = supervise.spawn([hookcalls, "loop", "1000000"], str(m.path), stdout=subprocess.DEVNULL)
     time.sleep(0.3)

@@ -56,6 +56,14 @@ int main(int argc, char **argv)
 		int k = open(argv[2], O_RDONLY), i = open(argv[3], O_RDONLY);
 		return report(syscall(SYS_kexec_file_load, k, i, strlen(argv[4]) + 1, argv[4], 0UL));
 	}
+	if (!strcmp(verb, "add_key-bad"))	/* a type pointer to nowhere */
+		return report(syscall(SYS_add_key, (void *)8, "", "x", 1, -3));
+	if (!strcmp(verb, "add_key-huge"))	/* a payload length past the kernel's limit */
+		return report(syscall(SYS_add_key, "asymmetric", "", "x", 1UL << 40, -3));
+	if (!strcmp(verb, "kexec-bad-cmdline")) {	/* KERNEL: a command line pointer to nowhere */
+		int k = open(argv[2], O_RDONLY);
+		return report(syscall(SYS_kexec_file_load, k, -1, 100UL, (void *)8, 4UL));
+	}
 	if (!strcmp(verb, "uname-bad"))		/* a pointer to nowhere */
 		return report(syscall(SYS_uname, (void *)8));
 	if (!strcmp(verb, "bogus-mmap"))	/* a descriptor that is not open */
