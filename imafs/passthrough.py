@@ -524,10 +524,13 @@ class MeasuredFs:
         f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
                        fd=alive, path=os.fsdecode(self.pt.path(node)))
         task = Task.of_pid(pid, 0, 0)
-        done = []
-        for func in funcs:
-            done.append(await self.runner.run(self.pt.measurer.process(f, task, func, mask)))
-        return done
+
+        def steps():  # one path: the hooks of one call run in order, as the kernel's
+            done = []
+            for func in funcs:
+                done.append((yield from self.pt.measurer.process(f, task, func, mask)))
+            return done
+        return await self.runner.run(steps())
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT

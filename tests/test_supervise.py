@@ -8,10 +8,13 @@ records are computed by hand with struct and hashlib.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
+import socket
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +90,33 @@ def test_outstanding_ids_cover_the_sweep():
     assert 41 in ids and 42 in ids and 41 + supervise.SWEEP in ids
     o.release(slot)
     assert o.ids().count(41) == 1  # the last id only, from the sweep
+
+
+def test_connection_replaces_one_the_daemon_closed(tmp_path):
+    """The daemon closes an idle connection with an error line: the next
+    request goes on a new connection and gets its own answer."""
+    path = str(tmp_path / "sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+
+    def serve():
+        for k in range(2):
+            conn, _ = srv.accept()
+            with conn:
+                conn.makefile("rb").readline()
+                conn.sendall(json.dumps({"ok": True, "n": k}).encode() + b"\n")
+                conn.sendall(b'{"ok": false, "error": "no whole request line within 60 s: closed"}\n')
+    t = threading.Thread(target=serve)
+    t.start()
+    c = supervise.Connection(path, timeout=5)
+    assert c.call("status")["n"] == 0
+    time.sleep(0.2)
+    assert c.call("status")["n"] == 1
+    t.join()
+    srv.close()
+    with pytest.raises(supervise.ControlError):  # nobody listens any more
+        c.call("status")
 
 
 def test_bzimage_probe():
