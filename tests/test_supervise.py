@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imafs import supervise
 from imafs.supervise import Outstanding, build_filter
@@ -92,6 +94,27 @@ def test_outstanding_ids_cover_the_sweep():
     assert o.ids().count(41) == 1  # the last id only, from the sweep
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 2**64 - 1)), max_size=60))
+def test_outstanding_tells_the_holder_every_id_being_answered(ops):
+    """Whatever the order of receives and answers, the holder's ids hold
+    every id still being answered, and the sweep after the last received."""
+    o = Outstanding()
+    busy: dict[int, int] = {}  # slot -> id
+    last = 0
+    for receive, nid in ops:
+        if receive and len(busy) < supervise.SLOTS:
+            slot = o.take()
+            o.put(slot, nid)
+            busy[slot], last = nid, nid
+        elif busy:
+            o.release(busy.popitem()[0])
+        ids = set(o.ids())
+        assert set(busy.values()) <= ids
+        assert not last or {(last + k) % 2**64 for k in range(supervise.SWEEP + 1)} <= ids
+    os.close(o.fd)
+
+
 def test_connection_replaces_one_the_daemon_closed(tmp_path):
     """The daemon closes an idle connection with an error line: the next
     request goes on a new connection and gets its own answer."""
@@ -148,6 +171,21 @@ def test_uid_1000_mmap_exec_is_measured(measured, hookcalls):
     assert len(entries(m)) == 1
     last = [e for e in m.client.call("status")["last_events"] if e["func"] == "MMAP_CHECK"]
     assert last and last[0]["added"]
+
+
+def test_mmap_of_a_file_open_for_write_is_an_open_writers_violation(measured, hookcalls):
+    """process_measurement checks violations for MMAP_CHECK as for
+    FILE_CHECK: a measured mapping of a file someone has open for write."""
+    m, src, dst = measured()
+    (dst / "w.so").write_bytes(b"being written\n")
+    w = os.open(dst / "w.so", os.O_WRONLY)  # root's write open: tcb does not measure it
+    try:
+        r = run(m, [*SETPRIV_1000, hookcalls, "mmap", dst / "w.so"])
+    finally:
+        os.close(w)
+    assert r.stdout == "ok\n", r.stderr
+    assert entries(m) == [ng_line(f"{dst}/w.so", None), ng_line(f"{dst}/w.so", b"being written\n")]
+    assert "cause=open_writers" in m.cli("dmesg").stdout
 
 
 def test_mmap_exec_outside_measured_mounts_and_mprotect_make_no_record(measured, hookcalls, tmp_path):
