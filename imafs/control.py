@@ -30,6 +30,7 @@ import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
+from .measure import Task
 from .policy import BUFFER_FUNCS, FUNCS
 
 log = logging.getLogger(__name__)
@@ -446,16 +447,17 @@ class Server:
             raise RequestError("--data-hex: not a hexadecimal string") from None
         return self.ima.measure_buffer(func, name, buf, keyring=keyring, label=label)
 
-    async def cmd_hook(self, node: int, pid: int, funcs: list, mask: int, flags: int = 0):
+    async def cmd_hook(self, node: int, funcs: list, mask: int, task: dict, flags: int = 0):
         """A hook of a task's system call on a file of a measured mount (the
         seccomp supervisor, imafs/supervise.py): ``funcs`` in order, with the
-        task's credentials read from /proc/``pid``/status."""
+        credentials of ``task`` as the supervisor read them (Task.reported)."""
         if self.measured is None:
             raise RequestError("hook: this mount has no measured mount")
         for func in funcs:
             if not isinstance(func, str) or FUNCS.get(func) not in HOOK_FUNCS:
                 raise RequestError(f"hook: func must be one of {', '.join(HOOK_FUNCS)}, not {_shown(func)}")
-        return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, pid, flags)}
+        return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
+                                                   flags)}
 
     async def cmd_suspend(self):
         self.ima.suspend()

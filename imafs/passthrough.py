@@ -506,10 +506,10 @@ class MeasuredFs:
                 log.exception("open hooks of %s", os.fsdecode(f.name))
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
 
-    async def hook(self, nodeid: int, funcs: list[str], mask: int, pid: int, flags: int) -> list[dict]:
+    async def hook(self, nodeid: int, funcs: list[str], mask: int, task: Task, flags: int) -> list[dict]:
         """A hook FUSE does not see (mmap, finit_module, kexec_file_load: see
         imafs/supervise.py) on a file of a measured mount, reached by its node
-        id (the st_ino the task's descriptor shows), for task ``pid``, whose
+        id (the st_ino the task's descriptor shows), for ``task``, whose
         descriptor was opened with ``flags``.  The file is the open's: same
         iint, same recorded name; its content is read through a live handle
         (the task holds the file open), so a later unlink does not matter."""
@@ -523,7 +523,6 @@ class MeasuredFs:
         fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
         f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
                        fd=alive, path=os.fsdecode(self.pt.path(node)))
-        task = Task.of_pid(pid, 0, 0)
 
         def steps():  # one path: the hooks of one call run in order, as the kernel's
             done = []

@@ -222,6 +222,29 @@ def _status(pid: int) -> dict[bytes, list[bytes]]:
         raise TargetGone from None
 
 
+def _read_proc(pid: int, name: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
+    except OSError:
+        raise TargetGone from None
+
+
+def _task(pid: int) -> dict:
+    """The task's credentials and audit identity, read here: the daemon's
+    PID namespace may not be ours (imafs run --mount), so it gets the values,
+    not the pid to look up (measure.Task.reported)."""
+    status = _status(pid)
+    try:
+        uid, gid = [int(x) for x in status[b"Uid"][:3]], [int(x) for x in status[b"Gid"][:3]]
+        return {"pid": pid, "comm": _read_proc(pid, "comm").rstrip(b"\n").decode(errors="replace"),
+                "uid": uid[0], "euid": uid[1], "suid": uid[2], "gid": gid[0], "egid": gid[1], "sgid": gid[2],
+                "cap_eff": int(status[b"CapEff"][0], 16), "auid": int(_read_proc(pid, "loginuid")),
+                "ses": int(_read_proc(pid, "sessionid"))}
+    except (KeyError, IndexError, ValueError):
+        raise TargetGone from None
+
+
 def _fd_flags(pid: int, fd: int) -> int | None:
     try:
         with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
@@ -457,10 +480,11 @@ class Hooks:
         if node is None:
             return
         flags = _fd_flags(n.pid, fd)
+        task = _task(n.pid)
         if flags is None or not id_valid(listener, n.id):
             return
         try:
-            self.client.call("hook", node=node, pid=n.pid, funcs=funcs, mask=mask, flags=flags)
+            self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)
         except ControlError as e:
             log.warning("hook %s of task %d: %s", ",".join(funcs), n.pid, e)
 

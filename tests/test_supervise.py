@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imafs import supervise
+from imafs.control import ControlError
 from imafs.supervise import Outstanding, build_filter
 
 from .conftest import REQUIRE_FUSE, fuse_unavailable, imafs
@@ -185,7 +186,8 @@ def test_mmap_of_a_file_open_for_write_is_an_open_writers_violation(measured, ho
         os.close(w)
     assert r.stdout == "ok\n", r.stderr
     assert entries(m) == [ng_line(f"{dst}/w.so", None), ng_line(f"{dst}/w.so", b"being written\n")]
-    assert "cause=open_writers" in m.cli("dmesg").stdout
+    audit = [line for line in m.cli("dmesg").stdout.splitlines() if "cause=open_writers" in line]
+    assert len(audit) == 1 and ' uid=1000 ' in audit[0] and 'comm="hookcalls"' in audit[0], audit
 
 
 def test_mmap_exec_outside_measured_mounts_and_mprotect_make_no_record(measured, hookcalls, tmp_path):
@@ -304,6 +306,20 @@ def test_imafs_run_has_the_hooks(ramfs, hookcalls):
     assert r.stdout.splitlines() == ["ok", "6.12.5-run", ng_line(f"{dst}/lib.so", b"run lib\n")]
 
 
+def test_imafs_run_joining_a_mount_reports_the_task(measured, hookcalls):
+    """`imafs run --mount MP`: the daemon is in the host's PID namespace, the
+    command in the run's; the hook carries the task's credentials, so a
+    `uid=1000` rule matches the uid-1000 task."""
+    m, src, dst = measured()
+    write_policy(m, "measure func=MMAP_CHECK uid=1000")
+    (dst / "a.so").write_bytes(b"joined\n")
+    (dst / "b.so").write_bytes(b"not 1000\n")
+    r = imafs("run", "--mount", m.path, "--", "sh", "-ec",
+              f"{' '.join(SETPRIV_1000)} {hookcalls} mmap {dst}/a.so && {hookcalls} mmap {dst}/b.so", check=False)
+    assert r.returncode == 0 and r.stdout == "ok\nok\n", r.stderr
+    assert entries(m) == [ng_line(f"{dst}/a.so", b"joined\n")]
+
+
 def test_threads_map_at_once(measured):
     """Threads of one task stopped at once: each mapping is answered, each
     file measured once."""
@@ -355,8 +371,15 @@ def test_hostile_targets(measured, hookcalls):
     s.process.kill()
     s.wait(10)
     assert run(m, ["uname", "-r"]).stdout == "7.2.0-imafs\n"
-    # a bad control request
-    assert "func must be" in str(pytest.raises(Exception, m.client.call, "hook", node=1, pid=1,
-                                               funcs=["BPRM_CHECK"], mask=1).value)
-    assert "no file" in str(pytest.raises(Exception, m.client.call, "hook", node=5, pid=1,
-                                          funcs=["MMAP_CHECK"], mask=1).value)
+    # bad control requests
+    task = {"pid": 1, "comm": "x", "uid": 0, "euid": 0, "suid": 0, "gid": 0, "egid": 0, "sgid": 0,
+            "cap_eff": 0, "auid": -1, "ses": -1}
+    for args, error in ((dict(node=1, funcs=["BPRM_CHECK"]), "func must be"),
+                        (dict(node=1, funcs=[{"a": 1}]), "func must be"),
+                        (dict(node=5, funcs=["MMAP_CHECK"]), "no file"),
+                        (dict(node=5, funcs=["MMAP_CHECK"], task={**task, "uid": "0"}), "task: give"),
+                        (dict(node=5, funcs=["MMAP_CHECK"], task={**task, "extra": 1}), "task: give"),
+                        (dict(node=5, funcs="MMAP_CHECK"), "funcs must be")):
+        with pytest.raises(ControlError, match=error):
+            m.client.call("hook", **{"task": task, "mask": 1, **args})
+    assert run(m, ["uname", "-r"]).stdout == "7.2.0-imafs\n"  # the daemon and supervisor go on
