@@ -480,8 +480,10 @@ class Hooks:
         if node is None:
             return
         flags = _fd_flags(n.pid, fd)
+        if flags is None or flags & O_PATH:  # fdget() refuses an O_PATH descriptor: EBADF, no hook
+            return
         task = _task(n.pid)
-        if flags is None or not id_valid(listener, n.id):
+        if not id_valid(listener, n.id):
             return
         try:
             self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)

@@ -358,6 +358,9 @@ def test_supervisor_killed_calls_continue(measured, hookcalls):
 def test_hostile_targets(measured, hookcalls):
     m, src, dst = measured()
     assert run(m, [hookcalls, "bogus-mmap"]).stdout == "errno=9\n"  # EBADF, as the host says
+    (dst / "p.so").write_bytes(b"o_path\n")
+    assert run(m, [*SETPRIV_1000, hookcalls, "mmap-opath", dst / "p.so"]).stdout == "errno=9\n"
+    assert entries(m) == []  # EBADF comes before the hook
     assert run(m, [hookcalls, "add_key-bad"]).stdout == "errno=14\n"  # EFAULT
     assert run(m, [hookcalls, "add_key-huge"]).stdout == "errno=22\n"  # EINVAL
     write_policy(m, "measure func=KEXEC_KERNEL_CHECK", "measure func=KEXEC_CMDLINE")

@@ -64,6 +64,10 @@ int main(int argc, char **argv)
 		int k = open(argv[2], O_RDONLY);
 		return report(syscall(SYS_kexec_file_load, k, -1, 100UL, (void *)8, 4UL));
 	}
+	if (!strcmp(verb, "mmap-opath")) {	/* FILE opened O_PATH: EBADF before any hook */
+		int fd = open(argv[2], O_PATH);
+		return report((long)mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, fd, 0) == -1 ? -1 : 0);
+	}
 	if (!strcmp(verb, "uname-bad"))		/* a pointer to nowhere */
 		return report(syscall(SYS_uname, (void *)8));
 	if (!strcmp(verb, "bogus-mmap"))	/* a descriptor that is not open */
