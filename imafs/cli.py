@@ -411,6 +411,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "IBM TSS variables (TPM_INTERFACE_TYPE, ...) that reach the TPM"))
     te.set_defaults(fn=cmd_tpm_env)
 
+    from .keyscli import add_parser as add_keys_parser
+    add_keys_parser(sub, with_mount)
+
     from .keeper.cli import add_parser as add_keep_parser
     add_keep_parser(sub)
     return p

@@ -30,6 +30,7 @@ import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
+from .keys import read_cert_file
 from .measure import Task
 from .policy import BUFFER_FUNCS, FUNCS
 
@@ -205,6 +206,11 @@ def _read_regular(path: str, limit: int) -> bytes:
             return f.read(limit + 1)[:limit]
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def _key_info(key) -> dict:
+    return {"keyring": key.keyring, "id": key.id.hex(), "subject": key.subject,
+            "description": key.description}
 
 
 def _error(message: str) -> dict:
@@ -458,6 +464,35 @@ class Server:
                 raise RequestError(f"hook: func must be one of {', '.join(HOOK_FUNCS)}, not {_shown(func)}")
         return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
                                                    flags)}
+
+    async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
+        """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""
+        data = await self.runner.io(read_cert_file, cert)
+        try:
+            key, decided = self.ima.add_key(keyring, data, uid=uid)
+        except RequestError as e:
+            shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
+            raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
+        return {**_key_info(key), **{k: decided[k] for k in ("queued", "added", "decision")}}
+
+    async def cmd_key_check(self, keyring: str, data_hex: str, uid: int = 0):
+        """IMA's hook for a key added to a keyring imafs does not hold (the
+        add_key calls of ``imafs run``): queued before the first custom
+        policy, else measured; ``imafs measure --func KEY_CHECK`` is the
+        measurement alone."""
+        try:
+            payload = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("key_check: data_hex is not a hexadecimal string") from None
+        return self.ima.key_check(keyring, payload, uid=uid)
+
+    async def cmd_keys_list(self):
+        return {"keys": [_key_info(k) for k in self.ima.keyrings],
+                "blacklist": self.ima.keyrings.blacklist()}
+
+    async def cmd_keys_blacklist(self, entry: str):
+        """Add a bin:<hex> or tbs:<hex> entry to .blacklist."""
+        return {"entry": self.ima.keyrings.add_blacklist(entry)}
 
     async def cmd_suspend(self):
         self.ima.suspend()

@@ -482,7 +482,7 @@ class PolicyFile:
     """
 
     def __init__(self, rules: list[Rule], parser: Parser, *, read_policy: bool, write_policy: bool,
-                 log: KernelLog, measure_policy_file=None, real_path=None):
+                 log: KernelLog, measure_policy_file=None, real_path=None, on_update=None):
         self.rules = rules
         self.parser = parser
         self.read_policy = read_policy
@@ -490,6 +490,7 @@ class PolicyFile:
         self.log = log
         self.measure_policy_file = measure_policy_file or no_steps(lambda path: None)
         self.real_path = real_path or (lambda path: path)  # where the daemon itself finds a file
+        self.on_update = on_update or (lambda: None)  # ima_update_policy's tail: queued keys
         self.custom = False  # a custom policy replaced the boot policy
         self.busy = False
         self.present = True  # the file is removed after a load on distribution kernels
@@ -613,6 +614,7 @@ class PolicyFile:
             return
         self.rules = s.rules if not self.custom else self.rules + s.rules
         self.custom = True
+        self.on_update()
         if self.write_policy:
             self.busy = False
         elif self.read_policy:
