@@ -270,9 +270,11 @@ def test_kexec_file_load_records(measured, hookcalls):
 def test_keyctl_padd_asymmetric_is_key_check(measured, tmp_path):
     """`keyctl padd asymmetric` of a DER certificate into a keyring a
     KEY_CHECK rule names: ima-buf, name = the keyring's description, buf =
-    the payload; a keyring no rule names and a refused payload: nothing."""
+    the payload; a keyring no rule names, a rule for another uid and a
+    refused payload: nothing."""
     m, src, dst = measured()
-    write_policy(m, "measure func=KEY_CHECK keyrings=imafs_ring")
+    write_policy(m, "measure func=KEY_CHECK keyrings=imafs_ring",
+                 "measure func=KEY_CHECK keyrings=user_ring uid=1000")
     ders = []
     for who in ("root", "user"):  # two certificates: the list keeps one record per template digest
         der = src.parent / f"{who}.der"  # where uid 1000 reaches it
@@ -282,12 +284,16 @@ def test_keyctl_padd_asymmetric_is_key_check(measured, tmp_path):
         ders.append(der)
     for prefix, der in zip(([], SETPRIV_1000), ders):
         script = ('keyctl newring imafs_ring @s >/dev/null && keyctl newring other_ring @s >/dev/null && '
+                  'keyctl newring user_ring @s >/dev/null && '
                   f'keyctl padd asymmetric "" %keyring:imafs_ring < {der} >/dev/null && '
+                  f'keyctl padd asymmetric "" %keyring:user_ring < {der} >/dev/null && '
                   f'keyctl padd asymmetric "" %keyring:other_ring < {der} >/dev/null && '
                   '! echo garbage | keyctl padd asymmetric "" %keyring:imafs_ring 2>/dev/null')
         r = run(m, [*prefix, "keyctl", "session", "-", "sh", "-ec", script])
         assert r.returncode == 0, r.stderr
-    assert entries(m) == [buf_line("imafs_ring", der.read_bytes()) for der in ders]
+    root, user = (der.read_bytes() for der in ders)
+    assert entries(m) == [buf_line("imafs_ring", root), buf_line("imafs_ring", user),
+                          buf_line("user_ring", user)]  # uid=1000: the task's uid
 
 
 def test_imafs_run_has_the_hooks(ramfs, hookcalls):
