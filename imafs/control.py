@@ -31,7 +31,8 @@ import trio
 from .blocking import Runner
 from .ima import Ima, RequestError
 from .keys import read_cert_file
-from .policy import BUFFER_FUNCS
+from .measure import Task
+from .policy import BUFFER_FUNCS, FUNCS
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def _write_file(f, path: str, data: bytes) -> None:
 
 
 MAX_KEXEC_BUFFER = 1 << 30
+HOOK_FUNCS = ("MMAP_CHECK", "MMAP_CHECK_REQPROT", "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
 
 
 def _read_regular(path: str, limit: int) -> bytes:
@@ -250,8 +252,9 @@ class Server:
     """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
 
     def __init__(self, ima: Ima, runner: Runner, on_shutdown, *, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, measured=None):
         self.ima = ima
+        self.measured = measured  # the measured mounts (passthrough.MeasuredFs), if any
         self.runner = runner  # file I/O off the loop
         self.on_shutdown = on_shutdown
         self.idle_timeout = idle_timeout
@@ -449,6 +452,18 @@ class Server:
         except ValueError:
             raise RequestError("--data-hex: not a hexadecimal string") from None
         return self.ima.measure_buffer(func, name, buf, keyring=keyring, label=label)
+
+    async def cmd_hook(self, node: int, funcs: list, mask: int, task: dict, flags: int = 0):
+        """A hook of a task's system call on a file of a measured mount (the
+        seccomp supervisor, imafs/supervise.py): ``funcs`` in order, with the
+        credentials of ``task`` as the supervisor read them (Task.reported)."""
+        if self.measured is None:
+            raise RequestError("hook: this mount has no measured mount")
+        for func in funcs:
+            if not isinstance(func, str) or FUNCS.get(func) not in HOOK_FUNCS:
+                raise RequestError(f"hook: func must be one of {', '.join(HOOK_FUNCS)}, not {_shown(func)}")
+        return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
+                                                   flags)}
 
     async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
         """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""

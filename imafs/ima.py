@@ -485,6 +485,7 @@ class Ima:
         return {
             "pid": os.getpid(),
             "profile": profile_to_dict(self.profile),
+            "release": self.profile.release,  # uname -r
             "template": self.template.display_name,
             "ima_hash": self.ima_hash,
             "kernel_log": os.fspath(self.klog.path) if self.klog.path else None,

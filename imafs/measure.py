@@ -65,6 +65,23 @@ class Task:
     sgid: int = 0
     cap_setuid: bool = True
     cap_setgid: bool = True
+    audit: Subject | None = None  # the subject as reported, when /proc/<pid> is another namespace's
+
+    REPORTED = ("pid", "uid", "euid", "suid", "gid", "egid", "sgid", "cap_eff", "auid", "ses")
+
+    @classmethod
+    def reported(cls, fields: dict) -> "Task":
+        """A task as the seccomp supervisor read it in its /proc (imafs/supervise.py):
+        its PID namespace may not be the daemon's (``imafs run --mount``), so
+        nothing is read again here.  ``fields``: the ints of REPORTED and ``comm``."""
+        bad = [k for k in cls.REPORTED if not isinstance(fields.get(k), int) or isinstance(fields[k], bool)]
+        if bad or not isinstance(fields.get("comm"), str) or set(fields) - {*cls.REPORTED, "comm"}:
+            raise RequestError(f"task: give the integers {', '.join(cls.REPORTED)} and the string comm")
+        f = fields
+        return cls(f["pid"], f["comm"], f["uid"], f["euid"], f["suid"], f["gid"], f["egid"], f["sgid"],
+                   bool(f["cap_eff"] >> CAP_SETUID & 1), bool(f["cap_eff"] >> CAP_SETGID & 1),
+                   Subject(f["pid"], f["uid"], os.fsencode(f["comm"]), f["auid"] & 0xFFFFFFFF,
+                           f["ses"] & 0xFFFFFFFF))
 
     @classmethod
     def of_pid(cls, pid: int, uid: int, gid: int) -> "Task":
@@ -94,7 +111,7 @@ class Task:
     def subject(self) -> Subject:
         """The task as the kernel's audit records name it, read now: while a
         hook runs, the task waits on the request that caused it."""
-        return Subject.of_pid(self.pid, self.uid, self.comm)
+        return self.audit or Subject.of_pid(self.pid, self.uid, self.comm)
 
 
 @dataclass

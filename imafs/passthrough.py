@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from .blocking import Runner
+from .errors import RequestError
 from .fsinfo import FsInfo, fs_info
 from .measure import FMODE_EXEC, Measurer, OpenedFile, Task, dentry_path
 
@@ -519,6 +520,31 @@ class MeasuredFs:
             await self.release(fh)
             raise pyfuse3.FUSEError(denied)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
+
+    async def hook(self, nodeid: int, funcs: list[str], mask: int, task: Task, flags: int) -> list[dict]:
+        """A hook FUSE does not see (mmap, finit_module, kexec_file_load: see
+        imafs/supervise.py) on a file of a measured mount, reached by its node
+        id (the st_ino the task's descriptor shows), for ``task``, whose
+        descriptor was opened with ``flags``.  The file is the open's: same
+        iint, same recorded name; its content is read through a live handle
+        (the task holds the file open), so a later unlink does not matter."""
+        node = self.pt.nodes.get(nodeid)
+        if node is None:
+            raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
+        alive = self.pt.alive_fd(node)
+        st = await self.io(stat_real, self.pt.path(node), alive)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(f"hook: node {nodeid} is not a regular file")
+        fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
+        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
+                       fd=alive, path=os.fsdecode(self.pt.path(node)))
+
+        def steps():  # one path: the hooks of one call run in order, as the kernel's
+            done = []
+            for func in funcs:
+                done.append((yield from self.pt.measurer.process(f, task, func, mask)))
+            return done
+        return await self.runner.run(steps())
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT
