@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -149,6 +150,7 @@ def _clear(mp: str, why: str, done: str) -> int:
 # -- run ---------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .run import EXIT_RUN_FAILED, SECURITYFS, RunSpec, run
+    from .supervise import RunHooks
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         return _fail("run: no command; usage: imafs run [options] -- CMD [ARGS]", 2)
@@ -156,7 +158,8 @@ def cmd_run(args) -> int:
         if args.profile or args.set or args.measure:
             return _fail("run: --mount joins a running emulator as it is; --profile, --set and "
                          "--measure are for a new one", 2)
-        return run(RunSpec(argv, attach=args.mount))
+        hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+        return run(RunSpec(argv, attach=args.mount), hooks.prepare, hooks.started)
     try:
         profile = load_profile(args.profile, args.set)
     except ProfileError as e:
@@ -167,7 +170,8 @@ def cmd_run(args) -> int:
             parse_measure(spec, SECURITYFS)
     except MountError as e:
         return _fail(str(e), EXIT_RUN_FAILED)
-    return run(RunSpec(argv, profile=profile, measure=args.measure))
+    hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+    return run(RunSpec(argv, profile=profile, measure=args.measure), hooks.prepare, hooks.started)
 
 
 # -- requests to a running daemon -------------------------------------------------------
@@ -245,6 +249,9 @@ def cmd_measure(args) -> int:
     answer = _client(args).call("measure", **{k: v for k, v in req.items() if v is not None})
     answer.pop("ok")
     print(json.dumps(answer))
+    if "denied" in answer:  # the access this event stands for fails
+        return _fail(f"{answer['name']}: {answer['func']} would fail with "
+                     f"{errno.errorcode[answer['denied']]} ({answer['appraise']})", 1)
     return 0
 
 
@@ -407,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     te = with_mount(tsub.add_parser("env", help="print export lines for TPM2TOOLS_TCTI, TCTI and the "
                                     "IBM TSS variables (TPM_INTERFACE_TYPE, ...) that reach the TPM"))
     te.set_defaults(fn=cmd_tpm_env)
+
+    from .keyscli import add_parser as add_keys_parser
+    add_keys_parser(sub, with_mount)
 
     from .keeper.cli import add_parser as add_keep_parser
     add_keep_parser(sub)

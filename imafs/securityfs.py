@@ -637,7 +637,7 @@ class SecurityFs(pyfuse3.Operations):
     @_guarded
     async def setxattr(self, inode, name, value, ctx):
         if self._measured(inode):
-            return await self.measured.setxattr(inode, name, value)
+            return await self.measured.setxattr(inode, name, value, ctx)
         self._node(inode).setxattr(name, value)
 
     @_guarded
