@@ -238,6 +238,7 @@ def test_an_agent_script_runs_unchanged(fuse, tmp_path):
         text = (t / log).read_text()
         assert f'name="{dst}/log.txt"' in text and "op=invalid_pcr" in text, (log, text)
     assert (t / "audit").read_text().startswith("type=INTEGRITY_PCR msg=audit(")
+    assert (t / "uname").read_text() == "7.2.0-imafs\n"  # the seccomp hook of uname(2)
 
 
 def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs, tmp_path):
