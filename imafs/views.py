@@ -127,13 +127,14 @@ def signalled(pid: int) -> bool:
     """Whether task ``pid`` has a signal pending that it neither blocks nor
     ignores, or is gone: what ends an interruptible wait in the kernel.
     (pyfuse3 does not pass FUSE_INTERRUPT on, so a waiting read asks.)"""
+    wanted = ("SigPnd", "ShdPnd", "SigBlk", "SigIgn")
     try:
         with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn")))
+            masks = {k: int(v, 16) for k, _, v in (line.partition(":") for line in f) if k in wanted}
     except OSError:
         return True
-    mask = lambda k: int(fields[k], 16)  # noqa: E731
-    return bool((mask("SigPnd") | mask("ShdPnd")) & ~mask("SigBlk") & ~mask("SigIgn"))
+    pending = masks["SigPnd"] | masks["ShdPnd"]
+    return bool(pending & ~masks["SigBlk"] & ~masks["SigIgn"])
 
 
 class StaticFile(Node):
