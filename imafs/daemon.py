@@ -212,7 +212,14 @@ def parse_measure(spec: str, mountpoint: str) -> tuple[str, str]:
     mp = mount_path(mountpoint)
     if dst == mp or dst.startswith(mp.rstrip("/") + "/"):
         raise MountError(f"--measure {spec}: DST must lie outside the mount point {mp}")
+    if _within(dst, src) or _within(src, dst):  # the daemon would wait on itself
+        raise MountError(f"--measure {spec}: SRC and DST must not contain each other: the daemon "
+                         "reads SRC through paths that the mount at DST would cover")
     return src, dst
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 class _ErrorCount(logging.Handler):

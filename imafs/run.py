@@ -80,6 +80,13 @@ def _check(ret: int, what: str) -> None:
         raise OSError(e, f"{what}: {os.strerror(e)}")
 
 
+def _describe(e: Exception) -> str:
+    """An error for a human: a system call's own message without "[Errno N]"."""
+    if isinstance(e, OSError) and e.filename is None and e.strerror:
+        return e.strerror
+    return str(e)
+
+
 def _mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None):
     enc = (lambda s: None if s is None else os.fsencode(s))
     _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
@@ -99,7 +106,7 @@ def run(spec: RunSpec, prepare=None, started=None) -> int:
         _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        print(f"imafs run: {e} (imafs run needs root)", file=sys.stderr)
+        print(f"imafs run: {_describe(e)} (imafs run needs root)", file=sys.stderr)
         return EXIT_RUN_FAILED
     alive_r, alive_w = os.pipe()  # the init sees EOF on it once the runner is gone
     sys.stdout.flush()
@@ -153,22 +160,53 @@ def _init(spec: RunSpec, alive_r: int, old_mask, prepare, started) -> int:
     try:
         env = _setup(spec)
     except (RunError, OSError, ControlError) as e:
-        print(f"imafs run: {e}", file=sys.stderr)
+        print(f"imafs run: {_describe(e)}", file=sys.stderr)
         return EXIT_RUN_FAILED
     blocked = set(FORWARDED) | {signal.SIGCHLD}
-    child = launch(spec.argv, env, old_mask, prepare)
-    if child is None:
-        return launch.failed
+    try:
+        child = launch(spec.argv, env, old_mask, prepare)
+    except ExecFailed as e:
+        print(f"imafs run: {e}", file=sys.stderr)
+        return e.status
     if started is not None:
         started(child)
-    return _wait(child, blocked, forward_to=child, reap_all=True)
+    code = _wait(child, blocked, forward_to=child, reap_all=True)
+    if not spec.attach:
+        _abort_connection()
+    return code
 
 
-def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int | None:
+def _abort_connection() -> None:
+    """Abort the FUSE connection of the run's daemon before the init exits:
+    the kernel then kills the namespace's processes, and a daemon thread
+    that waits on its own filesystem would hold up that teardown for ever
+    (it holds /dev/fuse, whose release is what ends such a wait)."""
+    devs = [dev for dev, _, point, fstype in _mounts() if point == SECURITYFS and fstype == "fuse.imafs"]
+    if not devs:
+        return
+    major, minor = map(int, devs[-1].split(":"))
+    conns = "/sys/fs/fuse/connections"
+    try:
+        if not os.listdir(conns):
+            _mount("fusectl", conns, "fusectl")
+        with open(f"{conns}/{os.makedev(major, minor)}/abort", "w") as f:
+            f.write("1")
+    except OSError as e:
+        print(f"imafs run: cannot abort the daemon's FUSE connection: {e}", file=sys.stderr)
+
+
+class ExecFailed(Exception):
+    """CMD could not be executed; ``status`` is what a shell exits with."""
+
+    def __init__(self, argv0: str, err: int):
+        self.status = EXIT_NOT_FOUND if err == errno.ENOENT else EXIT_CANNOT_EXEC
+        super().__init__(f"{argv0}: {'command not found' if err == errno.ENOENT else os.strerror(err)}")
+
+
+def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int:
     """Fork and exec CMD with the signal mask ``mask`` and default signal
     dispositions; ``prepare()`` runs in the child just before execve.
-    Returns the child's pid, or None (``launch.failed`` = 126 or 127) when
-    exec failed, which is reported as a shell reports it."""
+    Returns the child's pid once it has exec'd; ExecFailed if it could not."""
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -186,23 +224,16 @@ def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int | No
             os._exit(EXIT_CANNOT_EXEC)
     os.close(w)
     with os.fdopen(r, "rb") as f:
-        err = f.read()
-    if not err:
-        return pid
-    os.waitpid(pid, 0)
-    e = int(err)
-    launch.failed = EXIT_NOT_FOUND if e == errno.ENOENT else EXIT_CANNOT_EXEC
-    what = "command not found" if e == errno.ENOENT else os.strerror(e)
-    print(f"imafs run: {argv[0]}: {what}", file=sys.stderr)
-    return None
-
-
-launch.failed = EXIT_CANNOT_EXEC
+        err = f.read()  # EOF at the exec (the pipe is close-on-exec), or the errno
+    if err:
+        os.waitpid(pid, 0)
+        raise ExecFailed(argv[0], int(err))
+    return pid
 
 
 def _setup(spec: RunSpec) -> dict[str, str]:
     """The run's mount namespace: the emulator at /sys/kernel/security, the
-    only securityfs; the kernel's views; a private runtime directory.
+    first securityfs; the kernel's views; a private runtime directory.
     Returns CMD's environment."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing of the run reaches the host

@@ -27,7 +27,7 @@ import stat
 
 import trio
 
-from .errors import FsError
+from .errors import FsError, RequestError
 from .securityfs import S_DIR, Directory, Node, OpenFile
 from .tpm import NUM_PCRS
 
@@ -36,6 +36,7 @@ S_RO = stat.S_IFREG | 0o444
 S_KMSG = stat.S_IFREG | 0o644
 S_AUDIT = stat.S_IFREG | 0o600  # auditd's log_group root, mode 0600
 KMSG_WAIT = 0.2  # seconds between looks at the kernel log of a blocking /dev/kmsg read
+KMSG_WAITERS = 16  # blocking /dev/kmsg reads that may wait at once; more get EAGAIN
 
 # linux/audit.h: AUDIT_INTEGRITY_* record types by the names auditd prints
 AUDIT_TYPES = {1800: "INTEGRITY_DATA", 1801: "INTEGRITY_METADATA", 1802: "INTEGRITY_STATUS",
@@ -101,6 +102,7 @@ class KernelLogLines:
         self.lines: list[bytes] = []
         self._offset = 0
         self._tail = b""
+        self._lock = trio.Lock()  # one look at a time: each takes what the last one left
 
     def _read_new(self) -> bytes:
         try:
@@ -113,11 +115,26 @@ class KernelLogLines:
     async def refresh(self) -> list[bytes]:
         if self.path is None:
             return self.lines
-        data = await trio.to_thread.run_sync(self._read_new)
-        self._offset += len(data)
-        *done, self._tail = (self._tail + data).split(b"\n")
-        self.lines.extend(done)
+        async with self._lock:
+            data = await trio.to_thread.run_sync(self._read_new)
+            self._offset += len(data)
+            *done, self._tail = (self._tail + data).split(b"\n")
+            self.lines.extend(done)
         return self.lines
+
+
+def signalled(pid: int) -> bool:
+    """Whether task ``pid`` has a signal pending that it neither blocks nor
+    ignores, or is gone: what ends an interruptible wait in the kernel.
+    (pyfuse3 does not pass FUSE_INTERRUPT on, so a waiting read asks.)"""
+    wanted = ("SigPnd", "ShdPnd", "SigBlk", "SigIgn")
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            masks = {k: int(v, 16) for k, _, v in (line.partition(":") for line in f) if k in wanted}
+    except OSError:
+        return True
+    pending = masks["SigPnd"] | masks["ShdPnd"]
+    return bool(pending & ~masks["SigBlk"] & ~masks["SigIgn"])
 
 
 class StaticFile(Node):
@@ -145,7 +162,10 @@ class PcrFile(Node):
 
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes:
         if offset == 0 or f.session is None:
-            values = await self.tree.ima.pcrs.snapshot()
+            try:
+                values = await self.tree.ima.pcrs.snapshot()
+            except RequestError:  # the TPM failed: tpm_pcr_read's error, as -EIO
+                raise FsError(errno.EIO) from None
             f.session = values[self.bank][self.index].hex().upper().encode() + b"\n"
         return f.session[offset:offset + size]
 
@@ -153,16 +173,20 @@ class PcrFile(Node):
 class KmsgFile(Node):
     """/dev/kmsg: each open reads from the first record on; each read gets
     one whole record (EINVAL if it does not fit); at the end, EAGAIN with
-    O_NONBLOCK, else the read waits for the next record."""
+    O_NONBLOCK, else the read waits for the next record, or until the
+    task that opened it is signalled (EINTR) or gone.  A waiting read holds
+    one of the FUSE loop's workers, so at most KMSG_WAITERS wait at once and
+    the next get EAGAIN: no number of readers stalls the daemon."""
 
-    __slots__ = ("lines",)
+    __slots__ = ("lines", "waiting")
 
     def __init__(self, *args, lines: KernelLogLines):
         super().__init__(*args)
         self.lines = lines
+        self.waiting = 0
 
     def open(self, flags: int, pid: int) -> OpenFile:
-        return OpenFile(self, flags, session=[0])  # the open's next sequence number
+        return OpenFile(self, flags, session=[0, pid])  # the next sequence number, the opener
 
     async def read(self, f: OpenFile, offset: int, size: int) -> bytes:
         while True:
@@ -175,9 +199,15 @@ class KmsgFile(Node):
                 f.session[0] += 1
                 if record is not None:
                     return record
-            if f.flags & os.O_NONBLOCK:
+            if f.flags & os.O_NONBLOCK or self.waiting >= KMSG_WAITERS:
                 raise FsError(errno.EAGAIN)
-            await trio.sleep(KMSG_WAIT)
+            if signalled(f.session[1]):  # ^C, a kill: the wait ends as devkmsg_read's
+                raise FsError(errno.EINTR)
+            self.waiting += 1
+            try:
+                await trio.sleep(KMSG_WAIT)
+            finally:
+                self.waiting -= 1
 
 
 class AuditLogFile(Node):

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from imafs.profile import load_profile
-from imafs.views import audit_line, cmdline, kmsg_record
+from imafs.views import KMSG_WAITERS, audit_line, cmdline, kmsg_record
 
 from .conftest import REQUIRE_FUSE, fuse_unavailable
 
@@ -129,11 +129,17 @@ def test_bad_input_is_refused_before_anything_runs(fuse, tmp_path):
     assert r.returncode == 125 and "bad profile: ima_policy" in r.stderr
     r = imafs_run("--measure", f"{tmp_path}/missing:{tmp_path}", "--", "true")
     assert r.returncode == 125 and "does not exist" in r.stderr
+    r = imafs_run("--measure", f"{tmp_path}:{tmp_path}", "--", "true")  # the daemon would wait on itself
+    assert r.returncode == 125 and "must not contain each other" in r.stderr
     r = imafs_run("--mount", tmp_path, "--", "true")
     assert r.returncode == 125 and "no imafs mount there" in r.stderr
     r = imafs_run("--mount", tmp_path, "--set", "kernel=6.1", "--", "true")
     assert r.returncode == 2 and "--mount joins a running emulator" in r.stderr
     assert imafs_run().returncode == 2
+    r = subprocess.run([*SETPRIV_1000, sys.executable, "-m", "imafs", "run", "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (125, "imafs run: unshare(CLONE_NEWPID): Operation not permitted "
+                                             "(imafs run needs root)\n")
 
 
 # -- what the command sees -----------------------------------------------------------------
@@ -154,6 +160,18 @@ def test_the_emulator_is_the_first_securityfs_and_the_kernel_views_are_its(fuse,
     assert lines[1:5] == ["6.12.1-emu", "6.12.1-emu", "status-ok", "1"]
     assert any(n.endswith(".sock") for n in lines[5:])
     host.cli("status")  # the host's mount serves on
+
+
+def test_the_kernels_own_securityfs_is_hidden(fuse):
+    """A host whose /sys/kernel/security is the real securityfs (here in a
+    private namespace, made for the test): inside the run only the emulator is."""
+    inner = f"{sys.executable} -m imafs run -- grep securityfs /proc/mounts"
+    r = subprocess.run(["unshare", "-m", "sh", "-c", "mount --make-rprivate / && "
+                        "mount -t securityfs securityfs /sys/kernel/security && " + inner],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    types = {line.split()[2] for line in r.stdout.splitlines()}
+    assert types == {"fuse.imafs"} and r.stdout.startswith("securityfs /sys/kernel/security fuse.imafs ")
 
 
 def test_uid_1000_in_a_run_gets_the_kernel_modes(fuse):
@@ -220,19 +238,27 @@ def test_an_agent_script_runs_unchanged(fuse, tmp_path):
         text = (t / log).read_text()
         assert f'name="{dst}/log.txt"' in text and "op=invalid_pcr" in text, (log, text)
     assert (t / "audit").read_text().startswith("type=INTEGRITY_PCR msg=audit(")
+    assert (t / "uname").read_text() == "7.2.0-imafs\n"  # the seccomp hook of uname(2)
 
 
-def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs):
-    m = mount_imafs("ima_policy=tcb")
+def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "x").write_text("x\n")
+    m = mount_imafs("ima_policy=tcb", measure=[(src, dst)])
     m.cli("record", "--name", "from-the-host", "--digest", "sha256:" + "ab" * 32)
     r = imafs_run("--mount", m.path, "--", "sh", "-c",
-                  "grep ^securityfs /proc/mounts | head -1 | cut -d' ' -f2; "
+                  "grep ^securityfs /proc/mounts | head -2 | cut -d' ' -f2; "
+                  f"cat {dst}/x >/dev/null; "
                   "grep -c from-the-host /sys/kernel/security/ima/ascii_runtime_measurements; "
                   f"{sys.executable} -m imafs record --mount /sys/kernel/security --name from-the-run "
                   "--digest sha256:" + "cd" * 32)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["/sys/kernel/security", "1"]
-    assert b"from-the-run" in m.read("ascii_runtime_measurements")
+    # the emulator first, its measured mount bound again after it
+    assert r.stdout.splitlines() == ["/sys/kernel/security", str(dst), "1"]
+    listed = m.read("ascii_runtime_measurements")
+    assert b"from-the-run" in listed and f" {dst}/x\n".encode() in listed
     m.cli("status")
 
 
@@ -263,22 +289,24 @@ def test_sigkill_at_any_moment_leaves_nothing(fuse, tmp_path, moment):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "run", "--set", "tpm=swtpm",
                           "--measure", f"{base}/src:{base}/dst", "--", "sh", "-c",
                           f"touch {marker}; sleep 1000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ns = None
-    deadline = time.monotonic() + 60
-    while ns is None or ns == os.readlink("/proc/self/ns/pid"):
-        try:  # ENOENT between the unshare and the namespace's first process
-            ns = os.readlink(f"/proc/{p.pid}/ns/pid_for_children")
-        except FileNotFoundError:
-            pass
-        assert time.monotonic() < deadline and p.poll() is None
-    if moment == "started":
-        while not marker.exists():
+    try:
+        ns = None
+        deadline = time.monotonic() + 60
+        while ns is None or ns == os.readlink("/proc/self/ns/pid"):
+            try:  # ENOENT between the unshare and the namespace's first process
+                ns = os.readlink(f"/proc/{p.pid}/ns/pid_for_children")
+            except FileNotFoundError:
+                pass
             assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.02)
-    else:
-        time.sleep(moment)
-    p.kill()
-    p.wait()
+        if moment == "started":
+            while not marker.exists():
+                assert time.monotonic() < deadline and p.poll() is None
+                time.sleep(0.02)
+        else:
+            time.sleep(moment)
+    finally:
+        p.kill()
+        p.wait()
     while pid_ns_members(ns):  # the kernel kills the namespace's processes as its init goes
         assert time.monotonic() < deadline, pid_ns_members(ns)
         time.sleep(0.02)
@@ -287,3 +315,65 @@ def test_sigkill_at_any_moment_leaves_nothing(fuse, tmp_path, moment):
     os.rmdir(base / "src")
     os.rmdir(base / "dst")
     os.rmdir(base)
+
+
+# -- the views, driven on a mount -----------------------------------------------------------
+def test_views_are_hidden_read_only_and_kmsg_reads_one_record_at_a_time(mount_imafs):
+    m = mount_imafs("ima_policy=tcb", "kernel=6.12", reachable=True)
+    views = m.path / ".imafs-kernel"
+    assert ".imafs-kernel" not in os.listdir(m.path)
+    assert sorted(os.listdir(views)) == ["audit.log", "cmdline", "kmsg", "osrelease"]  # soft PCRs: no tpm
+    assert (views / "cmdline").read_bytes() == \
+        b"BOOT_IMAGE=/boot/vmlinuz-6.12.0-imafs root=/dev/vda1 ro ima_policy=tcb\n"
+    with pytest.raises(OSError) as e:
+        with open(views / "cmdline", "wb") as f:
+            f.write(b"x")
+    assert e.value.errno == 22  # EINVAL: no write method
+    fd = os.open(views / "kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with pytest.raises(OSError) as e:
+            os.read(fd, 8)  # a record does not fit: EINVAL, and the record stays
+        assert e.value.errno == 22
+        records = []
+        while True:
+            try:
+                records.append(os.read(fd, 8192))
+            except BlockingIOError:
+                break
+    finally:
+        os.close(fd)
+    assert records[0].startswith(b"6,0,") and records[0].endswith(b"\n") and len(records) >= 2
+    assert all(r.count(b"\n") == 1 for r in records)
+    # uid 1000: the log and cmdline are readable, audit.log (0600) is not, nothing is writable
+    r = subprocess.run([*SETPRIV_1000, "sh", "-c", f"cat {views}/cmdline >/dev/null && echo ok; "
+                        f"cat {views}/audit.log; echo x > {views}/kmsg"], capture_output=True, text=True)
+    assert r.stdout == "ok\n" and r.stderr.count("Permission denied") == 2, r.stderr
+
+
+def test_blocking_kmsg_readers_wait_for_records_and_never_stall_the_daemon(mount_imafs):
+    m = mount_imafs(reachable=True)
+    kmsg = m.path / ".imafs-kernel" / "kmsg"
+    reader = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+              "while True:\n    sys.stdout.buffer.write(os.read(fd, 8192)); sys.stdout.flush()\n")
+    procs = [subprocess.Popen([*SETPRIV_1000, sys.executable, "-c", reader, str(kmsg)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(40)]
+    try:
+        time.sleep(2.0)  # every reader has read the log; KMSG_WAITERS wait, the others got EAGAIN
+        waiting = [p for p in procs if p.poll() is None]
+        assert len(waiting) == KMSG_WAITERS
+        assert all(b"BlockingIOError" in p.stderr.read() for p in procs if p not in waiting)
+        t = time.monotonic()
+        m.cli("status")
+        assert m.read("runtime_measurements_count") == b"1\n"
+        assert time.monotonic() - t < 10
+        subprocess.run(["sh", "-c", "echo bogus > policy"], cwd=m.ima, capture_output=True)
+        for p in waiting:  # each waiting reader gets the new records
+            line = p.stdout.readline()
+            while b"policy update failed" not in line:
+                line = p.stdout.readline()
+                assert line, p.stderr.read()
+    finally:
+        for p in procs:  # a killed reader's wait ends (EINTR), it does not wait for a record
+            p.kill()
+            p.wait(timeout=10)
+    m.cli("status")
