@@ -146,6 +146,30 @@ def _clear(mp: str, why: str, done: str) -> int:
     return 0
 
 
+# -- run ---------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .run import EXIT_RUN_FAILED, SECURITYFS, RunSpec, run
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        return _fail("run: no command; usage: imafs run [options] -- CMD [ARGS]", 2)
+    if args.mount:
+        if args.profile or args.set or args.measure:
+            return _fail("run: --mount joins a running emulator as it is; --profile, --set and "
+                         "--measure are for a new one", 2)
+        return run(RunSpec(argv, attach=args.mount))
+    try:
+        profile = load_profile(args.profile, args.set)
+    except ProfileError as e:
+        return _fail(f"bad profile: {e}", EXIT_RUN_FAILED)
+    from .daemon import MountError, parse_measure
+    try:
+        for spec in args.measure:
+            parse_measure(spec, SECURITYFS)
+    except MountError as e:
+        return _fail(str(e), EXIT_RUN_FAILED)
+    return run(RunSpec(argv, profile=profile, measure=args.measure))
+
+
 # -- requests to a running daemon -------------------------------------------------------
 def _client(args) -> Client:
     return Client(args.mount)
@@ -290,6 +314,22 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
+
+    rn = sub.add_parser("run", help="run a command inside the emulated kernel (a private mount "
+                        "namespace with the emulator at /sys/kernel/security)",
+                        usage="imafs run [--profile FILE] [--set KEY=VALUE] [--measure SRC:DST] "
+                              "[--mount MP] -- CMD [ARGS]")
+    rn.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
+    rn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one profile key (repeatable)")
+    rn.add_argument("--measure", action="append", default=[], metavar="SRC:DST",
+                    help="re-export directory SRC at DST inside the run, measuring every open "
+                         "and exec there (repeatable)")
+    rn.add_argument("--mount", metavar="MP", help="join the emulator already mounted at MP "
+                    "instead of starting one (it keeps running after the command)")
+    rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]",
+                    help="the command and its arguments")
+    rn.set_defaults(fn=cmd_run)
 
     u = sub.add_parser("umount", help="stop the daemon and unmount")
     u.add_argument("mountpoint", help="mount point of the emulator")
