@@ -152,7 +152,12 @@ class ImaKernel:
         ``keyring``, CRITICAL_DATA with ``label``)."""
         if path is not None:
             if isinstance(mask, str):
-                mask = sum(MASKS[part] for part in mask.split("|"))
+                bits = 0
+                for part in mask.split("|"):
+                    if part not in MASKS:
+                        raise ValueError(f"mask: {part!r}; use {', '.join(MASKS)} joined by |")
+                    bits |= MASKS[part]
+                mask = bits
             req = {"path": os.path.realpath(path), "mask": mask, "name": name,
                    "uid": os.getuid() if uid is None else uid, "euid": os.geteuid() if euid is None else euid,
                    "gid": os.getgid() if gid is None else gid, "egid": os.getegid() if egid is None else egid}

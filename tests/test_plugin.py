@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -111,6 +112,12 @@ def outcome(r: subprocess.CompletedProcess) -> dict[str, int]:
     return {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", last)}
 
 
+def workers(r: subprocess.CompletedProcess) -> set[str]:
+    """The xdist workers that passed a test, from ``-v`` lines such as
+    ``[gw1] [ 50%] PASSED test_agent.py::test_x``."""
+    return set(re.findall(r"^\[(gw\d+)\] \[ *\d+%\] PASSED ", r.stdout, re.M))
+
+
 def needs_fuse():
     why = fuse_unavailable()
     if why:
@@ -195,7 +202,7 @@ def test_the_documented_example_passes(session_dir, xdist):
     assert r.returncode == 0, r.stdout + r.stderr
     assert outcome(r) == {"passed": 9}, r.stdout
     if xdist:
-        assert "[gw0] PASSED" in r.stdout and "[gw1] PASSED" in r.stdout  # both workers mounted
+        assert workers(r) == {"gw0", "gw1"}  # both workers mounted emulators
     assert left_behind(session_dir / "tmp") == []
 
 
@@ -295,3 +302,35 @@ def test_without_root_the_fixture_skips_or_fails_when_fuse_is_required(session_d
     assert outcome(r) == {"error": 1}, r.stdout + r.stderr
     assert "IMAFS_REQUIRE_FUSE=1 but the imafs fixtures mount with allow_other and need root" in r.stdout
     assert left_behind(session_dir / "tmp") == []
+
+
+def test_the_readme_example_runs_as_written(session_dir):
+    """The README's block, with ``python`` this Python (the plugin given by
+    ``-p`` where the installed imafs has no entry point yet)."""
+    from .test_readme import readme_block
+    needs_fuse()
+    prelude = f'set -euxo pipefail\npython() {{ {shlex.quote(sys.executable)} "$@"; }}\n'
+    env = {**os.environ, "TMPDIR": str(session_dir / "tmp"), "PYTHONPATH": str(ROOT),
+           "PYTEST_ADDOPTS": " ".join(plugin_args() + ["-p", "no:cacheprovider", "-v"])}
+    env.pop("IMAFS_RUNTIME_DIR", None)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    r = subprocess.run(["bash", "-c", prelude + readme_block("Testing an agent with pytest")], cwd=session_dir,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert outcome(r) == {"passed": 1} and len(workers(r)) == 1, r.stdout
+    assert left_behind(session_dir / "tmp") == []
+
+
+def test_bad_requests_get_the_daemons_error_and_the_kernel_serves_on(imafs_kernel, tmp_path):
+    from imafs.control import ControlError
+    with pytest.raises(ControlError, match="digest"):
+        imafs_kernel.record("/x", digest="sha256:zz")
+    with pytest.raises(ValueError, match="'MAY_FLY'; use MAY_EXEC, MAY_WRITE, MAY_READ, MAY_APPEND joined by |"):
+        imafs_kernel.measure(tmp_path, mask="MAY_READ|MAY_FLY")
+    with pytest.raises(ControlError, match="no PCR bank 'md5'"):
+        imafs_kernel.pcrs("md5")
+    assert imafs_kernel.tpm is None  # tpm = soft: no TPM to reach
+    r = imafs_kernel.run(["sh", "-c", "exit 7"])
+    assert r.returncode == 7  # the command's exit status
+    assert imafs_kernel.record("/y", digest="sha256:" + "11" * 32)
+    assert imafs_kernel.status()["count"] == 2
