@@ -334,3 +334,15 @@ def test_bad_requests_get_the_daemons_error_and_the_kernel_serves_on(imafs_kerne
     assert r.returncode == 7  # the command's exit status
     assert imafs_kernel.record("/y", digest="sha256:" + "11" * 32)
     assert imafs_kernel.status()["count"] == 2
+
+
+def test_a_daemon_killed_by_the_test_is_cleared_at_teardown(imafs_factory):
+    k = imafs_factory(tpm="swtpm")
+    daemon, swtpm = k.pids
+    os.kill(daemon, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pytest_plugin._alive(daemon) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert k.close() == []  # `imafs umount` clears the dead mount: nothing had to be forced
+    assert not k.base.exists() and not pytest_plugin._mounted_under(k.base)
+    assert not pytest_plugin._alive(swtpm)
