@@ -200,7 +200,7 @@ def test_the_documented_example_passes(session_dir, xdist):
     needs_fuse()
     r = inner_pytest(session_dir, example(), *xdist)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert outcome(r) == {"passed": 9}, r.stdout
+    assert outcome(r) == {"passed": 10}, r.stdout
     if xdist:
         assert workers(r) == {"gw0", "gw1"}  # both workers mounted emulators
     assert left_behind(session_dir / "tmp") == []
