@@ -75,7 +75,7 @@ def kmsg_record(seq: int, line: bytes) -> bytes | None:
         return None
     usecs = int(m[1]) * 1_000_000 + int(m[2])
     text = m[3]
-    level = LOG_NOTICE if text.startswith(b"audit: ") else LOG_ERR if text.startswith(b"imafs: ") \
+    level = LOG_NOTICE if text.startswith(b"audit: ") else LOG_ERR if text.startswith(b"imafs: BUG") \
         else LOG_INFO
     return b"%d,%d,%d,-;%s\n" % (level, seq, usecs, text)
 
