@@ -22,6 +22,7 @@ are cleared by the next session that uses the plugin.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -226,11 +227,14 @@ class ImaKernel:
     def run(self, cmd, **kwargs) -> subprocess.CompletedProcess:
         """``subprocess.run(cmd, **kwargs)`` inside the emulated kernel
         (``imafs run --mount``): a private mount namespace where this emulator
-        is /sys/kernel/security."""
+        is /sys/kernel/security.  ``shell=True`` runs ``cmd`` with /bin/sh
+        inside it."""
         env = kwargs.pop("env", None)
         env = {**(self.env if env is None else env), "IMAFS_RUNTIME_DIR": os.fspath(self.runtime_dir)}
-        if isinstance(cmd, (str, os.PathLike)):
-            cmd = ["/bin/sh", "-c", os.fspath(cmd)] if kwargs.pop("shell", False) else [cmd]
+        if kwargs.pop("shell", False):
+            cmd = ["/bin/sh", "-c", cmd if isinstance(cmd, str) else shlex.join(map(os.fspath, cmd))]
+        elif isinstance(cmd, (str, os.PathLike)):
+            cmd = [cmd]
         return subprocess.run([sys.executable, "-m", "imafs", "run", "--mount", os.fspath(self.securityfs),
                                "--", *map(os.fspath, cmd)], env=env, **kwargs)
 

@@ -332,6 +332,9 @@ def test_bad_requests_get_the_daemons_error_and_the_kernel_serves_on(imafs_kerne
     assert imafs_kernel.tpm is None  # tpm = soft: no TPM to reach
     r = imafs_kernel.run(["sh", "-c", "exit 7"])
     assert r.returncode == 7  # the command's exit status
+    r = imafs_kernel.run("cut -d' ' -f5 /sys/kernel/security/ima/ascii_runtime_measurements", shell=True,
+                         capture_output=True, text=True)
+    assert (r.returncode, r.stdout) == (0, "boot_aggregate\n")
     assert imafs_kernel.record("/y", digest="sha256:" + "11" * 32)
     assert imafs_kernel.status()["count"] == 2
 
