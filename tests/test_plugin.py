@@ -349,3 +349,21 @@ def test_a_daemon_killed_by_the_test_is_cleared_at_teardown(imafs_factory):
     assert k.close() == []  # `imafs umount` clears the dead mount: nothing had to be forced
     assert not k.base.exists() and not pytest_plugin._mounted_under(k.base)
     assert not pytest_plugin._alive(swtpm)
+
+
+def test_a_measured_mount_from_the_factory(imafs_factory):
+    """``measure=`` re-exports SRC at DST: a real read there is measured (tcb:
+    files root reads), and the mount goes with the emulator at teardown."""
+    base = Path(tempfile.mkdtemp(prefix="ipt-m-", dir="/tmp"))
+    try:
+        (base / "src").mkdir()
+        (base / "dst").mkdir()
+        (base / "src" / "agent.conf").write_bytes(b"interval = 5\n")
+        k = imafs_factory(ima_policy="tcb", measure=[f"{base}/src:{base}/dst"])
+        assert (base / "dst" / "agent.conf").read_bytes() == b"interval = 5\n"
+        digest = hashlib.sha256(b"interval = 5\n").hexdigest()
+        assert f"sha256:{digest} {base}/dst/agent.conf\n" in k.measurements()
+        assert k.close() == [] and not pytest_plugin._mounted_under(base)
+    finally:
+        if not pytest_plugin._mounted_under(base):
+            shutil.rmtree(base)
