@@ -115,7 +115,7 @@ class ImaKernel:
             args += ["--profile", profile]
         r = self.cli(*args, mount=False, check=False)
         if r.returncode != 0:
-            raise RuntimeError(f"imafs mount {' '.join(settings)} failed: {r.stderr.strip()}")
+            raise RuntimeError(f"imafs {shlex.join(map(os.fspath, args))} failed: {r.stderr.strip()}")
         st = self.status()
         self.pids = [st["pid"], st["tpm"].get("swtpm_pid")]
         self.tpm = st["tpm"].get("env")

@@ -188,10 +188,11 @@ def test_the_cli_and_dmesg_reach_this_emulator(imafs_kernel):
 
 
 def test_a_bad_profile_key_fails_with_its_name_and_leaves_nothing(imafs_factory):
-    before = set(Path(tempfile.gettempdir()).glob("imafs-pytest-*"))
+    ours = f"imafs-pytest-{os.getpid()}-*"  # this process's: xdist workers mount beside it
+    before = set(Path(tempfile.gettempdir()).glob(ours))
     with pytest.raises(RuntimeError, match="no_such_key"):
         imafs_factory(no_such_key="1")
-    assert set(Path(tempfile.gettempdir()).glob("imafs-pytest-*")) == before
+    assert set(Path(tempfile.gettempdir()).glob(ours)) == before
 
 
 # -- inner sessions, as an agent's project runs them ---------------------------------------
