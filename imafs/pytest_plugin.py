@@ -47,7 +47,7 @@ def fuse_unavailable() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing"
     if os.geteuid() != 0:
-        return "the imafs fixtures mount with allow_other and need root"
+        return "imafs mounts with allow_other and needs root"
     return None
 
 

@@ -12,16 +12,9 @@ from pathlib import Path
 import pytest
 
 from imafs.control import Client
+from imafs.pytest_plugin import fuse_unavailable
 
 REQUIRE_FUSE = os.environ.get("IMAFS_REQUIRE_FUSE") == "1"
-
-
-def fuse_unavailable() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse is missing"
-    if os.geteuid() != 0:
-        return "FUSE tests mount with allow_other and need root"
-    return None
 
 
 def imafs(*args, check=True, **kw) -> subprocess.CompletedProcess:

@@ -298,10 +298,10 @@ def test_without_root_the_fixture_skips_or_fails_when_fuse_is_required(session_d
         pytest.skip("needs root to drop to uid 1000")
     r = inner_pytest(session_dir, SKIPPED, user=1000, env={"IMAFS_REQUIRE_FUSE": "0"})
     assert outcome(r) == {"skipped": 1}, r.stdout + r.stderr
-    assert "imafs: the imafs fixtures mount with allow_other and need root" in r.stdout
+    assert "imafs: imafs mounts with allow_other and needs root" in r.stdout
     r = inner_pytest(session_dir, SKIPPED, user=1000, env={"IMAFS_REQUIRE_FUSE": "1"})
     assert outcome(r) == {"error": 1}, r.stdout + r.stderr
-    assert "IMAFS_REQUIRE_FUSE=1 but the imafs fixtures mount with allow_other and need root" in r.stdout
+    assert "IMAFS_REQUIRE_FUSE=1 but imafs mounts with allow_other and needs root" in r.stdout
     assert left_behind(session_dir / "tmp") == []
 
 
