@@ -29,6 +29,25 @@ from .test_readme import readme_paths  # noqa: F401  (a fixture, used by test_re
 EVMCTL = shutil.which("evmctl")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive(request, tmp_path):
+    """An empty archive of each kind: a SQLite file, a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "a.db")
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+def positions(archive: str) -> tuple:
+    """(records, first position, last position) stored, read with the store's own client."""
+    q = "SELECT count(*), min(pos), max(pos) FROM records"
+    if archive.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(archive) as c:
+            return tuple(c.execute(q).fetchone())
+    with sqlite3.connect(archive) as c:
+        return c.execute(q).fetchone()
+
+
 def keep(m, archive, *args, env=None, check=True, timeout=120):
     e = dict(os.environ, **(env or {}))
     r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
@@ -88,8 +107,7 @@ def pcr_args(m, tmp_path, flag="--pcrs"):
     return out
 
 
-def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path, archive):
     for i in range(3):
         mnt.client.call("generate", count=200 + i)
         keep(mnt, archive, "--once")
@@ -140,8 +158,7 @@ def test_verify_names_the_record_that_does_not_fit(mnt, tmp_path):
 
 @pytest.mark.parametrize("mode,step", [("stage", "after-A"), *((m, s) for m in ("stage", "count")
                                                                  for s in ("mid-save", "after-commit", "after-D"))])
-def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
-    archive = tmp_path / "a.db"
+def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, archive, step, mode):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once", "--mode", mode)  # a first chunk, so the crash is not on an empty archive
     mnt.client.call("generate", count=300)
@@ -158,14 +175,11 @@ def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
     keep(mnt, archive, "--once", "--mode", mode)
     assert count(mnt) == 0 and staged(mnt) == []
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
-    db = sqlite3.connect(archive)
-    n, first, last = db.execute("SELECT count(*), min(pos), max(pos) FROM records").fetchone()
-    assert (n, first, last) == (full_count(mnt), 0, full_count(mnt) - 1)
+    assert positions(archive) == (full_count(mnt), 0, full_count(mnt) - 1)
 
 
-def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
+def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path, archive):
     """The service, killed -9 again and again while records arrive and it trims."""
-    archive = tmp_path / "a.db"
     env = dict(os.environ)
     rnd = random.Random(12)
     for _ in range(6):
@@ -182,13 +196,12 @@ def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path, archive):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
                           "--archive", str(archive), "--poll", "30"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while not archive.exists() or count(mnt):  # the start-up cycle
+        while count(mnt):  # the start-up cycle trims the boot_aggregate
             assert time.monotonic() < deadline
             time.sleep(0.05)
         mnt.client.call("generate", count=123)
@@ -206,8 +219,7 @@ def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_threshold_holds_the_list_down(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_threshold_holds_the_list_down(mnt, tmp_path, archive):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
                           "--archive", str(archive), "--max-records", "500", "--poll", "0.05", "--mode", "count"],
                          stderr=subprocess.DEVNULL)
@@ -225,8 +237,7 @@ def test_threshold_holds_the_list_down(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path, archive):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once")
     mnt.client.call("generate", count=50)
@@ -261,9 +272,8 @@ def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
     assert [(b["boot"], b["kernels"], b["from_boot_aggregate"]) for b in st["boots"]] == [(1, 2, True), (2, 1, True)]
 
 
-def test_v5_abi(mount_imafs, tmp_path):
+def test_v5_abi(mount_imafs, tmp_path, archive):
     m = mount_imafs("abi=v5")
-    archive = tmp_path / "a.db"
     for mode in ("stage", "count", "stage"):
         m.client.call("generate", count=40)
         keep(m, archive, "--once", "--mode", mode)
@@ -416,7 +426,8 @@ class _Killed(BaseException):
     """Raised by the crash hook in process: the keeper dies at that step."""
 
 
-def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch, request, kind):
     """Random interleavings on a live mount: appends, trims in both modes,
     the keeper killed at a random step (in process: the crash hook raises and
     the keeper's archive connection is dropped uncommitted, as a kill leaves
@@ -437,8 +448,9 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
 
     from imafs.keeper import trim
     from imafs.keeper.abi import Ima
-    from imafs.keeper.archive import Archive
+    from imafs.keeper.archive import open_archive
 
+    server = request.getfixturevalue("postgres_server") if kind == "postgresql" else None
     kill_at: list[str | None] = [None]
 
     def hook(step):
@@ -453,11 +465,12 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
             super().__init__()
             mnt.client.call("reboot")
             serial[0] += 1
-            self.path = tmp_path / f"a{serial[0]}.db"
+            self.path = server.new_database() if server else str(tmp_path / f"a{serial[0]}.db")
+            self.trimmed = False
             self.kexecs = 0
 
         def _keeper(self, mode):
-            return trim.Keeper(Ima(mnt.path, busy_timeout=5), Archive(str(self.path)), mode)
+            return trim.Keeper(Ima(mnt.path, busy_timeout=5), open_archive(self.path, trim.crash_hook), mode)
 
         @rule(n=st.integers(1, 80))
         def append(self, n):
@@ -467,6 +480,7 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
               kill=st.sampled_from([None, None, "after-A", "mid-save", "after-commit", "after-D"]))
         def trim(self, mode, kill):
             kill_at[0] = kill
+            self.trimmed = True
             k = self._keeper(mode)
             try:
                 k.cycle()
@@ -489,7 +503,7 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
 
         @invariant()
         def whole_log_replays(self):
-            if not self.path.exists():
+            if not self.trimmed:
                 return
             whole = export(mnt, self.path)
             recs = assert_replays(mnt, whole, full_count(mnt) if not self.kexecs else None)
@@ -527,8 +541,7 @@ def serve_whole(tmp_path):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
 
 
-def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
-    archive = tmp_path / "a.db"
+def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, archive, serve_whole):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once")
     whole = serve_whole(archive, mnt)
@@ -573,12 +586,11 @@ def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
     assert_replays(mnt, served, full_count(mnt))
 
 
-def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path):
+def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path, archive):
     """The ambiguous case (docs/keeper.md): with an empty policy nothing is
     measured between the last trim and the kexec, so the new list starts with a
     boot_aggregate, as after a reboot. The keeper starts a new boot; verify
     says the PCRs continue the previous one."""
-    archive = tmp_path / "a.db"
     mnt.client.call("generate", count=20)
     keep(mnt, archive, "--once")
     mnt.client.call("kexec")
@@ -605,3 +617,54 @@ def test_count_mode_under_flush_htable_says_use_stage(mount_imafs, tmp_path):
     keep(m, archive, "--once")
     assert count(m) == 0
     assert_replays(m, export(m, archive), full_count(m))
+
+
+def test_two_hosts_in_one_postgresql_database_never_mix(mount_imafs, postgres_server, tmp_path):
+    """A fleet: two keepers (two emulated hosts) trim into one database under
+    their host ids, interleaved; each host's whole log replays to its own PCRs."""
+    url = postgres_server.new_database()
+    hosts = {"host-a": mount_imafs(), "host-b": mount_imafs()}
+    for i in range(4):
+        for n, (host, m) in enumerate(hosts.items()):
+            m.client.call("generate", count=30 + 7 * i + n)
+            keep(m, url, "--once", "--host-id", host, "--mode", ("stage", "count")[(i + n) % 2])
+    hosts["host-b"].client.call("reboot")
+    hosts["host-b"].client.call("generate", count=5)
+    keep(hosts["host-b"], url, "--once", "--host-id", "host-b")
+    for host, m in hosts.items():
+        assert_replays(m, export(m, url, "--host-id", host), full_count(m))
+        st = json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", url,
+                                        "--host-id", host], capture_output=True, text=True, check=True).stdout)
+        assert st["host"] == host and len(st["boots"]) == (2 if host == "host-b" else 1)
+    # a host id nobody used: an empty archive, nothing of the others'
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "export", "--archive", url, "--host-id", "host-c"],
+                       capture_output=True, check=False)
+    assert r.returncode == 0 and r.stdout == b""
+
+
+@pytest.mark.parametrize("mode", ["stage", "count"])
+def test_postgresql_a_failed_commit_or_no_server_never_deletes(mnt, postgres_server, mode):
+    """The server refuses the chunk's transaction (a trigger raises, as a full
+    disk would), or is not there at all: nothing is deleted, the reason is said."""
+    import psycopg
+    url = postgres_server.new_database()
+    mnt.client.call("generate", count=20)
+    keep(mnt, url, "--once", "--mode", mode)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
+        c.execute("CREATE TRIGGER refuse BEFORE INSERT ON chunks FOR EACH ROW EXECUTE FUNCTION refuse()")
+    mnt.client.call("generate", count=300)
+    r = keep(mnt, url, "--once", "--mode", mode, check=False)
+    assert r.returncode == 1 and "commit failed" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert len(staged(mnt)) + count(mnt) == 300
+    assert positions(url)[0] == 21  # the half-stored chunk was rolled back
+    gone = url.replace("/keeper", "/nosuchdb")
+    r = keep(mnt, gone, "--once", "--mode", mode, check=False)
+    assert r.returncode == 1 and "nosuchdb" in r.stderr and "nothing is deleted" in r.stderr, r.stderr
+    assert len(staged(mnt)) + count(mnt) == 300
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("DROP TRIGGER refuse ON chunks")
+    keep(mnt, url, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, url), full_count(mnt))

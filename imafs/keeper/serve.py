@@ -27,7 +27,6 @@ import trio
 
 from .. import templates as T
 from .abi import Ima
-from .archive import Archive
 from .whole import render, whole_log
 
 log = logging.getLogger("imafs.keeper")
@@ -36,8 +35,8 @@ log = logging.getLogger("imafs.keeper")
 class WholeLog:
     """The served boot's records and their renderings (append-only per boot)."""
 
-    def __init__(self, archive_path: str, securityfs: str | None):
-        self.archive_path = archive_path
+    def __init__(self, open_archive, securityfs: str | None):
+        self.open_archive = open_archive
         self.ima = Ima(securityfs) if securityfs else None
         self.boot: object = ()
         self.recs: list = []
@@ -56,7 +55,7 @@ class WholeLog:
 
     def refresh(self) -> None:
         """Blocking: the archive and the live list, read now."""
-        a = Archive(self.archive_path)
+        a = self.open_archive()
         try:
             boot, recs = whole_log(a, self.ima)
         finally:
@@ -154,8 +153,8 @@ class ServeFs(pyfuse3.Operations):
         self.snapshots.pop(fh, None)
 
 
-def serve(archive: str, securityfs: str | None, mountpoint: str) -> int:
-    fs = ServeFs(WholeLog(archive, securityfs))
+def serve(open_archive, securityfs: str | None, mountpoint: str) -> int:
+    fs = ServeFs(WholeLog(open_archive, securityfs))
     pyfuse3.init(fs, mountpoint, ["fsname=imafs-keep", "subtype=imafs-keep", "ro", "allow_other",
                                   "default_permissions"])
     log.info("keeper serve: the whole log at %s", mountpoint)

@@ -15,7 +15,7 @@ import threading
 import time
 
 from .abi import Busy, Ima
-from .archive import Archive
+from .archive import open_archive
 from .trim import BadRecord, Keeper
 
 log = logging.getLogger("imafs.keeper")
@@ -100,6 +100,8 @@ class Service:
         return 0
 
 
-def open_keeper(securityfs: str, archive: str, mode: str, abi: str, boot_id_file: str | None) -> Keeper:
+def open_keeper(securityfs: str, archive: str, mode: str, abi: str, boot_id_file: str | None,
+                host_id: str | None = None) -> Keeper:
     from .trim import crash_hook
-    return Keeper(Ima(securityfs, abi), Archive(archive, crash_hook), mode, boot_id_file)
+    ima = Ima(securityfs, abi)
+    return Keeper(ima, open_archive(archive, crash_hook, host_id), mode, boot_id_file)

@@ -27,14 +27,13 @@ import errno
 import hashlib
 import logging
 import os
-import sqlite3
 import struct
 from dataclasses import dataclass
 
 from .. import templates as T
 from .abi import Ima, KeeperFatal
 from .abi import boot_id as read_boot_id
-from .archive import Archive, Conflict
+from .archive import Archive, ArchiveError, Conflict
 
 log = logging.getLogger("imafs.keeper")
 
@@ -215,7 +214,7 @@ class Keeper:
             self.last_error = str(e)
             log.error("keeper: %s; nothing is deleted", e)
             return None
-        except sqlite3.Error as e:
+        except ArchiveError as e:
             self.last_error = f"archive commit failed: {e}"
             log.error("keeper: the archive's commit failed (%s); nothing is deleted, retrying later", e)
             return None
