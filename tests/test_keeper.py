@@ -668,3 +668,156 @@ def test_postgresql_a_failed_commit_or_no_server_never_deletes(mnt, postgres_ser
     keep(mnt, url, "--once", "--mode", mode)
     assert count(mnt) == 0 and staged(mnt) == []
     assert_replays(mnt, export(mnt, url), full_count(mnt))
+
+
+@pytest.fixture
+def keeper_service(mnt, tmp_path):
+    """Factory: a running `imafs keep` with a control socket (in a directory
+    anyone may enter: the socket's own mode is what keeps others out)."""
+    procs = []
+    sockdir = Path(tempfile.mkdtemp(prefix="imafs-keep-ctl-"))
+    sockdir.chmod(0o755)
+
+    def start(archive, *args):
+        ctl = sockdir / f"keep{len(procs)}.sock"
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                              "--archive", str(archive), "--control", str(ctl), *map(str, args)],
+                             stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        deadline = time.monotonic() + 20
+        while not ctl.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return p, ctl
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                assert p.wait(timeout=20) == 0
+            finally:
+                p.kill()
+    shutil.rmtree(sockdir)
+
+
+def request(ctl, what, user=None):
+    return subprocess.run([sys.executable, "-m", "imafs", "keep", "request", "--control", str(ctl), what],
+                          capture_output=True, text=True, timeout=60, check=False, user=user, cwd="/",
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+def raw_lines(ctl, data: bytes, timeout=10.0) -> list[dict]:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(ctl))
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except BrokenPipeError:
+            pass  # the keeper answered and closed before taking it all (a line too long)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+def test_control_socket_trim_and_status(mnt, archive, keeper_service):
+    p, ctl = keeper_service(archive, "--poll", "30")
+    deadline = time.monotonic() + 20
+    while json.loads(request(ctl, "status").stdout)["cycles"] < 1:  # the start-up cycle
+        assert time.monotonic() < deadline
+    mnt.client.call("generate", count=321)
+    r = request(ctl, "trim")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["error"] is None and got["deleted"] == 321 and got["archived"] == 321, got
+    assert count(mnt) == 0 and staged(mnt) == []
+    st = json.loads(request(ctl, "status").stdout)
+    assert st["runtime_measurements_count"] == 0 and st["trimming"] is False and st["last"] == got
+    assert st["cycles"] >= 2 and st["mode"] == "stage"
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_control_socket_hostile_clients(mnt, tmp_path, keeper_service):
+    archive = tmp_path / "a.db"
+    p, ctl = keeper_service(archive, "--poll", "30")
+    # bad lines: each gets an error answer, the service lives on
+    answers = raw_lines(ctl, b'not json\n{"cmd": 3}\n[]\n{"cmd": "nope"}\n{"cmd": "trim", "x": 1}\n'
+                             b'\xff\xfe\n{"cmd": "status"}\n')
+    assert [a["ok"] for a in answers] == [False] * 6 + [True], answers
+    assert "malformed JSON" in answers[0]["error"] and "unknown command 'nope'" in answers[3]["error"]
+    assert "bad arguments" in answers[4]["error"]
+    assert raw_lines(ctl, b'{"cmd": "status"')[0]["error"].startswith("request line not terminated")
+    try:  # a line too long: refused and closed (the unread rest may turn the close into a reset)
+        assert "longer than" in raw_lines(ctl, b"x" * (2 << 20))[0]["error"]
+    except ConnectionResetError:
+        pass
+    assert raw_lines(ctl, b'{"cmd": "status"}\n')[0]["ok"]
+    # clients that connect and hang, silent or mid-line: others are answered meanwhile
+    import socket
+    hung = []
+    for data in (b"", b'{"cmd": "tr'):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(ctl))
+        s.sendall(data)
+        hung.append(s)
+    mnt.client.call("generate", count=50)
+    r = request(ctl, "trim")
+    assert r.returncode == 0 and json.loads(r.stdout)["deleted"] >= 50, r.stderr
+    # a client killed while it waits for its trim's answer
+    k = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "request", "--control", str(ctl), "trim"])
+    time.sleep(0.2)
+    k.kill()
+    k.wait()
+    for s in hung:
+        s.close()
+    # another user: the socket is root's, mode 0600
+    assert os.stat(ctl).st_mode & 0o777 == 0o600
+    r = request(ctl, "status", user=1000)
+    assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
+    mnt.client.call("generate", count=5)
+    r = request(ctl, "trim")
+    assert r.returncode == 0 and count(mnt) == 0, r.stderr
+    assert p.poll() is None
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_sigusr1_storm(mnt, tmp_path, keeper_service):
+    """Hundreds of SIGUSR1 while records arrive: trims, no crash, no record lost
+    or twice; SIGTERM still stops it cleanly."""
+    archive = tmp_path / "a.db"
+    p, ctl = keeper_service(archive, "--poll", "30", "--mode", "count")
+    for i in range(300):
+        p.send_signal(signal.SIGUSR1)
+        if i % 10 == 0:
+            mnt.client.call("generate", count=7)
+    assert json.loads(request(ctl, "trim").stdout)["error"] is None
+    assert count(mnt) == 0 and p.poll() is None
+    cycles = json.loads(request(ctl, "status").stdout)["cycles"]
+    assert cycles < 300  # signals pending together are one request
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_max_bytes_reads_binary_runtime_size_not_the_list(mnt, tmp_path, keeper_service):
+    """--max-bytes N: trims when the list in the kexec format (the sha1 binary
+    list + the 24-byte header) passes N; the keeper reads one byte to know."""
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=10)
+    size = len(mnt.read("binary_runtime_measurements")) + 24  # boot_aggregate + 10 records
+    p, ctl = keeper_service(archive, "--max-bytes", size, "--poll", "0.05", "--mode", "count")
+    deadline = time.monotonic() + 20
+    while json.loads(request(ctl, "status").stdout)["cycles"] < 1:
+        assert time.monotonic() < deadline
+    mnt.client.call("generate", count=10)  # the same size, again: not over the threshold
+    time.sleep(0.5)
+    assert count(mnt) == 10
+    mnt.client.call("generate", count=1)
+    while count(mnt):
+        assert time.monotonic() < deadline, "--max-bytes did not trim"
+        time.sleep(0.05)
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))

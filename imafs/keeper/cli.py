@@ -31,7 +31,10 @@ def add_parser(sub) -> None:
     k.add_argument("--once", action="store_true", help="one trim cycle, then exit (cron, tests)")
     k.add_argument("--max-records", type=int, metavar="N", help="trim when the list holds more than N records")
     k.add_argument("--max-bytes", type=int, metavar="N",
-                   help="trim when the binary list is longer than N bytes (reads the list to know)")
+                   help="trim when binary_runtime_size (the list in the kexec format, 24-byte header "
+                        "included) passes N bytes")
+    k.add_argument("--control", metavar="PATH",
+                   help="a control socket (JSON lines, root only): trim, status")
     k.add_argument("--interval", type=float, metavar="S", help="trim at least every S seconds")
     k.add_argument("--poll", type=float, default=1.0, metavar="S", help="check the thresholds every S seconds")
     k.add_argument("--boot-id-file", default=DEFAULT_BOOT_ID, metavar="FILE",
@@ -65,6 +68,13 @@ def add_parser(sub) -> None:
     sv.add_argument("mountpoint", help="where to mount the whole-log tree")
     sv.set_defaults(fn=cmd_serve)
 
+    r = verbs.add_parser("request", help="ask a running keeper through its control socket (JSON answer)")
+    r.add_argument("--control", required=True, metavar="PATH", help="the keeper's --control socket")
+    r.add_argument("what", choices=("trim", "status"),
+                   help="trim: a cycle now, answered when it ends; status: the service's state")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds")
+    r.set_defaults(fn=cmd_request)
+
     s = verbs.add_parser("status", help="the archive as JSON: boots, records, bytes, last trim")
     s.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
     s.add_argument("--host-id", metavar="ID", help=HOST_HELP)
@@ -85,10 +95,9 @@ def cmd_keep(args) -> int:
     try:
         keeper = open_keeper(args.securityfs, args.archive, args.mode, args.abi, args.boot_id_file, args.host_id)
         svc = Service(keeper, max_records=args.max_records, max_bytes=args.max_bytes,
-                      interval=args.interval, poll=args.poll)
+                      interval=args.interval, poll=args.poll, control=args.control)
         if args.once:
             return 0 if svc.once() else 1
-        svc.install_signals()
         return svc.run()
     except KeeperFatal as e:
         return _fail(str(e), 3)
@@ -167,3 +176,14 @@ def cmd_status(args) -> int:
     except (KeeperFatal, ArchiveError, ValueError) as e:
         return _fail(str(e))
     return 0
+
+
+def cmd_request(args) -> int:
+    from ..control import Client, ControlError
+    try:
+        answer = Client(path=args.control, timeout=args.timeout).call(args.what)
+    except ControlError as e:
+        return _fail(f"{args.control}: {e}")
+    answer.pop("ok")
+    print(json.dumps(answer, indent=2))
+    return 0 if not answer.get("error") else 1

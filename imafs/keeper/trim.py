@@ -193,6 +193,7 @@ class Keeper:
         self.mode = mode
         self.boot_id_file = boot_id_file
         self.last_error: str | None = None
+        self.archived = 0  # records the current cycle stored that the archive did not have
 
     def _save(self, recs: list[Rec], mode: str) -> tuple[int, int] | None:
         """Store ``recs``; (boot, first) once durable, None if it must not be deleted."""
@@ -218,6 +219,7 @@ class Keeper:
             self.last_error = f"archive commit failed: {e}"
             log.error("keeper: the archive's commit failed (%s); nothing is deleted, retrying later", e)
             return None
+        self.archived += new
         crash_hook("after-commit")
         log.info("keeper: boot %d: stored records %d-%d (%d new)", boot, p.first, p.first + len(recs) - 1, new)
         return boot, p.first
@@ -242,6 +244,7 @@ class Keeper:
     def cycle(self) -> int:
         """One trim; returns how many records left the kernel's memory (stored first)."""
         self.last_error = None
+        self.archived = 0
         staged = split(self.ima.read_staged(), "staged list") if self.ima.can_stage else []
         if staged:  # left by a killed keeper or another agent: archive it, finish the delete
             log.info("keeper: %d records already staged: storing and deleting them", len(staged))
