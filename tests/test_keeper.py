@@ -821,3 +821,131 @@ def test_max_bytes_reads_binary_runtime_size_not_the_list(mnt, tmp_path, keeper_
         assert time.monotonic() < deadline, "--max-bytes did not trim"
         time.sleep(0.05)
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_generate_at_full_speed_the_list_stays_bounded(mnt, archive, keeper_service):
+    """`imafs generate` as fast as the daemon takes records, for a few seconds:
+    the keeper (count mode, --max-records 2000) keeps pace: the list does not
+    grow with what was generated (it overshoots by what arrives during a cycle:
+    each cycle takes the whole list, so on this 2-core machine the list swings
+    between tens of thousands of records), and it is under the threshold once
+    the generator stops; nothing lost or twice."""
+    import threading
+    threshold = 2000
+    p, ctl = keeper_service(archive, "--max-records", threshold, "--poll", "0.02", "--mode", "count")
+    stop = threading.Event()
+    generated = [0]
+
+    def generate():
+        from imafs.control import Client
+        c = Client(path=mnt.client.path)
+        while not stop.is_set():
+            generated[0] += c.call("generate", count=1000)["added"]
+
+    t = threading.Thread(target=generate)
+    t.start()
+    peak = 0
+    samples = []
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            samples.append(count(mnt))
+            peak = max(peak, samples[-1])
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join()
+    assert generated[0] >= 20 * threshold, generated  # it really went fast
+    half = len(samples) // 2
+    # bounded: the second half's peak is not the first half's grown by what was generated since
+    assert max(samples[half:]) < max(samples[:half]) + generated[0] / 4, (samples, generated)
+    assert samples[-1] < generated[0] / 2, (samples, generated)
+    deadline = time.monotonic() + 30
+    while count(mnt) > threshold:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    st = json.loads(request(ctl, "status").stdout)
+    assert st["last"]["error"] is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_serve_an_agent_keeps_its_offset_across_trims(mnt, tmp_path, archive, serve_whole, keeper_service):
+    """An agent that remembers where it stopped (open, seek, read to the end,
+    close; again and again) while records arrive and the keeper trims them
+    (a service, --max-records 30, both modes in turn): what it reads, joined,
+    is exactly the whole log, in every view; evmctl and keylime's verifier
+    accept the served log against the PCRs after all those trims."""
+    from .keylime_check import keylime_verify
+    keep(mnt, archive, "--once")
+    whole = serve_whole(archive, mnt)
+    names = ["binary_runtime_measurements", "ascii_runtime_measurements_sha256",
+             "binary_runtime_measurements_sha256", "ascii_runtime_measurements"]
+    got = dict.fromkeys(names, b"")
+    rnd = random.Random(5)
+
+    def read_on():
+        for name in names:
+            with open(whole / name, "rb") as f:
+                f.seek(len(got[name]))
+                got[name] += f.read()
+
+    for mode in ("stage", "count"):
+        p, ctl = keeper_service(archive, "--max-records", 30, "--poll", "0.02", "--mode", mode)
+        for _ in range(25):
+            mnt.client.call("generate", count=rnd.randint(1, 60))
+            read_on()
+        assert json.loads(request(ctl, "trim").stdout)["error"] is None
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    mnt.client.call("generate", count=3)  # left live
+    read_on()
+    n = full_count(mnt)
+    assert n > 3 * 256  # several of serve's blocks
+    assert got["binary_runtime_measurements"] == export(mnt, archive)
+    assert got["ascii_runtime_measurements_sha256"] == export(mnt, archive, "--format", "ascii", "--bank", "sha256")
+    assert got["binary_runtime_measurements_sha256"] == export(mnt, archive, "--bank", "sha256")
+    assert got["ascii_runtime_measurements"] == export(mnt, archive, "--format", "ascii")
+    assert_replays(mnt, got["binary_runtime_measurements"], n)
+    assert (whole / "runtime_measurements_count").read_text() == f"{n}\n"
+    assert json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                                     capture_output=True, text=True, check=True).stdout)["boots"][0]["trims"] >= 5
+    for bank in ("sha1", "sha256"):
+        text = (whole / ("ascii_runtime_measurements" + ("" if bank == "sha1" else "_" + bank))).read_text()
+        pcr10 = mnt.client.call("pcrs", bank=bank)["pcrs"][bank][10]
+        assert keylime_verify(text, pcr10, bank, **({} if bank == "sha1" else {"log_hash_alg": bank})) == []
+    if EVMCTL:
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path),
+                            str(whole / "binary_runtime_measurements")], capture_output=True, text=True, check=False)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_serve_an_earlier_boot(mnt, tmp_path, serve_whole):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=300)
+    keep(mnt, archive, "--once")
+    first = export(mnt, archive, live=False)
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=10)
+    keep(mnt, archive, "--once")
+    mp = tmp_path / "boot1"
+    mp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive),
+                          "--boot", "1", str(mp)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (mp / "binary_runtime_measurements").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        assert (mp / "binary_runtime_measurements").read_bytes() == first
+        assert (mp / "runtime_measurements_count").read_text() == "301\n"
+        with open(mp / "ascii_runtime_measurements", "rb") as f:
+            f.seek(1000)
+            assert f.read() == export(mnt, archive, "--boot", "1", "--format", "ascii", live=False)[1000:]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive), "--boot", "7",
+                        str(mp)], capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode != 0 and "no boot 7" in r.stderr, r.stderr

@@ -65,6 +65,8 @@ def add_parser(sub) -> None:
     sv.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
     sv.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     sv.add_argument("--securityfs", metavar="DIR", help="the live list to append")
+    sv.add_argument("--boot", type=int, metavar="N",
+                    help="serve the archive's boot N alone (default: the latest boot, then the live list)")
     sv.add_argument("mountpoint", help="where to mount the whole-log tree")
     sv.set_defaults(fn=cmd_serve)
 
@@ -164,8 +166,11 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="imafs-keep[%(process)d]: %(message)s", stream=sys.stderr)
     from .serve import serve
     try:
-        _archive(args).close()  # exists, opens: say so now rather than at the first read
-        return serve(lambda: _archive(args), args.securityfs, args.mountpoint)
+        archive = _archive(args)  # exists, opens: say so now rather than at the first read
+        if args.boot is not None and args.boot not in [b[0] for b in archive.boots()]:
+            raise KeeperFatal(f"{args.archive}: the archive has no boot {args.boot}")
+        archive.close()
+        return serve(lambda: _archive(args), args.securityfs, args.mountpoint, args.boot)
     except (KeeperFatal, ArchiveError, ValueError) as e:
         return _fail(str(e), 3 if isinstance(e, KeeperFatal) else 1)
 

@@ -22,7 +22,7 @@ def whole_log(archive: Archive, ima: Ima | None = None, boot: int | None = None)
         staged, current = ima.read_live()
         live = split(staged, "staged list") + split(current, "current list")
         if live:
-            p = place(archive, live)
+            p = place(archive, [r.raw for r in live])
             if p.boot is None and boot is None:
                 return None, live
     if boot is None:
