@@ -624,6 +624,12 @@ def test_two_hosts_in_one_postgresql_database_never_mix(mount_imafs, postgres_se
     their host ids, interleaved; each host's whole log replays to its own PCRs."""
     url = postgres_server.new_database()
     hosts = {"host-a": mount_imafs(), "host-b": mount_imafs()}
+    # both start at once on an empty database: one creates the tables, the other waits for them
+    procs = [subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path), "--archive", url,
+                               "--host-id", host, "--once"], stderr=subprocess.PIPE, text=True)
+             for host, m in hosts.items()]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
     for i in range(4):
         for n, (host, m) in enumerate(hosts.items()):
             m.client.call("generate", count=30 + 7 * i + n)

@@ -76,7 +76,6 @@ CREATE TABLE IF NOT EXISTS records (
     rec BYTEA NOT NULL,
     PRIMARY KEY (host, boot, pos)
 );
-ALTER TABLE records ALTER COLUMN rec SET STORAGE EXTERNAL;
 CREATE TABLE IF NOT EXISTS chunks (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     host TEXT NOT NULL,
@@ -319,13 +318,14 @@ class PostgresArchive(Archive):
         lit = sql.Literal(host).as_string(self.db).replace("%", "%%")
         self._scope = {"h": f"host={lit} AND", "hc": "host,", "hv": f"{lit},"}
         self._x("SET synchronous_commit = on")
-        self._x("SELECT pg_advisory_lock(7226212)")  # two keepers creating the tables at once
-        try:
-            for stmt in POSTGRESQL_SCHEMA.split(";"):
-                if stmt.strip():
-                    self._x(stmt)
-        finally:
-            self._x("SELECT pg_advisory_unlock(7226212)")
+        if self._one("SELECT to_regclass('chunks_host_boot')")[0] is None:  # the last thing the schema makes
+            self._x("SELECT pg_advisory_lock(7226212)")  # keepers of a fleet creating the tables at once
+            try:
+                for stmt in POSTGRESQL_SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._x(stmt)
+            finally:
+                self._x("SELECT pg_advisory_unlock(7226212)")
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s").format(**self._scope)
