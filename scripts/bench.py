@@ -183,11 +183,12 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
 
 
 def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000) -> dict:
-    """`imafs generate` at full speed (a client asking for 10k records at a time,
-    back to back) while the keeper (--max-records threshold, count and stage
+    """`imafs generate` at full speed (a control client asking for 10k records at
+    a time, back to back) while the keeper (--max-records threshold, count and stage
     mode) trims: the list's size sampled, the keeper's cycle time from its
     control socket."""
     import threading
+    sys.path.insert(0, str(HERE.parent))
     out = {}
     for mode in ("stage", "count"):
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
@@ -202,9 +203,10 @@ def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000) -> dict:
             generated = [0]
 
             def generate():
+                from imafs.control import Client
+                client = Client(str(emu.mp))
                 while not stop.is_set():
-                    imafs("generate", "--mount", emu.mp, "--count", 10_000)
-                    generated[0] += 10_000
+                    generated[0] += client.call("generate", count=10_000)["added"]
 
             sizes, cycle_s = [], []
             try:

@@ -58,10 +58,16 @@ CREATE TABLE IF NOT EXISTS chunks (
 );
 """
 
-# The same tables with a host column first in every key: one database, many keepers.
+# The same tables with a host column first in every key: one database, many
+# keepers. A host is a small number in the rows (hosts names it): 4 bytes per
+# record and per index entry, not the 33 of a machine id.
 POSTGRESQL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS hosts (
+    id INTEGER GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS boots (
-    host TEXT NOT NULL,
+    host INTEGER NOT NULL,
     id INTEGER NOT NULL,
     started DOUBLE PRECISION NOT NULL,
     boot_id TEXT,
@@ -70,7 +76,7 @@ CREATE TABLE IF NOT EXISTS boots (
     PRIMARY KEY (host, id)
 );
 CREATE TABLE IF NOT EXISTS records (
-    host TEXT NOT NULL,
+    host INTEGER NOT NULL,
     boot INTEGER NOT NULL,
     pos BIGINT NOT NULL,
     rec BYTEA NOT NULL,
@@ -78,7 +84,7 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS chunks (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    host TEXT NOT NULL,
+    host INTEGER NOT NULL,
     boot INTEGER NOT NULL,
     first BIGINT NOT NULL,
     count BIGINT NOT NULL,
@@ -303,7 +309,6 @@ class PostgresArchive(Archive):
 
     def __init__(self, url: str, crash_hook, host: str):
         import psycopg
-        from psycopg import sql
         self.driver_errors = (psycopg.Error,)
         self.path = url
         self.host = host
@@ -315,8 +320,7 @@ class PostgresArchive(Archive):
         except psycopg.Error as e:
             raise ArchiveError(f"archive {_safe_url(url)}: {e}") from None
         self.path = _safe_url(url)
-        lit = sql.Literal(host).as_string(self.db).replace("%", "%%")
-        self._scope = {"h": f"host={lit} AND", "hc": "host,", "hv": f"{lit},"}
+        self._scope = {}
         self._x("SET synchronous_commit = on")
         if self._one("SELECT to_regclass('chunks_host_boot')")[0] is None:  # the last thing the schema makes
             self._x("SELECT pg_advisory_lock(7226212)")  # keepers of a fleet creating the tables at once
@@ -326,6 +330,10 @@ class PostgresArchive(Archive):
                         self._x(stmt)
             finally:
                 self._x("SELECT pg_advisory_unlock(7226212)")
+        self._x("INSERT INTO hosts (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (host,))
+        hid = self._one("SELECT id FROM hosts WHERE name=?", (host,))[0]
+        self._scope = {"h": f"host={hid:d} AND", "hc": "host,", "hv": f"{hid:d},"}
+        self.host_number = hid
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s").format(**self._scope)
@@ -334,7 +342,7 @@ class PostgresArchive(Archive):
         try:
             with self.db.cursor() as cur, cur.copy("COPY records (host, boot, pos, rec) FROM STDIN") as copy:
                 for i, r in enumerate(recs):
-                    copy.write_row((self.host, boot, first + i, r))
+                    copy.write_row((self.host_number, boot, first + i, r))
         except self.driver_errors as e:
             raise ArchiveError(f"archive {self.path}: {e}") from None
 
