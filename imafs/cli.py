@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -146,6 +147,33 @@ def _clear(mp: str, why: str, done: str) -> int:
     return 0
 
 
+# -- run ---------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .run import EXIT_RUN_FAILED, SECURITYFS, RunSpec, run
+    from .supervise import RunHooks
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        return _fail("run: no command; usage: imafs run [options] -- CMD [ARGS]", 2)
+    if args.mount:
+        if args.profile or args.set or args.measure:
+            return _fail("run: --mount joins a running emulator as it is; --profile, --set and "
+                         "--measure are for a new one", 2)
+        hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+        return run(RunSpec(argv, attach=args.mount), hooks.prepare, hooks.started)
+    try:
+        profile = load_profile(args.profile, args.set)
+    except ProfileError as e:
+        return _fail(f"bad profile: {e}", EXIT_RUN_FAILED)
+    from .daemon import MountError, parse_measure
+    try:
+        for spec in args.measure:
+            parse_measure(spec, SECURITYFS)
+    except MountError as e:
+        return _fail(str(e), EXIT_RUN_FAILED)
+    hooks = RunHooks(SECURITYFS)  # the system calls FUSE cannot see
+    return run(RunSpec(argv, profile=profile, measure=args.measure), hooks.prepare, hooks.started)
+
+
 # -- requests to a running daemon -------------------------------------------------------
 def _client(args) -> Client:
     return Client(args.mount)
@@ -221,6 +249,9 @@ def cmd_measure(args) -> int:
     answer = _client(args).call("measure", **{k: v for k, v in req.items() if v is not None})
     answer.pop("ok")
     print(json.dumps(answer))
+    if "denied" in answer:  # the access this event stands for fails
+        return _fail(f"{answer['name']}: {answer['func']} would fail with "
+                     f"{errno.errorcode[answer['denied']]} ({answer['appraise']})", 1)
     return 0
 
 
@@ -290,6 +321,22 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--log-file", help=argparse.SUPPRESS)
     m.set_defaults(fn=cmd_mount)
+
+    rn = sub.add_parser("run", help="run a command inside the emulated kernel (a private mount "
+                        "namespace with the emulator at /sys/kernel/security)",
+                        usage="imafs run [--profile FILE] [--set KEY=VALUE] [--measure SRC:DST] "
+                              "[--mount MP] -- CMD [ARGS]")
+    rn.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
+    rn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one profile key (repeatable)")
+    rn.add_argument("--measure", action="append", default=[], metavar="SRC:DST",
+                    help="re-export directory SRC at DST inside the run, measuring every open "
+                         "and exec there (repeatable)")
+    rn.add_argument("--mount", metavar="MP", help="join the emulator already mounted at MP "
+                    "instead of starting one (it keeps running after the command)")
+    rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]",
+                    help="the command and its arguments")
+    rn.set_defaults(fn=cmd_run)
 
     u = sub.add_parser("umount", help="stop the daemon and unmount")
     u.add_argument("mountpoint", help="mount point of the emulator")
@@ -367,6 +414,9 @@ def _parser() -> argparse.ArgumentParser:
     te = with_mount(tsub.add_parser("env", help="print export lines for TPM2TOOLS_TCTI, TCTI and the "
                                     "IBM TSS variables (TPM_INTERFACE_TYPE, ...) that reach the TPM"))
     te.set_defaults(fn=cmd_tpm_env)
+
+    from .keyscli import add_parser as add_keys_parser
+    add_keys_parser(sub, with_mount)
 
     from .keeper.cli import add_parser as add_keep_parser
     add_keep_parser(sub)

@@ -30,7 +30,9 @@ import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
-from .policy import BUFFER_FUNCS
+from .keys import read_cert_file
+from .measure import Task
+from .policy import BUFFER_FUNCS, FUNCS
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +191,7 @@ def _write_file(f, path: str, data: bytes) -> None:
 
 
 MAX_KEXEC_BUFFER = 1 << 30
+HOOK_FUNCS = ("MMAP_CHECK", "MMAP_CHECK_REQPROT", "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
 
 
 def _read_regular(path: str, limit: int) -> bytes:
@@ -203,6 +206,11 @@ def _read_regular(path: str, limit: int) -> bytes:
             return f.read(limit + 1)[:limit]
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def _key_info(key) -> dict:
+    return {"keyring": key.keyring, "id": key.id.hex(), "subject": key.subject,
+            "description": key.description}
 
 
 def _error(message: str) -> dict:
@@ -379,9 +387,10 @@ class LineServer:
 class Server(LineServer):
     """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
 
-    def __init__(self, ima: Ima, runner: Runner, on_shutdown, **limits):
+    def __init__(self, ima: Ima, runner: Runner, on_shutdown, *, measured=None, **limits):
         super().__init__(**limits)
         self.ima = ima
+        self.measured = measured  # the measured mounts (passthrough.MeasuredFs), if any
         self.runner = runner  # file I/O off the loop
         self.on_shutdown = on_shutdown
 
@@ -457,6 +466,47 @@ class Server(LineServer):
         except ValueError:
             raise RequestError("--data-hex: not a hexadecimal string") from None
         return self.ima.measure_buffer(func, name, buf, keyring=keyring, label=label)
+
+    async def cmd_hook(self, node: int, funcs: list, mask: int, task: dict, flags: int = 0):
+        """A hook of a task's system call on a file of a measured mount (the
+        seccomp supervisor, imafs/supervise.py): ``funcs`` in order, with the
+        credentials of ``task`` as the supervisor read them (Task.reported)."""
+        if self.measured is None:
+            raise RequestError("hook: this mount has no measured mount")
+        for func in funcs:
+            if not isinstance(func, str) or FUNCS.get(func) not in HOOK_FUNCS:
+                raise RequestError(f"hook: func must be one of {', '.join(HOOK_FUNCS)}, not {_shown(func)}")
+        return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
+                                                   flags)}
+
+    async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
+        """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""
+        data = await self.runner.io(read_cert_file, cert)
+        try:
+            key, decided = self.ima.add_key(keyring, data, uid=uid)
+        except RequestError as e:
+            shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
+            raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
+        return {**_key_info(key), **{k: decided[k] for k in ("queued", "added", "decision")}}
+
+    async def cmd_key_check(self, keyring: str, data_hex: str, uid: int = 0):
+        """IMA's hook for a key added to a keyring imafs does not hold (the
+        add_key calls of ``imafs run``): queued before the first custom
+        policy, else measured; ``imafs measure --func KEY_CHECK`` is the
+        measurement alone."""
+        try:
+            payload = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("key_check: data_hex is not a hexadecimal string") from None
+        return self.ima.key_check(keyring, payload, uid=uid)
+
+    async def cmd_keys_list(self):
+        return {"keys": [_key_info(k) for k in self.ima.keyrings],
+                "blacklist": self.ima.keyrings.blacklist()}
+
+    async def cmd_keys_blacklist(self, entry: str):
+        """Add a bin:<hex> or tbs:<hex> entry to .blacklist."""
+        return {"entry": self.ima.keyrings.add_blacklist(entry)}
 
     async def cmd_suspend(self):
         self.ima.suspend()

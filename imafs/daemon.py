@@ -334,7 +334,7 @@ async def _serve(ima: Ima, runner: Runner, ops: SecurityFs, sock: Path, binds: B
         nursery.start_soon(_supervised, "the reaper of deleted records", ops.reaper)
         if ima.pcrs is not None and ima.pcrs.backend != "soft":
             nursery.start_soon(ima.pcrs.run)  # sends the queued PCR extends to the TPM
-        await nursery.start(Server(ima, runner, on_shutdown=shutdown).serve, sock)
+        await nursery.start(Server(ima, runner, on_shutdown=shutdown, measured=ops.measured).serve, sock)
         nursery.start_soon(_signals, shutdown)
         nursery.start_soon(_attach, binds, ready, shutdown)
         await pyfuse3.main()

@@ -21,15 +21,25 @@ from . import templates as T
 # iint->flags (kernel-abi.md §5.3)
 IMA_MEASURE = 0x1
 IMA_MEASURED = 0x2
+IMA_APPRAISE = 0x4
+IMA_APPRAISED = 0x8
 IMA_COLLECTED = 0x20
-IMA_DONE_MASK = 0x2 | 0x8 | 0x80 | 0x200 | 0x20  # MEASURED APPRAISED AUDITED HASHED COLLECTED
+# the appraise sub-actions, per hook kind: FILE, MMAP, BPRM, READ, CREDS; each done bit is its do bit << 1
+IMA_APPRAISE_SUBMASK = 0x1000 | 0x4000 | 0x10000 | 0x40000 | 0x100000
+IMA_APPRAISED_SUBMASK = IMA_APPRAISE_SUBMASK << 1
+IMA_DONE_MASK = 0x2 | 0x8 | 0x80 | 0x200 | 0x20 | IMA_APPRAISED_SUBMASK  # MEASURED APPRAISED AUDITED HASHED COLLECTED
 # iint->atomic_flags (bit numbers as masks)
+UPDATE_XATTR = 1 << 1  # an appraised file was opened for write: its hash is rewritten at the last close
+DIGSIG = 1 << 3  # security.ima holds a signature: the file is immutable
 MAY_EMIT_TOMTOU = 1 << 4  # IMA_MUST_MEASURE before the 6.15 violation limits
 EMITTED_OPENWRITERS = 1 << 5
+# the cached appraisal results (enum integrity_status), 3 bits each: file, mmap, bprm, read, creds
+STATUS_SLOTS = {"FILE_CHECK": 0, "MMAP_CHECK": 1, "MMAP_CHECK_REQPROT": 1, "BPRM_CHECK": 2, "CREDS_CHECK": 4}
+INTEGRITY_UNKNOWN = 6
 
 _ALGO_IDS = {name: ident for name, (ident, _) in T.HASH_ALGOS.items()}
 _ALGO_NAMES = {ident: name for name, ident in _ALGO_IDS.items()}
-_RECORD = struct.Struct("<IBQQB")  # flags, atomic flags, measured_pcrs, cookie, algo; then the digest
+_RECORD = struct.Struct("<IBQQBH")  # flags, atomic flags, measured_pcrs, cookie, algo, statuses; the digest
 
 
 def _field(fmt: str, offset: int) -> property:
@@ -56,7 +66,9 @@ class Iint:
     def __init__(self, key: tuple[int, int], flags: int = 0, atomic: int = 0, measured_pcrs: int = 0,
                  cookie: int = 0, algo: str = "", digest: bytes = b""):
         self.key = key  # (st_dev, st_ino)
-        self._rec = bytearray(_RECORD.pack(flags, atomic, measured_pcrs, cookie, _ALGO_IDS.get(algo, 0xFF)))
+        unknown = sum(INTEGRITY_UNKNOWN << 3 * i for i in range(5))
+        self._rec = bytearray(_RECORD.pack(flags, atomic, measured_pcrs, cookie, _ALGO_IDS.get(algo, 0xFF),
+                                           unknown))
         self._rec += digest
 
     flags = _field("<I", 0)
@@ -64,6 +76,16 @@ class Iint:
     measured_pcrs = _field("<Q", 5)
     cookie = _field("<Q", 13)  # the change cookie when the digest was collected
     _algo = _field("<B", 21)
+    _statuses = _field("<H", 22)
+
+    def status(self, func: str) -> int:
+        """The cached appraisal result of ``func``'s kind (ima_get_cache_status);
+        the kernel-read hooks (module, firmware, kexec, policy) share one."""
+        return self._statuses >> 3 * STATUS_SLOTS.get(func, 3) & 7
+
+    def set_status(self, func: str, status: int) -> None:
+        shift = 3 * STATUS_SLOTS.get(func, 3)
+        self._statuses = self._statuses & ~(7 << shift) | status << shift
 
     @property
     def algo(self) -> str:
@@ -94,7 +116,7 @@ class Iint:
         return isinstance(other, Iint) and (self.key, self.record()) == (other.key, other.record())
 
     def __repr__(self) -> str:
-        return (f"Iint({self.key}, flags={self.flags:#x}, atomic={self.atomic:#x}, "
+        return (f"Iint({self.key}, flags={self.flags:#x}, atomic={self.atomic:#x}, statuses={self._statuses:#x}, "
                 f"measured_pcrs={self.measured_pcrs:#x}, algo={self.algo!r}, digest={self.digest.hex()})")
 
 

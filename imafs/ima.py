@@ -15,9 +15,13 @@ from . import kexec
 from . import templates as T
 from .blocking import Blocking, Steps
 from .errors import FsError, RequestError
+from .appraise import Appraiser
+from .digsig import Verifier
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
+from .keyqueue import KeyQueue
+from .keys import BUILTIN, MACHINE, PLATFORM, Key, KeyringError, Keyrings
 from .measure import EVM_XATTRS, Measurer, OpenedFile, Task
 from .policy import (BUFFER_FUNCS, FUNCS, MASKS, HookEvent, Parser, PolicyFile, Rule, builtin_rules,
                      measure_decision)
@@ -28,6 +32,7 @@ from .tpm import PcrBanks, boot_aggregate
 
 log = logging.getLogger(__name__)
 MAY_READ = MASKS["MAY_READ"]
+QUEUED = {"queued": True, "added": False, "decision": "queued until a custom policy is loaded"}
 
 
 def _getxattr(fd: int, name: str) -> bytes | None:
@@ -98,6 +103,8 @@ class Ima:
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
         self.iint = IintCache(profile.iint_cache_size)
+        self.appraiser = Appraiser(profile.ima_appraise, Verifier(lambda: self.keyrings, self.klog.kernel),
+                                   profile.kernel_version)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
         self.boots = 0  # kernels booted: a path that waited on I/O re-checks it
         self._boot(())
@@ -109,14 +116,15 @@ class Ima:
         self.suspended = False
         self.iint.clear()
         p = self.profile
+        self._boot_keyrings()
         if not p.tpm_banks:
             self.klog.kernel("ima: No TPM chip found, activating TPM-bypass!")
         self.klog.kernel(f"ima: Allocated hash algorithm: {self.ima_hash}")
         self.policy = PolicyFile(builtin_rules(p.ima_policy, p.kernel_version),
                                  Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
-                                 measure_policy_file=lambda path: self.measure_file(path, "POLICY_CHECK", MAY_READ),
-                                 real_path=self.real_path)
+                                 measure_policy_file=self._policy_check,
+                                 real_path=self.real_path, on_update=self._process_queued_keys)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
                                       # Debian's 6.1 has no sha384/sha512 at IMA init (F-19)
@@ -129,17 +137,82 @@ class Ima:
                                ima_hash=self.ima_hash, d_digest=sha1))
         self.klog.kernel("ima: No architecture policies found")  # imafs emulates no arch policy
         self.critical_data("kernel_version", "kernel_info", self.profile.release.encode())
+        self._boot_firmware_keys()
+
+    def _boot_keyrings(self) -> None:
+        """The keyrings of a new kernel, before IMA starts: the blacklist's
+        compiled-in hashes, then the builtin certificates (certs/ loads them
+        first), queued for measurement."""
+        p = self.profile
+        self.keyrings = Keyrings(p.integrity_trusted_keyring, p.ima_keyrings_permit_signed_by_builtin_or_secondary,
+                                 tbs_sha256=p.kernel_version >= (7, 0))
+        for entry in p.blacklist_hashes:
+            self.keyrings.add_blacklist(entry)
+        self.key_queue = KeyQueue(p.key_queue_timeout)
+        builtin = dict(p.boot_certs).get(BUILTIN, ())
+        if builtin:
+            self.klog.kernel("Loading compiled-in X.509 certificates")
+        for der in builtin:
+            self._boot_key(BUILTIN, der, "Problem loading in-kernel X.509 certificate ({})", "Loaded X.509 cert '{}'")
+
+    def _boot_firmware_keys(self) -> None:
+        """The MOK (.machine) and UEFI db (.platform) certificates, which
+        load_uefi_certs adds after IMA's init: queued as well."""
+        for ring, source in ((MACHINE, "UEFI:MokListRT (MOKvar table)"), (PLATFORM, "UEFI:db")):
+            for der in dict(self.profile.boot_certs).get(ring, ()):
+                self.klog.kernel(f"integrity: Loading X.509 certificate: {source}")
+                self._boot_key(ring, der, "integrity: Problem loading X.509 certificate {}",
+                               "integrity: Loaded X.509 cert '{}'")
+
+    def _boot_key(self, ring: str, der: bytes, problem: str, loaded: str) -> None:
+        """One certificate loaded by the kernel, logged as it logs it; one the
+        blacklist refuses is left out (the profile checked everything else)."""
+        try:
+            key, _ = self.add_key(ring, der, boot=True)
+        except KeyringError as e:
+            for line in e.log:
+                self.klog.kernel(line)
+            self.klog.kernel(problem.format(-e.errno))
+        else:
+            self.klog.kernel(loaded.format(key.description))
+
+    def add_key(self, keyring: str, data: bytes, *, uid: int = 0, boot: bool = False) -> tuple[Key, dict]:
+        """key_create_or_update of a certificate, then IMA's hook: the key
+        and how the hook decided (:meth:`key_check`)."""
+        key = self.keyrings.add(keyring, data, uid=uid, boot=boot)
+        if boot:  # before IMA's init: queued, or dropped once the timer has run out
+            self.key_queue.queue(key.keyring, key.der)
+            return key, dict(QUEUED)
+        return key, self.key_check(key.keyring, key.der, uid=uid)
+
+    def key_check(self, keyring: str, payload: bytes, *, uid: int = 0) -> dict:
+        """ima_post_key_create_or_update, for a key added to ``keyring``
+        (an emulated one, or a real one in ``imafs run``): queued until a
+        custom policy is loaded, or measured as a KEY_CHECK buffer named
+        after the keyring.  How it was decided, with "queued"."""
+        if not payload:
+            return {"queued": False, "added": False, "decision": "no payload: not measured"}
+        if self.key_queue.queue(keyring, payload):
+            return dict(QUEUED)
+        return {"queued": False, **self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=uid)}
+
+    def _process_queued_keys(self) -> None:
+        """A custom policy was loaded: measure the queued keys against it
+        (as the policy writer, root)."""
+        for keyring, payload in self.key_queue.process():
+            self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=0)
 
     def critical_data(self, name: str, label: str, buf: bytes) -> None:
         """A CRITICAL_DATA event, measured when the policy says so."""
         self.measure_buffer("CRITICAL_DATA", name, buf, label=label)
 
     def measure_buffer(self, func: str, name: str, buf: bytes, *, keyring: str | None = None,
-                       label: str | None = None) -> dict:
+                       label: str | None = None, uid: int | None = None) -> dict:
         """A buffer hook (KEXEC_CMDLINE, KEY_CHECK, CRITICAL_DATA): the first
         matching measure/dont_measure rule decides; the record uses ima-buf
         unless the rule names a template. Returns how it was decided."""
-        rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label))
+        rule = measure_decision(self.policy.rules, HookEvent(func, keyring=keyring, label=label,
+                                                                   uid=uid, euid=uid))
         added = False
         if rule is not None and rule.action == "measure":
             ev = self._content_event(name.encode(), buf)
@@ -219,10 +292,17 @@ class Ima:
         return {"added": added, "count": self.store.current.count, "violations": self.store.violations}
 
     # -- hooks (ima_main.c process_measurement) -------------------------------------------
+    def _policy_check(self, path: str, writer) -> Steps[dict]:
+        """The POLICY_CHECK hook of a policy loaded by path: the file is read
+        (measured, appraised) by the task that wrote the path."""
+        return self.measure_file(path, "POLICY_CHECK", MAY_READ, task=Task.of_pid(writer.pid, writer.uid, 0))
+
     def measure_file(self, path: str, func: str, mask: int = 0, *, uid: int = 0, euid: int | None = None,
-                     gid: int = 0, egid: int | None = None, name: str | None = None) -> Steps[dict]:
+                     gid: int = 0, egid: int | None = None, name: str | None = None,
+                     task: Task | None = None) -> Steps[dict]:
         """An explicit file hook: the policy decides with the given credentials
-        and the file's owner and filesystem, through the iint cache."""
+        (or those of ``task``) and the file's owner and filesystem, through
+        the iint cache."""
         func = FUNCS.get(func)
         if func is None or func in BUFFER_FUNCS:
             raise RequestError("--func: not a file hook; file hooks: "
@@ -235,7 +315,7 @@ class Ima:
         recorded = name or (path if real != path else os.path.realpath(path))
         if not stat.S_ISREG(st.st_mode):
             return self.decided(recorded, func, None, False, "not a regular file: never measured")
-        task = Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
+        task = task or Task.explicit(uid, uid if euid is None else euid, gid, gid if egid is None else egid)
         f = OpenedFile(key=(st.st_dev, st.st_ino), name=os.fsencode(recorded), st=st, fs=fs, path=real)
         return (yield from self.measurer.process(f, task, func, mask))
 
@@ -405,6 +485,7 @@ class Ima:
         return {
             "pid": os.getpid(),
             "profile": profile_to_dict(self.profile),
+            "release": self.profile.release,  # uname -r
             "template": self.template.display_name,
             "ima_hash": self.ima_hash,
             "kernel_log": os.fspath(self.klog.path) if self.klog.path else None,

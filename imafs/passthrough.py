@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import pyfuse3
 
 from .blocking import Runner
+from .errors import RequestError
 from .fsinfo import FsInfo, fs_info
-from .measure import FMODE_EXEC, Measurer, OpenedFile, Task
+from .measure import FMODE_EXEC, Measurer, OpenedFile, Task, dentry_path
 
 FIRST_NODE = 1 << 32  # node ids below are the securityfs tree's
 HIDDEN_PREFIX = ".imafs-measured-"  # securityfs-root names the bind mounts are made from
@@ -184,21 +185,23 @@ class Passthrough:
         elif replaced is not None and not stat.S_ISDIR(replaced.st_mode):
             self.measurer.unlinked((replaced.st_dev, replaced.st_ino), replaced.st_nlink - 1)
 
-    def xattr_changed(self, node: Node, name: bytes) -> None:
+    def xattr_changed(self, node: Node, name: bytes, value: bytes | None = None) -> None:
+        """``value``: the new value of a set xattr, None for a removed one."""
         if os.fsdecode(name) in MEASURE_XATTRS:
-            self.measurer.xattr_changed(node.key)
+            self.measurer.xattr_changed(node.key, value if name == b"security.ima" else None)
 
     # -- handles -----------------------------------------------------------------------
     def known_fs(self, st: os.stat_result) -> FsInfo | None:
         """Per device; called from worker threads too (a dict read)."""
         return self._fs.get(st.st_dev)
 
-    def register(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int) -> tuple[int, OpenedFile]:
+    def register(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
+                 created: bool = False) -> tuple[int, OpenedFile]:
         """A handle for a real descriptor, and the file as the hooks see it."""
         self._fs[st.st_dev] = fs
         path = self.path(node)
         f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs,
-                       flags=flags, fd=fd, path=os.fsdecode(path))
+                       flags=flags, fd=fd, path=os.fsdecode(path), created=created)
         fh = self._fh
         self._fh += 1
         self.handles[fh] = Handle(fd, f)
@@ -445,10 +448,17 @@ class MeasuredFs:
                                                 follow_symlinks=False))
         return [os.fsencode(n) for n in names]
 
-    async def setxattr(self, nodeid, name, value) -> None:
+    async def setxattr(self, nodeid, name, value, ctx) -> None:
         node = self.pt.node(nodeid)
-        await self.io(functools.partial(os.setxattr, self.pt.path(node), name, value, follow_symlinks=False))
-        self.pt.xattr_changed(node, name)
+        path = self.pt.path(node)
+        if name == b"security.ima":
+            st = await self.io(os.lstat, path)
+            fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(path))
+            where = await self.io(dentry_path, os.fsdecode(path))
+            f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, path=where)
+            self.pt.measurer.check_ima_xattr(value, f, Task.of_pid(ctx.pid, ctx.uid, ctx.gid))
+        await self.io(functools.partial(os.setxattr, path, name, value, follow_symlinks=False))
+        self.pt.xattr_changed(node, name, value)
 
     async def removexattr(self, nodeid, name) -> None:
         node = self.pt.node(nodeid)
@@ -491,19 +501,50 @@ class MeasuredFs:
         fd, st, fs = await self.io(create_real, self.pt.path(p), self.pt.child(p, name), mode, flags,
                                    ctx.uid, ctx.gid, self.pt.known_fs)
         node = self.pt.adopt(p, name, st)
-        return await self._opened(node, fd, st, fs, flags, ctx), self._entry(node, st)
+        return await self._opened(node, fd, st, fs, flags, ctx, created=True), self._entry(node, st)
 
     async def _opened(self, node: Node, fd: int, st: os.stat_result, fs: FsInfo, flags: int,
-                      ctx) -> pyfuse3.FileInfo:
-        """Register the open, then run its hooks: they never fail it."""
-        fh, f = self.pt.register(node, fd, st, fs, flags)
+                      ctx, created: bool = False) -> pyfuse3.FileInfo:
+        """Register the open, then run its hooks: only an appraisal that
+        fails in enforce mode fails it (the kernel then releases the file)."""
+        fh, f = self.pt.register(node, fd, st, fs, flags, created)
+        denied = None
         if stat.S_ISREG(st.st_mode):
             try:
                 task = Task.of_pid(ctx.pid, ctx.uid, ctx.gid)
-                await self.runner.run(self.pt.measurer.file_open(f, task))
+                done = await self.runner.run(self.pt.measurer.file_open(f, task))
+                denied = next((d["denied"] for d in done if "denied" in d), None)
             except Exception:
                 log.exception("open hooks of %s", os.fsdecode(f.name))
+        if denied is not None:
+            await self.release(fh)
+            raise pyfuse3.FUSEError(denied)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
+
+    async def hook(self, nodeid: int, funcs: list[str], mask: int, task: Task, flags: int) -> list[dict]:
+        """A hook FUSE does not see (mmap, finit_module, kexec_file_load: see
+        imafs/supervise.py) on a file of a measured mount, reached by its node
+        id (the st_ino the task's descriptor shows), for ``task``, whose
+        descriptor was opened with ``flags``.  The file is the open's: same
+        iint, same recorded name; its content is read through a live handle
+        (the task holds the file open), so a later unlink does not matter."""
+        node = self.pt.nodes.get(nodeid)
+        if node is None:
+            raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
+        alive = self.pt.alive_fd(node)
+        st = await self.io(stat_real, self.pt.path(node), alive)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(f"hook: node {nodeid} is not a regular file")
+        fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
+        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
+                       fd=alive, path=os.fsdecode(self.pt.path(node)))
+
+        def steps():  # one path: the hooks of one call run in order, as the kernel's
+            done = []
+            for func in funcs:
+                done.append((yield from self.pt.measurer.process(f, task, func, mask)))
+            return done
+        return await self.runner.run(steps())
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT
@@ -530,13 +571,20 @@ class MeasuredFs:
         (Measurer.file_close says why); then the descriptor is closed."""
         h = self.pt.closing(fh)
         f = h.file
+        rest = None
         if stat.S_ISREG(f.st.st_mode):
             try:
-                self.pt.measurer.file_close(f)
+                rest = self.pt.measurer.file_close(f)
                 self.pt.measurer.unlinked(f.key, os.fstat(h.fd).st_nlink)
             except Exception:  # never fail a close
                 log.exception("close hooks of %s", os.fsdecode(f.name))
-        await self.io(os.close, h.fd)
+        try:
+            if rest is not None:
+                await self.io(rest)
+        except OSError as e:
+            log.warning("close hooks of %s: security.ima not updated: %s", os.fsdecode(f.name), e.strerror)
+        finally:
+            await self.io(os.close, h.fd)
 
 
 def _lstat_all(path: bytes, names: list[bytes]) -> list[os.stat_result | None]:

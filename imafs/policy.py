@@ -482,14 +482,15 @@ class PolicyFile:
     """
 
     def __init__(self, rules: list[Rule], parser: Parser, *, read_policy: bool, write_policy: bool,
-                 log: KernelLog, measure_policy_file=None, real_path=None):
+                 log: KernelLog, measure_policy_file=None, real_path=None, on_update=None):
         self.rules = rules
         self.parser = parser
         self.read_policy = read_policy
         self.write_policy = write_policy
         self.log = log
-        self.measure_policy_file = measure_policy_file or no_steps(lambda path: None)
+        self.measure_policy_file = measure_policy_file or no_steps(lambda path, writer: None)
         self.real_path = real_path or (lambda path: path)  # where the daemon itself finds a file
+        self.on_update = on_update or (lambda: None)  # ima_update_policy's tail: queued keys
         self.custom = False  # a custom policy replaced the boot policy
         self.busy = False
         self.present = True  # the file is removed after a load on distribution kernels
@@ -585,10 +586,10 @@ class PolicyFile:
         except OSError as e:
             self.log.kernel(f"ima: Unable to open file: {name} (-{e.errno})")
             raise FsError(e.errno) from None
-        yield from self.measure_policy_file(name)
-        if needs_signed_policy(self.rules):  # an unsigned file fails appraisal (R-5)
-            self.log.kernel(f"ima: Unable to open file: {name} (-{errno.EACCES})")
-            raise FsError(errno.EACCES)
+        decided = yield from self.measure_policy_file(name, s.writer)  # measured and appraised (POLICY_CHECK)
+        if decided and "denied" in decided:  # e.g. an unsigned file under secure_boot (R-5)
+            self.log.kernel(f"ima: Unable to open file: {name} (-{decided['denied']})")
+            raise FsError(decided["denied"])
         size = len(content)
         for raw in content.split(b"\n"):
             if size <= 0:
@@ -613,6 +614,7 @@ class PolicyFile:
             return
         self.rules = s.rules if not self.custom else self.rules + s.rules
         self.custom = True
+        self.on_update()
         if self.write_policy:
             self.busy = False
         elif self.read_policy:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 from . import templates as T
+from .keys import BOOT_KEYS, KeyringError, blacklist_entry, load_certs, parse_cert
 from .tpm import parse_pcr_file
 
 KERNELS = ("6.1", "6.12", "7.2")
@@ -155,6 +156,21 @@ def _tpm(key: str, v: Any) -> str:
     raise ProfileError(f"{key}: {v!r} is not allowed; allowed: soft, swtpm, tcti:<name>[:<config>]")
 
 
+def _blacklist(key: str, v: Any) -> tuple[str, ...]:
+    """CONFIG_SYSTEM_BLACKLIST_HASH_LIST: bin:<hex>/tbs:<hex> entries, as a
+    list of strings or one comma-separated string."""
+    if isinstance(v, str):
+        items = [x for x in (x.strip() for x in v.split(",")) if x]
+    elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+        items = v
+    else:
+        raise ProfileError(f"{key}: {v!r} is neither a list of bin:/tbs: entries nor a comma-separated string")
+    try:
+        return tuple(blacklist_entry(x) for x in items)
+    except KeyringError as e:
+        raise ProfileError(f"{key}: {e}") from None
+
+
 BUILTIN_POLICIES = ("tcb", "appraise_tcb", "secure_boot", "critical_data", "fail_securely")
 
 
@@ -181,6 +197,7 @@ KEYS = {
     "ima_flush_htable": _bool,
     "kexec": _bool,
     "ima_policy": _policy,
+    "ima_appraise": _choice(("enforce", "fix", "log", "off")),
     "uts_release": _str,
     "read_policy": _bool,
     "write_policy": _bool,
@@ -191,6 +208,13 @@ KEYS = {
     "tpm": _tpm,
     "allow_hardware_tpm": _bool,
     "event_log": _str,
+    "integrity_trusted_keyring": _bool,
+    "ima_keyrings_permit_signed_by_builtin_or_secondary": _bool,
+    "builtin_trusted_keys": _str,
+    "machine_keys": _str,
+    "platform_keys": _str,
+    "blacklist_hashes": _blacklist,
+    "key_queue_timeout": _int_range(0, 1 << 31),
 }
 
 
@@ -210,6 +234,7 @@ class Profile:
     ima_flush_htable: bool = False
     kexec: bool = True  # CONFIG_IMA_KEXEC: binary_runtime_size is tracked
     ima_policy: str = ""  # built-in policies, "|"-separated; "" = the empty default policy
+    ima_appraise: str = "enforce"  # what failed appraisals do (docs/appraisal.md); no secure boot overrides it
     uts_release: str = ""  # the kernel release string (kernel_version record); "" = "<kernel>.0-imafs"
     read_policy: bool = False  # CONFIG_IMA_READ_POLICY
     write_policy: bool = False  # CONFIG_IMA_WRITE_POLICY
@@ -222,6 +247,15 @@ class Profile:
     tpm: str = "soft"  # soft | swtpm | tcti:<conf> (docs/tpm.md)
     allow_hardware_tpm: bool = False  # tcti:device / tcti:tabrmd extend a real PCR 10
     event_log: str = ""  # a TCG2 boot event log replayed at boot; "" = synthetic (swtpm), none (tcti)
+    integrity_trusted_keyring: bool = False  # CONFIG_INTEGRITY_TRUSTED_KEYRING: .ima, restricted
+    # CONFIG_IMA_KEYRINGS_PERMIT_SIGNED_BY_BUILTIN_OR_SECONDARY: .machine keys may vouch too
+    ima_keyrings_permit_signed_by_builtin_or_secondary: bool = False
+    builtin_trusted_keys: str = ""  # PEM/DER certificates loaded onto .builtin_trusted_keys at boot
+    machine_keys: str = ""  # PEM/DER certificates loaded onto .machine at boot (MOK keys)
+    platform_keys: str = ""  # PEM/DER certificates loaded onto .platform at boot (UEFI db)
+    blacklist_hashes: tuple[str, ...] = ()  # CONFIG_SYSTEM_BLACKLIST_HASH_LIST: bin:/tbs: entries
+    key_queue_timeout: int = 300  # seconds keys wait for a custom policy (ima_queue_keys.c: 5 min)
+    boot_certs: tuple[tuple[str, tuple[bytes, ...]], ...] = ()  # (keyring, DER certificates) loaded at boot
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
@@ -305,6 +339,32 @@ def _read_pcr_file(key: str, path: Any) -> str:
                            f"(byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
+# A certificate file holds a few certificates of a few kilobytes each.
+_CERT_FILE_MAX = 1 << 20
+
+
+def _load_certs(key: str, path: str) -> tuple[bytes, ...]:
+    """The DER certificates of a PEM (one or more) or DER file, each checked
+    as the kernel's X.509 parser would take it."""
+    try:
+        _check_regular(key, path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            _check_regular(key, path, os.fstat(fd).st_mode)
+            data = f.read(_CERT_FILE_MAX + 1)
+    except OSError as e:
+        raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+    if len(data) > _CERT_FILE_MAX:
+        raise ProfileError(f"{key}: {path} is larger than {_CERT_FILE_MAX} bytes; expected X.509 certificates")
+    try:
+        certs = load_certs(data)
+        for der in certs:
+            parse_cert(der)
+    except KeyringError as e:
+        raise ProfileError(f"{key}: {path}: {e}") from None
+    return tuple(certs)
+
+
 def _load_boot_pcrs(key: str, bank: str, path: Any, banks: tuple[str, ...]):
     if bank not in banks:
         raise ProfileError(f"{key}: {bank!r} is not a TPM bank of this profile ({','.join(banks) or 'none'})")
@@ -355,6 +415,8 @@ def load_profile(path: str | None = None, overrides: Sequence[str] = ()) -> Prof
     boot = tuple((bank, _load_boot_pcrs(f"boot_pcrs.{bank}", bank, file, p.tpm_banks))
                  for bank, file in pcr_files.items())
     _check_tpm(p, boot)
+    p = replace(p, boot_certs=tuple((ring, _load_certs(key, getattr(p, key)))
+                                    for ring, key in BOOT_KEYS.items() if getattr(p, key)))
     return _resolve_violation_limits(_resolve_staging(_apply_boot_rules(replace(p, boot_pcrs=boot))))
 
 
@@ -382,7 +444,8 @@ def _check_tpm(p: Profile, boot) -> None:
 
 
 def profile_to_dict(p: Profile) -> dict:
-    out = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in ("explicit", "boot_pcrs")}
+    out = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in ("explicit", "boot_pcrs", "boot_certs")}
+    out["blacklist_hashes"] = list(p.blacklist_hashes)
     out["tpm_banks"] = ",".join(p.tpm_banks) or "none"
     out["boot_pcrs"] = {b: [v.hex() for v in vals] for b, vals in p.boot_pcrs}
     return out

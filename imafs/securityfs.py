@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -215,6 +216,21 @@ class Directory(Node):
         pass  # simple_dir_operations: noop_fsync
 
 
+class Root(Directory):
+    """The securityfs root: also names reached by lookup only (the views of
+    :mod:`imafs.views`), never listed."""
+
+    __slots__ = ("hidden",)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.hidden: dict[str, Node] = {}
+
+    def lookup(self, name: str) -> Node:
+        hidden = self.hidden.get(name)
+        return hidden if hidden is not None else super().lookup(name)
+
+
 class Symlink(Node):
     __slots__ = ("target",)
 
@@ -354,7 +370,7 @@ class Tree:
         self._ino = itertools.count(pyfuse3.ROOT_INODE)
         self.nodes: dict[int, Node] = {}
         self.born_ns = time.time_ns()
-        self.root = self._node(Directory, "", S_DIR, None)
+        self.root = self._node(Root, "", S_DIR, None)
         integrity = self._node(Directory, "integrity", S_DIR, self.root)
         self._node(Symlink, "ima", S_LNK, self.root, target="integrity/ima")
         self.dir = self._node(Directory, "ima", S_DIR, integrity)
@@ -365,6 +381,8 @@ class Tree:
         self.staging = bool(ima.profile.staging)
         self.lock = MeasureLock()
         self._populate()
+        from .views import add_views
+        add_views(self)
 
     def _node(self, cls, name, mode, parent, **kw) -> Node:
         n = cls(self, next(self._ino), name, mode, parent, **kw)
@@ -619,7 +637,7 @@ class SecurityFs(pyfuse3.Operations):
     @_guarded
     async def setxattr(self, inode, name, value, ctx):
         if self._measured(inode):
-            return await self.measured.setxattr(inode, name, value)
+            return await self.measured.setxattr(inode, name, value, ctx)
         self._node(inode).setxattr(name, value)
 
     @_guarded
@@ -686,7 +704,8 @@ class SecurityFs(pyfuse3.Operations):
         if self._measured(fh):
             return await self.measured.read(fh, off, size)
         f = self._file(fh)
-        return f.node.read(f, off, size)
+        answer = f.node.read(f, off, size)
+        return await answer if inspect.isawaitable(answer) else answer  # views read the TPM
 
     @_guarded
     async def write(self, fh, off, buf):

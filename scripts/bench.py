@@ -1,7 +1,7 @@
 """Measure imafs against the numbers of DESIGN.md; prints JSON.
 
     .venv/bin/python scripts/bench.py [--records 1000000] [--inodes 1000000]
-                                      [--only list|iint|mount|tpm|keeper] [--tpm-records N] [--out FILE]
+                                      [--only list|iint|mount|tpm|keeper|run|hooks] [--tpm-records N] [--out FILE]
 
 Run as root on a machine with /dev/fuse.  Every figure is measured in this
 run, next to its baseline: a minimal pyfuse3 server of the same bytes
@@ -296,6 +296,38 @@ def measured_mount(root: Path, files: int = 2000, big_mib: int = 256) -> dict:
             f"read_{big_mib}MiB_MBps": big}
 
 
+def hooks(root: Path, n: int = 1_000_000) -> dict:
+    """System calls per call, bare and under the seccomp filter of
+    imafs/supervise.py: calls it does not stop (getpid, read, mmap without
+    PROT_EXEC) and calls it stops (uname; mmap PROT_EXEC of a file outside
+    any measured mount and of one under DST, already measured)."""
+    from imafs import supervise
+    exe = root / "hookbench"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "hookbench.c")], check=True)
+    src, dst, mp = root / "hsrc", root / "hdst", root / "hmp"
+    for d in (src, dst, mp):
+        d.mkdir()
+    (src / "lib.so").write_bytes(b"\x7fELF" + bytes(8188))
+    (root / "outside.so").write_bytes(b"\x7fELF" + bytes(8188))
+    argv = [str(exe), str(n), str(root / "outside.so"), str(dst / "lib.so")]
+    imafs("mount", mp, "--set", "ima_policy=tcb", "--measure", f"{src}:{dst}")
+    try:
+        runs = {"bare": [], "filtered": []}
+        for _ in range(3):
+            runs["bare"].append(json.loads(subprocess.run(argv, check=True, capture_output=True).stdout))
+            s = supervise.spawn(argv, str(mp), stdout=subprocess.PIPE)
+            out, _ = s.process.communicate(timeout=600)
+            s.wait(60)
+            runs["filtered"].append(json.loads(out))
+    finally:
+        imafs("umount", mp)
+    best = {k: {op: min(r[op] for r in v) for op in v[0]} for k, v in runs.items()}
+    ns = {op: {"bare_ns": best["bare"][op], "filtered_ns": best["filtered"][op]} for op in best["bare"]}
+    for op, v in ns.items():
+        v["added_us"] = (v["filtered_ns"] - v["bare_ns"]) / 1000
+    return {"calls": n, "per_call": ns, "target": "unstopped: no measurable cost; stopped <= 200 us"}
+
+
 def ingest(n: int) -> dict:
     out = subprocess.run([PY, "-c", INGEST, str(n)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
@@ -446,13 +478,34 @@ def tpm_extend(n: int) -> dict:
     return out
 
 
+def run_start(repeat: int = 10) -> dict:
+    """`imafs run -- true`, wall time from the start of imafs to its exit (the
+    command's own run is nothing): soft PCRs and swtpm, against the start of
+    the interpreter alone and a QEMU boot of an IMA kernel (7-12 s here)."""
+    def times(*cmd) -> list[float]:
+        out = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            out.append(time.perf_counter() - t)
+        return out
+
+    def summary(ts: list[float]) -> dict:
+        return {"median_s": round(statistics.median(ts), 3), "max_s": round(max(ts), 3)}
+
+    return {"target_s": 1.0,
+            "python_baseline": summary(times(PY, "-c", "import imafs.run")),
+            "soft": summary(times(PY, "-m", "imafs", "run", "--", "true")),
+            "swtpm": summary(times(PY, "-m", "imafs", "run", "--set", "tpm=swtpm", "--", "true"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--inodes", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper"),
+    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "run", "hooks"),
                     help="one part: the list figures, the inode cache, the measured mount, extends "
-                         "through swtpm, or the keeper")
+                         "through swtpm, the keeper, the start of imafs run, or the seccomp hooks")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
     ap.add_argument("--keeper-memory-records", type=int,
                     default=int(os.environ.get("IMAFS_BENCH_KEEPER_RECORDS", 10_000_000)),
@@ -469,12 +522,18 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["IMAFS_RUNTIME_DIR"] = str(Path(tmp) / "run")
             result["measured_mount"] = measured_mount(Path(tmp))
+    if args.only in (None, "hooks"):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["IMAFS_RUNTIME_DIR"] = str(Path(tmp) / "run")
+            result["hooks"] = hooks(Path(tmp))
     if args.only in (None, "tpm"):
         result["tpm_extend"] = tpm_extend(args.tpm_records)
     if args.only in (None, "keeper"):
         result["keeper"] = keeper(n, args.keeper_chunk)
         result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
         result["keeper_under_load"] = keeper_under_load()
+    if args.only in (None, "run"):
+        result["run_start"] = run_start()
     if args.only in (None, "list"):
         list_figures(n, result)
     text = json.dumps(result, indent=2)

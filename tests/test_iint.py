@@ -6,14 +6,12 @@ import hashlib
 import os
 
 import pytest
-from hypothesis import given, strategies as st
 
 from imafs import templates as T
 from imafs.blocking import run_inline
 from imafs.iint import IMA_COLLECTED, IMA_MEASURED, Iint, IintCache
 from imafs.ima import Ima
-from imafs.measure import FMODE_EXEC, MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, OpenedFile, Task, \
-    xattr_hash_algo
+from imafs.measure import FMODE_EXEC, MAY_APPEND, MAY_EXEC, MAY_READ, MAY_WRITE, OpenedFile, Task
 from imafs.fsinfo import fs_info
 from imafs.profile import load_profile
 
@@ -59,27 +57,14 @@ def test_open_counts():
     assert c.counts((0, 1)) == (1, 0)
 
 
-@given(st.binary(max_size=80))
-def test_xattr_parser_never_fails(raw):
-    algo = xattr_hash_algo(raw)
-    assert algo is None or algo in T.HASH_ALGOS
-
-
-def test_xattr_algorithms():
-    assert xattr_hash_algo(b"\x04\x06" + bytes(64)) == "sha512"
-    assert xattr_hash_algo(b"\x03\x02\x04" + bytes(10)) == "sha256"
-    assert xattr_hash_algo(b"\x06\x03\x05" + bytes(10)) == "sha384"  # sigv3
-    assert xattr_hash_algo(b"\x01" + bytes(20)) == "md5"  # legacy: zero tail
-    assert xattr_hash_algo(b"\x01" + b"\x01" * 20) == "sha1"
-    assert xattr_hash_algo(b"\x04\xff") is None
-
-
 def test_open_masks():
     def mask(flags):
         return OpenedFile((0, 0), b"", None, None, flags).open_mask
     assert mask(os.O_RDONLY) == MAY_READ
     assert mask(os.O_WRONLY) == MAY_WRITE
-    assert mask(os.O_RDWR | os.O_APPEND) == MAY_READ | MAY_APPEND
+    assert mask(os.O_RDWR | os.O_APPEND) == MAY_READ | MAY_WRITE | MAY_APPEND  # build_open_flags
+    assert mask(os.O_WRONLY | os.O_APPEND) == MAY_WRITE | MAY_APPEND
+    assert mask(os.O_RDONLY | os.O_TRUNC) == MAY_READ | MAY_WRITE
     assert mask(os.O_RDONLY | FMODE_EXEC) == MAY_EXEC
 
 

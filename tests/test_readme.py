@@ -86,6 +86,16 @@ def test_measuring_real_file_activity(readme_paths, tmp_path):
     assert mounted_at(readme_paths["/mnt/imafs"]) is None and mounted_at(dst) is None
 
 
+def test_running_programs_inside_the_emulated_kernel(readme_paths, tmp_path):
+    r = run_readme_block("Running programs inside the emulated kernel", readme_paths, tmp_path / "work")
+    lines = r.stdout.splitlines()
+    assert lines[:2] == ["hello", "1"]
+    assert lines[2].endswith(" ima_policy=tcb") and lines[2].startswith("BOOT_IMAGE=")
+    sysfs, pcrread = lines[3], lines[-1]
+    assert pcrread.strip() == f"10: 0x{sysfs}"
+    assert mounted_at(readme_paths["/m"]) is None
+
+
 def _parsers(parser: argparse.ArgumentParser, prog: str = "imafs"):
     """(command line, parser) of ``parser`` and of every subcommand under it."""
     yield prog, parser
