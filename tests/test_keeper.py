@@ -955,3 +955,30 @@ def test_serve_an_earlier_boot(mnt, tmp_path, serve_whole):
     r = subprocess.run([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive), "--boot", "7",
                         str(mp)], capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode != 0 and "no boot 7" in r.stderr, r.stderr
+
+
+def test_a_trim_between_reading_the_live_list_and_the_archive(mnt, tmp_path, monkeypatch):
+    """The whole log reads the live list, then the archive. A whole trim
+    (store, D, its confirmation) right between them would make the archive
+    place the list read before it wrong (its head twice): the list is read
+    again until the archive held still around the read."""
+    from imafs.keeper import trim
+    from imafs.keeper.abi import Ima
+    from imafs.keeper.archive import Archive
+    from imafs.keeper.whole import whole_log
+    archive = str(tmp_path / "a.db")
+    mnt.client.call("generate", count=50)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=40)
+    real, trims = Ima.read_live, []
+
+    def read_live(self):
+        out = real(self)
+        if not trims:  # once: a keeper's whole cycle after this read
+            trims.append(trim.Keeper(Ima(mnt.path), Archive(archive), "stage").cycle())
+        return out
+
+    monkeypatch.setattr(Ima, "read_live", read_live)
+    boot, recs = whole_log(Archive(archive), Ima(mnt.path))
+    assert trims == [40] and count(mnt) == 0
+    assert_replays(mnt, b"".join(r.raw for r in recs), full_count(mnt))

@@ -36,8 +36,8 @@ import trio
 
 from .. import templates as T
 from .abi import Ima, KeeperFatal
-from .trim import place, split
-from .whole import render
+from .trim import split
+from .whole import placed_live, render
 
 log = logging.getLogger("imafs.keeper")
 
@@ -156,12 +156,9 @@ class WholeLog:
         else:
             boot = a.last_boot()
             if self.ima is not None:
-                staged, current = self.ima.read_live()
-                live = split(staged, "staged list") + split(current, "current list")
-                if live:
-                    p = place(a, [r.raw for r in live])
-                    if p.boot is None:  # the live list starts a boot the archive has not stored yet
-                        boot = ("new", boot)
+                live, p = placed_live(a, self.ima)
+                if p is not None:  # None: a live list that starts a boot the archive has not stored
+                    boot = p.boot if p.boot is not None else ("new", boot)
         if boot != self.index.boot:
             if self.index.n:
                 log.info("keeper serve: a new boot (%s): the files start over", boot)
