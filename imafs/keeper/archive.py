@@ -143,7 +143,7 @@ def open_archive(spec: str, crash_hook=None, host_id: str | None = None) -> Arch
 class Archive:
     """The archive's rules, written once. Every statement goes through ``_x``,
     which scopes it to this keeper's host where the store is shared: ``{h}`` in
-    a WHERE is ``host='…' AND`` (nothing in SQLite), ``{hc}``/``{hv}`` the host
+    a WHERE is ``host=N AND`` (nothing in SQLite), ``{hc}``/``{hv}`` the host
     column and its value in an INSERT."""
 
     BEGIN = "BEGIN IMMEDIATE"
