@@ -248,21 +248,18 @@ async def _next_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
     return line
 
 
-class Server:
-    """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
+class LineServer:
+    """JSON lines over a Unix socket: bounded connections, request lines
+    checked against the ``cmd_NAME`` methods' signatures and type hints.
+    Subclasses add the commands (the daemon's :class:`Server`, the keeper's)."""
 
-    def __init__(self, ima: Ima, runner: Runner, on_shutdown, *, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, measured=None):
-        self.ima = ima
-        self.measured = measured  # the measured mounts (passthrough.MeasuredFs), if any
-        self.runner = runner  # file I/O off the loop
-        self.on_shutdown = on_shutdown
+    def __init__(self, *, idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.connections = 0
         self._waiting: dict[trio.CancelScope, None] = {}  # connections waiting for a request, oldest first
 
-    async def serve(self, path: Path, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, path: Path, *, mode: int = 0o600, task_status=trio.TASK_STATUS_IGNORED) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
@@ -270,7 +267,7 @@ class Server:
         except FileNotFoundError:
             pass
         await sock.bind(str(path))
-        os.chmod(path, 0o600)
+        os.chmod(path, mode)
         sock.listen(self.max_connections)
         try:
             task_status.started()
@@ -378,15 +375,32 @@ class Server:
         for arg, value in req.items():
             if not _conforms(value, hints[arg]):
                 return _error(f"{cmd}: {arg} must be {_describe(hints[arg])}, not {_shown(value)}")
-        pcrs = self.ima.pcrs
-        queued = pcrs.queued if pcrs is not None else 0
         try:
-            result = await handler(**req)
-            if pcrs is not None and pcrs.queued != queued:
-                await pcrs.settle()  # the request's records are in the TPM before it returns
-            return {"ok": True, **result}
+            return {"ok": True, **await self.run(handler, req)}
         except (RequestError, ValueError) as e:
             return _error(str(e))
+
+    async def run(self, handler, req: dict) -> dict:
+        return await handler(**req)
+
+
+class Server(LineServer):
+    """Answers control requests against one :class:`Ima` inside the daemon's nursery."""
+
+    def __init__(self, ima: Ima, runner: Runner, on_shutdown, *, measured=None, **limits):
+        super().__init__(**limits)
+        self.ima = ima
+        self.measured = measured  # the measured mounts (passthrough.MeasuredFs), if any
+        self.runner = runner  # file I/O off the loop
+        self.on_shutdown = on_shutdown
+
+    async def run(self, handler, req: dict) -> dict:
+        pcrs = self.ima.pcrs
+        queued = pcrs.queued if pcrs is not None else 0
+        result = await handler(**req)
+        if pcrs is not None and pcrs.queued != queued:
+            await pcrs.settle()  # the request's records are in the TPM before it returns
+        return result
 
     async def cmd_record(self, name: str, file: FilePath | None = None, digest: str | None = None,
                          buffer_hex: str | None = None, violation: bool = False, pcr: int | None = None,

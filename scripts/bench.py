@@ -78,50 +78,63 @@ KEEPER = r"""
 import gc, json, os, sys, tempfile, time
 from imafs.ima import Ima
 from imafs.profile import load_profile
-from imafs.keeper.archive import Archive
-from imafs.keeper.trim import split
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-n, chunk = int(sys.argv[1]), int(sys.argv[2])
+from imafs.keeper.archive import open_archive
+from imafs.keeper.trim import Records
+n, chunk, where = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
 ima.generate(n - 1)
 binary = ima.store.current.sha1_bytes()
 del ima
 gc.collect()
-with tempfile.TemporaryDirectory(dir=sys.argv[3]) as d:
-    path = os.path.join(d, "a.db")
-    a = Archive(path)
-    recs = split(binary)
-    # what a cycle does per chunk: check (parse + sha1 template digest), then one fsync'd transaction
+with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+    pg = where.startswith("postgresql://")
+    a = open_archive(where if pg else os.path.join(d, "a.db"))
+    recs = Records.check(binary)
+    # what a cycle does per chunk: check (parse + sha1 template digest), then one durable transaction
     t = time.perf_counter()
     check = 0.0
     boot = a.new_boot(None, True)
-    peak = 0
     for first in range(0, len(recs), chunk):
-        raw = b"".join(r.raw for r in recs[first:first + chunk])
+        part = recs[first:first + chunk]
+        raw = recs.buf[part.starts[0]:part.starts[-1]]
         t0 = time.perf_counter()
-        part = split(raw)
+        part = Records.check(raw)
         check += time.perf_counter() - t0
-        a.store(boot, first, [r.raw for r in part], "stage")
-        peak = max(peak, rss())
+        a.store(boot, first, part, "stage")
     dt = time.perf_counter() - t
-    a.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    if pg:
+        size = a.db.execute("SELECT sum(pg_total_relation_size(t)) FROM unnest(ARRAY['records', 'chunks', "
+                            "'boots']) t").fetchone()[0]
+    else:
+        a.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
     a.close()
-    size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
 print(json.dumps({"records": n, "chunk": chunk, "seconds": dt, "records_per_s": n / dt,
-                  "check_share": check / dt, "archive_bytes": size, "binary_list_bytes": len(binary),
-                  "bytes_per_record": size / n, "archive_over_binary": size / len(binary)}))
+                  "check_share": check / dt, "archive_bytes": int(size), "binary_list_bytes": len(binary),
+                  "bytes_per_record": int(size) / n, "archive_over_binary": int(size) / len(binary)}))
 """
 
 
 def keeper(n: int, chunk: int) -> dict:
-    """Records/s archived (check + store, one fsync'd transaction per chunk, on
-    /var/tmp: a disk, not tmpfs) and the archive's bytes against the binary list's."""
-    out = subprocess.run([PY, "-c", KEEPER, str(n), str(chunk), "/var/tmp"], capture_output=True, text=True,
-                         check=True, cwd=HERE.parent)
-    r = json.loads(out.stdout)
+    """Records/s archived (check + store, one durable transaction per chunk; SQLite
+    on /var/tmp: a disk, not tmpfs; PostgreSQL: a server started here, its data in
+    /tmp) and the archive's bytes against the binary list's."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests.postgres import Server, binaries
+
+    def run(where):
+        out = subprocess.run([PY, "-c", KEEPER, str(n), str(chunk), where], capture_output=True, text=True,
+                             check=True, cwd=HERE.parent)
+        return json.loads(out.stdout)
+
+    r = run("sqlite")
     r["target"] = {"records_per_s": 100_000, "archive_over_binary": 1.3}
+    if binaries() is not None:
+        server = Server()
+        try:
+            r["postgresql"] = run(server.new_database())
+        finally:
+            server.stop()
     # one whole cycle through a mounted emulator, each mode: the CLI's start, the reads over FUSE, A/D or N
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp)
@@ -141,7 +154,7 @@ def keeper(n: int, chunk: int) -> dict:
 
 def keeper_memory(n: int, batch: int = 100_000) -> dict:
     """The keeper as a service (--max-records batch/2) while n records pass
-    through it: its resident memory after each batch stays flat."""
+    through it: its resident memory at start, mid-way and at the end stays flat."""
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp)
         os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
@@ -152,7 +165,7 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
         rss = []
         try:
             t = time.perf_counter()
-            for _ in range(n // batch):
+            for _ in range(max(1, n // batch)):
                 imafs("generate", "--mount", emu.mp, "--count", batch)
                 while int((emu.mp / "ima" / "runtime_measurements_count").read_text()) > batch // 2:
                     time.sleep(0.02)
@@ -162,10 +175,67 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
             p.terminate()
             p.wait()
             emu.close()
+    mib = [round(v / 2**20, 1) for v in rss]
     return {"records": n, "batch": batch, "seconds": dt, "records_per_s": n / dt,
-            "rss_first_batch": rss[0], "rss_max": max(rss), "rss_last": rss[-1],
-            "rss_mib_samples": [round(v / 2**20, 1) for v in rss[::max(1, len(rss) // 10)]],
-            "target": "flat (rss_last close to rss_first_batch)"}
+            "rss_mib_start": mib[0], "rss_mib_mid": mib[len(mib) // 2], "rss_mib_end": mib[-1],
+            "rss_mib_max": max(mib), "rss_mib_samples": mib[::max(1, len(mib) // 10)],
+            "target": "flat (end close to start)"}
+
+
+def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000) -> dict:
+    """`imafs generate` at full speed (a control client asking for 10k records at
+    a time, back to back) while the keeper (--max-records threshold, count and stage
+    mode) trims: the list's size sampled, the keeper's cycle time from its
+    control socket."""
+    import threading
+    sys.path.insert(0, str(HERE.parent))
+    out = {}
+    for mode in ("stage", "count"):
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+            root = Path(tmp)
+            os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
+            emu = Emulator(root, "load", 1)
+            ctl = root / "keep.sock"
+            p = subprocess.Popen([PY, "-m", "imafs", "keep", "--securityfs", str(emu.mp), "--archive",
+                                  str(root / "a.db"), "--max-records", str(threshold), "--poll", "0.02",
+                                  "--mode", mode, "--control", str(ctl)], stderr=subprocess.DEVNULL, cwd=HERE.parent)
+            stop = threading.Event()
+            generated = [0]
+
+            def generate():
+                from imafs.control import Client
+                client = Client(str(emu.mp))
+                while not stop.is_set():
+                    generated[0] += client.call("generate", count=10_000)["added"]
+
+            sizes, cycle_s = [], []
+            try:
+                while not ctl.exists():
+                    time.sleep(0.05)
+                g = threading.Thread(target=generate)
+                t = time.perf_counter()
+                g.start()
+                while time.perf_counter() - t < seconds:
+                    sizes.append(int((emu.mp / "ima" / "runtime_measurements_count").read_text()))
+                    last = json.loads(imafs("keep", "request", "--control", ctl, "status"))["last"]
+                    if last and (not cycle_s or cycle_s[-1] != last["seconds"]):
+                        cycle_s.append(last["seconds"])
+                    time.sleep(0.1)
+                stop.set()
+                g.join()
+                dt = time.perf_counter() - t
+                status = json.loads(imafs("keep", "status", "--archive", root / "a.db"))
+            finally:
+                stop.set()
+                p.terminate()
+                p.wait()
+                emu.close()
+            out[mode] = {"threshold": threshold, "seconds": dt, "generated_per_s": generated[0] / dt,
+                         "archived_per_s": status["records"] / dt, "list_max": max(sizes),
+                         "list_median": statistics.median(sizes), "list_at_end": sizes[-1],
+                         "cycle_seconds_median": statistics.median(cycle_s) if cycle_s else None,
+                         "cycle_seconds_max": max(cycle_s) if cycle_s else None}
+    return out
 
 
 def iint_cache(n: int) -> dict:
@@ -437,8 +507,10 @@ def main() -> None:
                     help="one part: the list figures, the inode cache, the measured mount, extends "
                          "through swtpm, the keeper, the start of imafs run, or the seccomp hooks")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
-    ap.add_argument("--keeper-memory-records", type=int, default=10_000_000,
-                    help="records passed through the keeper service for its memory figure")
+    ap.add_argument("--keeper-memory-records", type=int,
+                    default=int(os.environ.get("IMAFS_BENCH_KEEPER_RECORDS", 10_000_000)),
+                    help="records passed through the keeper service for its memory figure "
+                         "(default $IMAFS_BENCH_KEEPER_RECORDS or 10M)")
     ap.add_argument("--keeper-chunk", type=int, default=100_000, help="records per keeper trim (one transaction)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -459,6 +531,7 @@ def main() -> None:
     if args.only in (None, "keeper"):
         result["keeper"] = keeper(n, args.keeper_chunk)
         result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
+        result["keeper_under_load"] = keeper_under_load()
     if args.only in (None, "run"):
         result["run_start"] = run_start()
     if args.only in (None, "list"):

@@ -123,3 +123,17 @@ def ramfs():
 def mnt(mount_imafs):
     """The default profile, mounted."""
     return mount_imafs()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server (tests/postgres.py) for the whole session; skipped
+    only where PostgreSQL is not installed, and then a failure under IMAFS_REQUIRE_FUSE=1."""
+    from .postgres import Server, binaries
+    if binaries() is None:
+        if REQUIRE_FUSE:
+            pytest.fail("IMAFS_REQUIRE_FUSE=1 but PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb)")
+        pytest.skip("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb)")
+    server = Server()
+    yield server
+    server.stop()

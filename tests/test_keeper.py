@@ -29,6 +29,25 @@ from .test_readme import readme_paths  # noqa: F401  (a fixture, used by test_re
 EVMCTL = shutil.which("evmctl")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive(request, tmp_path):
+    """An empty archive of each kind: a SQLite file, a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return str(tmp_path / "a.db")
+    return request.getfixturevalue("postgres_server").new_database()
+
+
+def positions(archive: str) -> tuple:
+    """(records, first position, last position) stored, read with the store's own client."""
+    q = "SELECT count(*), min(pos), max(pos) FROM records"
+    if archive.startswith("postgresql://"):
+        import psycopg
+        with psycopg.connect(archive) as c:
+            return tuple(c.execute(q).fetchone())
+    with sqlite3.connect(archive) as c:
+        return c.execute(q).fetchone()
+
+
 def keep(m, archive, *args, env=None, check=True, timeout=120):
     e = dict(os.environ, **(env or {}))
     r = subprocess.run([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path),
@@ -88,8 +107,7 @@ def pcr_args(m, tmp_path, flag="--pcrs"):
     return out
 
 
-def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_trims_in_both_modes_whole_log_replays(mnt, tmp_path, archive):
     for i in range(3):
         mnt.client.call("generate", count=200 + i)
         keep(mnt, archive, "--once")
@@ -140,8 +158,7 @@ def test_verify_names_the_record_that_does_not_fit(mnt, tmp_path):
 
 @pytest.mark.parametrize("mode,step", [("stage", "after-A"), *((m, s) for m in ("stage", "count")
                                                                  for s in ("mid-save", "after-commit", "after-D"))])
-def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
-    archive = tmp_path / "a.db"
+def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, archive, step, mode):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once", "--mode", mode)  # a first chunk, so the crash is not on an empty archive
     mnt.client.call("generate", count=300)
@@ -158,14 +175,11 @@ def test_killed_at_each_step_nothing_lost_or_twice(mnt, tmp_path, step, mode):
     keep(mnt, archive, "--once", "--mode", mode)
     assert count(mnt) == 0 and staged(mnt) == []
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
-    db = sqlite3.connect(archive)
-    n, first, last = db.execute("SELECT count(*), min(pos), max(pos) FROM records").fetchone()
-    assert (n, first, last) == (full_count(mnt), 0, full_count(mnt) - 1)
+    assert positions(archive) == (full_count(mnt), 0, full_count(mnt) - 1)
 
 
-def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
+def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path, archive):
     """The service, killed -9 again and again while records arrive and it trims."""
-    archive = tmp_path / "a.db"
     env = dict(os.environ)
     rnd = random.Random(12)
     for _ in range(6):
@@ -182,13 +196,12 @@ def test_sigkill_at_random_points_while_records_arrive(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path, archive):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
                           "--archive", str(archive), "--poll", "30"], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
-        while not archive.exists() or count(mnt):  # the start-up cycle
+        while count(mnt):  # the start-up cycle trims the boot_aggregate
             assert time.monotonic() < deadline
             time.sleep(0.05)
         mnt.client.call("generate", count=123)
@@ -206,8 +219,7 @@ def test_sigterm_stops_cleanly_and_sigusr1_trims(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_threshold_holds_the_list_down(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_threshold_holds_the_list_down(mnt, tmp_path, archive):
     p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
                           "--archive", str(archive), "--max-records", "500", "--poll", "0.05", "--mode", "count"],
                          stderr=subprocess.DEVNULL)
@@ -225,8 +237,7 @@ def test_threshold_holds_the_list_down(mnt, tmp_path):
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
-    archive = tmp_path / "a.db"
+def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path, archive):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once")
     mnt.client.call("generate", count=50)
@@ -261,9 +272,8 @@ def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path):
     assert [(b["boot"], b["kernels"], b["from_boot_aggregate"]) for b in st["boots"]] == [(1, 2, True), (2, 1, True)]
 
 
-def test_v5_abi(mount_imafs, tmp_path):
+def test_v5_abi(mount_imafs, tmp_path, archive):
     m = mount_imafs("abi=v5")
-    archive = tmp_path / "a.db"
     for mode in ("stage", "count", "stage"):
         m.client.call("generate", count=40)
         keep(m, archive, "--once", "--mode", mode)
@@ -416,7 +426,8 @@ class _Killed(BaseException):
     """Raised by the crash hook in process: the keeper dies at that step."""
 
 
-def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path, monkeypatch, request, kind):
     """Random interleavings on a live mount: appends, trims in both modes,
     the keeper killed at a random step (in process: the crash hook raises and
     the keeper's archive connection is dropped uncommitted, as a kill leaves
@@ -437,8 +448,9 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
 
     from imafs.keeper import trim
     from imafs.keeper.abi import Ima
-    from imafs.keeper.archive import Archive
+    from imafs.keeper.archive import open_archive
 
+    server = request.getfixturevalue("postgres_server") if kind == "postgresql" else None
     kill_at: list[str | None] = [None]
 
     def hook(step):
@@ -453,11 +465,12 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
             super().__init__()
             mnt.client.call("reboot")
             serial[0] += 1
-            self.path = tmp_path / f"a{serial[0]}.db"
+            self.path = server.new_database() if server else str(tmp_path / f"a{serial[0]}.db")
+            self.trimmed = False
             self.kexecs = 0
 
         def _keeper(self, mode):
-            return trim.Keeper(Ima(mnt.path, busy_timeout=5), Archive(str(self.path)), mode)
+            return trim.Keeper(Ima(mnt.path, busy_timeout=5), open_archive(self.path, trim.crash_hook), mode)
 
         @rule(n=st.integers(1, 80))
         def append(self, n):
@@ -467,6 +480,7 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
               kill=st.sampled_from([None, None, "after-A", "mid-save", "after-commit", "after-D"]))
         def trim(self, mode, kill):
             kill_at[0] = kill
+            self.trimmed = True
             k = self._keeper(mode)
             try:
                 k.cycle()
@@ -489,7 +503,7 @@ def test_state_machine_appends_trims_kills_reboots_kexecs(mount_imafs, tmp_path,
 
         @invariant()
         def whole_log_replays(self):
-            if not self.path.exists():
+            if not self.trimmed:
                 return
             whole = export(mnt, self.path)
             recs = assert_replays(mnt, whole, full_count(mnt) if not self.kexecs else None)
@@ -527,8 +541,7 @@ def serve_whole(tmp_path):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)], check=False, capture_output=True)
 
 
-def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
-    archive = tmp_path / "a.db"
+def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, archive, serve_whole):
     mnt.client.call("generate", count=100)
     keep(mnt, archive, "--once")
     whole = serve_whole(archive, mnt)
@@ -573,12 +586,11 @@ def test_serve_the_whole_log_with_stable_offsets(mnt, tmp_path, serve_whole):
     assert_replays(mnt, served, full_count(mnt))
 
 
-def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path):
+def test_a_kexec_after_a_complete_trim_is_named_by_verify(mnt, tmp_path, archive):
     """The ambiguous case (docs/keeper.md): with an empty policy nothing is
     measured between the last trim and the kexec, so the new list starts with a
     boot_aggregate, as after a reboot. The keeper starts a new boot; verify
     says the PCRs continue the previous one."""
-    archive = tmp_path / "a.db"
     mnt.client.call("generate", count=20)
     keep(mnt, archive, "--once")
     mnt.client.call("kexec")
@@ -605,3 +617,368 @@ def test_count_mode_under_flush_htable_says_use_stage(mount_imafs, tmp_path):
     keep(m, archive, "--once")
     assert count(m) == 0
     assert_replays(m, export(m, archive), full_count(m))
+
+
+def test_two_hosts_in_one_postgresql_database_never_mix(mount_imafs, postgres_server, tmp_path):
+    """A fleet: two keepers (two emulated hosts) trim into one database under
+    their host ids, interleaved; each host's whole log replays to its own PCRs."""
+    url = postgres_server.new_database()
+    hosts = {"host-a": mount_imafs(), "host-b": mount_imafs()}
+    # both start at once on an empty database: one creates the tables, the other waits for them
+    procs = [subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(m.path), "--archive", url,
+                               "--host-id", host, "--once"], stderr=subprocess.PIPE, text=True)
+             for host, m in hosts.items()]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+    for i in range(4):
+        for n, (host, m) in enumerate(hosts.items()):
+            m.client.call("generate", count=30 + 7 * i + n)
+            keep(m, url, "--once", "--host-id", host, "--mode", ("stage", "count")[(i + n) % 2])
+    hosts["host-b"].client.call("reboot")
+    hosts["host-b"].client.call("generate", count=5)
+    keep(hosts["host-b"], url, "--once", "--host-id", "host-b")
+    for host, m in hosts.items():
+        assert_replays(m, export(m, url, "--host-id", host), full_count(m))
+        st = json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", url,
+                                        "--host-id", host], capture_output=True, text=True, check=True).stdout)
+        assert st["host"] == host and len(st["boots"]) == (2 if host == "host-b" else 1)
+    # a host id nobody used: an empty archive, nothing of the others'
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "export", "--archive", url, "--host-id", "host-c"],
+                       capture_output=True, check=False)
+    assert r.returncode == 0 and r.stdout == b""
+
+
+@pytest.mark.parametrize("mode", ["stage", "count"])
+def test_postgresql_a_failed_commit_or_no_server_never_deletes(mnt, postgres_server, mode):
+    """The server refuses the chunk's transaction (a trigger raises, as a full
+    disk would), or is not there at all: nothing is deleted, the reason is said."""
+    import psycopg
+    url = postgres_server.new_database()
+    mnt.client.call("generate", count=20)
+    keep(mnt, url, "--once", "--mode", mode)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                  "$$ BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'; END $$")
+        c.execute("CREATE TRIGGER refuse BEFORE INSERT ON chunks FOR EACH ROW EXECUTE FUNCTION refuse()")
+    mnt.client.call("generate", count=300)
+    r = keep(mnt, url, "--once", "--mode", mode, check=False)
+    assert r.returncode == 1 and "commit failed" in r.stderr and "No space left" in r.stderr, r.stderr
+    assert len(staged(mnt)) + count(mnt) == 300
+    assert positions(url)[0] == 21  # the half-stored chunk was rolled back
+    gone = url.replace("/keeper", "/nosuchdb")
+    r = keep(mnt, gone, "--once", "--mode", mode, check=False)
+    assert r.returncode == 1 and "nosuchdb" in r.stderr and "nothing is deleted" in r.stderr, r.stderr
+    assert len(staged(mnt)) + count(mnt) == 300
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("DROP TRIGGER refuse ON chunks")
+    keep(mnt, url, "--once", "--mode", mode)
+    assert count(mnt) == 0 and staged(mnt) == []
+    assert_replays(mnt, export(mnt, url), full_count(mnt))
+
+
+@pytest.fixture
+def keeper_service(mnt, tmp_path):
+    """Factory: a running `imafs keep` with a control socket (in a directory
+    anyone may enter: the socket's own mode is what keeps others out)."""
+    procs = []
+    sockdir = Path(tempfile.mkdtemp(prefix="imafs-keep-ctl-"))
+    sockdir.chmod(0o755)
+
+    def start(archive, *args):
+        ctl = sockdir / f"keep{len(procs)}.sock"
+        p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "--securityfs", str(mnt.path),
+                              "--archive", str(archive), "--control", str(ctl), *map(str, args)],
+                             stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        deadline = time.monotonic() + 20
+        while not ctl.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        return p, ctl
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                assert p.wait(timeout=20) == 0
+            finally:
+                p.kill()
+    shutil.rmtree(sockdir)
+
+
+def request(ctl, what, user=None):
+    return subprocess.run([sys.executable, "-m", "imafs", "keep", "request", "--control", str(ctl), what],
+                          capture_output=True, text=True, timeout=60, check=False, user=user, cwd="/",
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+def raw_lines(ctl, data: bytes, timeout=10.0) -> list[dict]:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(ctl))
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except BrokenPipeError:
+            pass  # the keeper answered and closed before taking it all (a line too long)
+        buf = b""
+        while chunk := s.recv(65536):
+            buf += chunk
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+def test_control_socket_trim_and_status(mnt, archive, keeper_service):
+    p, ctl = keeper_service(archive, "--poll", "30")
+    deadline = time.monotonic() + 20
+    while json.loads(request(ctl, "status").stdout)["cycles"] < 1:  # the start-up cycle
+        assert time.monotonic() < deadline
+    mnt.client.call("generate", count=321)
+    r = request(ctl, "trim")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["error"] is None and got["deleted"] == 321 and got["archived"] == 321, got
+    assert count(mnt) == 0 and staged(mnt) == []
+    st = json.loads(request(ctl, "status").stdout)
+    assert st["runtime_measurements_count"] == 0 and st["trimming"] is False and st["last"] == got
+    assert st["cycles"] >= 2 and st["mode"] == "stage"
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_control_socket_hostile_clients(mnt, tmp_path, keeper_service):
+    archive = tmp_path / "a.db"
+    p, ctl = keeper_service(archive, "--poll", "30")
+    # bad lines: each gets an error answer, the service lives on
+    answers = raw_lines(ctl, b'not json\n{"cmd": 3}\n[]\n{"cmd": "nope"}\n{"cmd": "trim", "x": 1}\n'
+                             b'\xff\xfe\n{"cmd": "status"}\n')
+    assert [a["ok"] for a in answers] == [False] * 6 + [True], answers
+    assert "malformed JSON" in answers[0]["error"] and "unknown command 'nope'" in answers[3]["error"]
+    assert "bad arguments" in answers[4]["error"]
+    assert raw_lines(ctl, b'{"cmd": "status"')[0]["error"].startswith("request line not terminated")
+    try:  # a line too long: refused and closed (the unread rest may turn the close into a reset)
+        assert "longer than" in raw_lines(ctl, b"x" * (2 << 20))[0]["error"]
+    except ConnectionResetError:
+        pass
+    assert raw_lines(ctl, b'{"cmd": "status"}\n')[0]["ok"]
+    # clients that connect and hang, silent or mid-line: others are answered meanwhile
+    import socket
+    hung = []
+    for data in (b"", b'{"cmd": "tr'):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(ctl))
+        s.sendall(data)
+        hung.append(s)
+    mnt.client.call("generate", count=50)
+    r = request(ctl, "trim")
+    assert r.returncode == 0 and json.loads(r.stdout)["deleted"] >= 50, r.stderr
+    # a client killed while it waits for its trim's answer
+    k = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "request", "--control", str(ctl), "trim"])
+    time.sleep(0.2)
+    k.kill()
+    k.wait()
+    for s in hung:
+        s.close()
+    # another user: the socket is root's, mode 0600
+    assert os.stat(ctl).st_mode & 0o777 == 0o600
+    r = request(ctl, "status", user=1000)
+    assert r.returncode == 1 and "Permission denied" in r.stderr, r.stderr
+    mnt.client.call("generate", count=5)
+    r = request(ctl, "trim")
+    assert r.returncode == 0 and count(mnt) == 0, r.stderr
+    assert p.poll() is None
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_sigusr1_storm(mnt, tmp_path, keeper_service):
+    """Hundreds of SIGUSR1 while records arrive: trims, no crash, no record lost
+    or twice; SIGTERM still stops it cleanly."""
+    archive = tmp_path / "a.db"
+    p, ctl = keeper_service(archive, "--poll", "30", "--mode", "count")
+    for i in range(300):
+        p.send_signal(signal.SIGUSR1)
+        if i % 10 == 0:
+            mnt.client.call("generate", count=7)
+    assert json.loads(request(ctl, "trim").stdout)["error"] is None
+    assert count(mnt) == 0 and p.poll() is None
+    cycles = json.loads(request(ctl, "status").stdout)["cycles"]
+    assert cycles < 300  # signals pending together are one request
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_max_bytes_reads_binary_runtime_size_not_the_list(mnt, tmp_path, keeper_service):
+    """--max-bytes N: trims when the list in the kexec format (the sha1 binary
+    list + the 24-byte header) passes N; the keeper reads one byte to know."""
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=10)
+    size = len(mnt.read("binary_runtime_measurements")) + 24  # boot_aggregate + 10 records
+    p, ctl = keeper_service(archive, "--max-bytes", size, "--poll", "0.05", "--mode", "count")
+    deadline = time.monotonic() + 20
+    while json.loads(request(ctl, "status").stdout)["cycles"] < 1:
+        assert time.monotonic() < deadline
+    mnt.client.call("generate", count=10)  # the same size, again: not over the threshold
+    time.sleep(0.5)
+    assert count(mnt) == 10
+    mnt.client.call("generate", count=1)
+    while count(mnt):
+        assert time.monotonic() < deadline, "--max-bytes did not trim"
+        time.sleep(0.05)
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_generate_at_full_speed_the_list_stays_bounded(mnt, archive, keeper_service):
+    """`imafs generate` as fast as the daemon takes records, for a few seconds:
+    the keeper (count mode, --max-records 2000) keeps pace: the list does not
+    grow with what was generated (it overshoots by what arrives during a cycle:
+    each cycle takes the whole list, so on this 2-core machine the list swings
+    between tens of thousands of records), and it is under the threshold once
+    the generator stops; nothing lost or twice."""
+    import threading
+    threshold = 2000
+    p, ctl = keeper_service(archive, "--max-records", threshold, "--poll", "0.02", "--mode", "count")
+    stop = threading.Event()
+    generated = [0]
+
+    def generate():
+        from imafs.control import Client
+        c = Client(path=mnt.client.path)
+        while not stop.is_set():
+            generated[0] += c.call("generate", count=1000)["added"]
+
+    t = threading.Thread(target=generate)
+    t.start()
+    peak = 0
+    samples = []
+    try:
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            samples.append(count(mnt))
+            peak = max(peak, samples[-1])
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        t.join()
+    assert generated[0] >= 20 * threshold, generated  # it really went fast
+    half = len(samples) // 2
+    # bounded: the second half's peak is not the first half's grown by what was generated since
+    assert max(samples[half:]) < max(samples[:half]) + generated[0] / 4, (samples, generated)
+    assert samples[-1] < generated[0] / 2, (samples, generated)
+    deadline = time.monotonic() + 30
+    while count(mnt) > threshold:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    st = json.loads(request(ctl, "status").stdout)
+    assert st["last"]["error"] is None
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_serve_an_agent_keeps_its_offset_across_trims(mnt, tmp_path, archive, serve_whole, keeper_service):
+    """An agent that remembers where it stopped (open, seek, read to the end,
+    close; again and again) while records arrive and the keeper trims them
+    (a service, --max-records 30, both modes in turn): what it reads, joined,
+    is exactly the whole log, in every view; evmctl and keylime's verifier
+    accept the served log against the PCRs after all those trims."""
+    from .keylime_check import keylime_verify
+    keep(mnt, archive, "--once")
+    whole = serve_whole(archive, mnt)
+    names = ["binary_runtime_measurements", "ascii_runtime_measurements_sha256",
+             "binary_runtime_measurements_sha256", "ascii_runtime_measurements"]
+    got = dict.fromkeys(names, b"")
+    rnd = random.Random(5)
+
+    def read_on():
+        for name in names:
+            with open(whole / name, "rb") as f:
+                f.seek(len(got[name]))
+                got[name] += f.read()
+
+    for mode in ("stage", "count"):
+        p, ctl = keeper_service(archive, "--max-records", 30, "--poll", "0.02", "--mode", mode)
+        for _ in range(25):
+            mnt.client.call("generate", count=rnd.randint(1, 60))
+            read_on()
+        assert json.loads(request(ctl, "trim").stdout)["error"] is None
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=20) == 0
+    mnt.client.call("generate", count=3)  # left live
+    read_on()
+    n = full_count(mnt)
+    assert n > 3 * 256  # several of serve's blocks
+    assert got["binary_runtime_measurements"] == export(mnt, archive)
+    assert got["ascii_runtime_measurements_sha256"] == export(mnt, archive, "--format", "ascii", "--bank", "sha256")
+    assert got["binary_runtime_measurements_sha256"] == export(mnt, archive, "--bank", "sha256")
+    assert got["ascii_runtime_measurements"] == export(mnt, archive, "--format", "ascii")
+    assert_replays(mnt, got["binary_runtime_measurements"], n)
+    assert (whole / "runtime_measurements_count").read_text() == f"{n}\n"
+    assert json.loads(subprocess.run([sys.executable, "-m", "imafs", "keep", "status", "--archive", archive],
+                                     capture_output=True, text=True, check=True).stdout)["boots"][0]["trims"] >= 5
+    for bank in ("sha1", "sha256"):
+        text = (whole / ("ascii_runtime_measurements" + ("" if bank == "sha1" else "_" + bank))).read_text()
+        pcr10 = mnt.client.call("pcrs", bank=bank)["pcrs"][bank][10]
+        assert keylime_verify(text, pcr10, bank, **({} if bank == "sha1" else {"log_hash_alg": bank})) == []
+    if EVMCTL:
+        r = subprocess.run([EVMCTL, "ima_measurement", *pcr_args(mnt, tmp_path),
+                            str(whole / "binary_runtime_measurements")], capture_output=True, text=True, check=False)
+        assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
+
+
+def test_serve_an_earlier_boot(mnt, tmp_path, serve_whole):
+    archive = tmp_path / "a.db"
+    mnt.client.call("generate", count=300)
+    keep(mnt, archive, "--once")
+    first = export(mnt, archive, live=False)
+    mnt.client.call("reboot")
+    mnt.client.call("generate", count=10)
+    keep(mnt, archive, "--once")
+    mp = tmp_path / "boot1"
+    mp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive),
+                          "--boot", "1", str(mp)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (mp / "binary_runtime_measurements").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        assert (mp / "binary_runtime_measurements").read_bytes() == first
+        assert (mp / "runtime_measurements_count").read_text() == "301\n"
+        with open(mp / "ascii_runtime_measurements", "rb") as f:
+            f.seek(1000)
+            assert f.read() == export(mnt, archive, "--boot", "1", "--format", "ascii", live=False)[1000:]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    r = subprocess.run([sys.executable, "-m", "imafs", "keep", "serve", "--archive", str(archive), "--boot", "7",
+                        str(mp)], capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode != 0 and "no boot 7" in r.stderr, r.stderr
+
+
+def test_a_trim_between_reading_the_live_list_and_the_archive(mnt, tmp_path, monkeypatch):
+    """The whole log reads the live list, then the archive. A whole trim
+    (store, D, its confirmation) right between them would make the archive
+    place the list read before it wrong (its head twice): the list is read
+    again until the archive held still around the read."""
+    from imafs.keeper import trim
+    from imafs.keeper.abi import Ima
+    from imafs.keeper.archive import Archive
+    from imafs.keeper.whole import whole_log
+    archive = str(tmp_path / "a.db")
+    mnt.client.call("generate", count=50)
+    keep(mnt, archive, "--once")
+    mnt.client.call("generate", count=40)
+    real, trims = Ima.read_live, []
+
+    def read_live(self):
+        out = real(self)
+        if not trims:  # once: a keeper's whole cycle after this read
+            trims.append(trim.Keeper(Ima(mnt.path), Archive(archive), "stage").cycle())
+        return out
+
+    monkeypatch.setattr(Ima, "read_live", read_live)
+    boot, recs = whole_log(Archive(archive), Ima(mnt.path))
+    assert trims == [40] and count(mnt) == 0
+    assert_replays(mnt, b"".join(r.raw for r in recs), full_count(mnt))

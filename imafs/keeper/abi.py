@@ -19,6 +19,7 @@ from pathlib import Path
 
 log = logging.getLogger("imafs.keeper")
 
+KEXEC_HEADER = 24  # struct ima_kexec_hdr, counted in binary_runtime_size (kernel-abi.md §6.1)
 BUSY_TIMEOUT = 30.0  # seconds of EBUSY before a cycle gives up (and retries later)
 
 
@@ -127,6 +128,18 @@ class Ima:
 
     def count(self) -> int:
         return int(self.read(self.dir / "runtime_measurements_count"))
+
+    def longer_than(self, size: int) -> bool:
+        """Whether ``binary_runtime_size`` exceeds ``size``. No securityfs file
+        shows it (staging.md §2); it is the current list's length in the kexec
+        format, i.e. the sha1 `binary_runtime_measurements` plus the 24-byte
+        kexec header. So: one byte read at offset ``size - 24`` (the kernel's
+        seq_file walks to it without copying the list to user space)."""
+        fd = self._open(self.original, os.O_RDONLY)
+        try:
+            return bool(os.pread(fd, 1, max(size - KEXEC_HEADER, 0)))
+        finally:
+            os.close(fd)
 
     # -- commands -----------------------------------------------------------------------
     def stage(self) -> int:

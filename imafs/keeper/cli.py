@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import sys
 
 from .abi import Busy, Ima, KeeperFatal
+from .archive import ArchiveError, is_postgresql
+
+ARCHIVE_HELP = "the archive: a SQLite file (created if missing) or a postgresql:// URL"
+HOST_HELP = ("this host's id in a postgresql:// archive shared by many hosts "
+             "(default: /etc/machine-id, else the host name)")
 
 DEFAULT_BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
@@ -18,7 +22,8 @@ def add_parser(sub) -> None:
                        description="Without a verb: trim the list into the archive (foreground; SIGTERM "
                                    "stops, SIGUSR1 trims now). Verbs: export, verify, status.")
     k.add_argument("--securityfs", metavar="DIR", help="the securityfs (or its ima/) directory")
-    k.add_argument("--archive", metavar="PATH", help="the SQLite archive (created if missing)")
+    k.add_argument("--archive", metavar="PATH|URL", help=ARCHIVE_HELP)
+    k.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     k.add_argument("--mode", choices=("stage", "count"), default="stage",
                    help="stage: A, save the staged list, D (default); count: save the oldest records, write N")
     k.add_argument("--abi", choices=("auto", "v7", "v5"), default="auto",
@@ -26,7 +31,10 @@ def add_parser(sub) -> None:
     k.add_argument("--once", action="store_true", help="one trim cycle, then exit (cron, tests)")
     k.add_argument("--max-records", type=int, metavar="N", help="trim when the list holds more than N records")
     k.add_argument("--max-bytes", type=int, metavar="N",
-                   help="trim when the binary list is longer than N bytes (reads the list to know)")
+                   help="trim when binary_runtime_size (the list in the kexec format, 24-byte header "
+                        "included) passes N bytes")
+    k.add_argument("--control", metavar="PATH",
+                   help="a control socket (JSON lines, root only): trim, status")
     k.add_argument("--interval", type=float, metavar="S", help="trim at least every S seconds")
     k.add_argument("--poll", type=float, default=1.0, metavar="S", help="check the thresholds every S seconds")
     k.add_argument("--boot-id-file", default=DEFAULT_BOOT_ID, metavar="FILE",
@@ -36,7 +44,8 @@ def add_parser(sub) -> None:
     verbs = k.add_subparsers(dest="keep_verb", metavar="VERB")
 
     e = verbs.add_parser("export", help="a boot's whole log (archive, then the live list) to stdout")
-    e.add_argument("--archive", required=True, metavar="PATH", help="the archive")
+    e.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
+    e.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     e.add_argument("--securityfs", metavar="DIR", help="append the live records of this securityfs")
     e.add_argument("--boot", type=int, metavar="N", help="the archive's boot N (default: the latest)")
     e.add_argument("--format", choices=("binary", "ascii"), default="binary", help="the kernel's list format")
@@ -44,7 +53,8 @@ def add_parser(sub) -> None:
     e.set_defaults(fn=cmd_export)
 
     v = verbs.add_parser("verify", help="replay the whole log against PCR values; 0 only if they match")
-    v.add_argument("--archive", required=True, metavar="PATH", help="the archive")
+    v.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
+    v.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     v.add_argument("--securityfs", metavar="DIR", help="the live list to append")
     v.add_argument("--boot", type=int, metavar="N", help="the archive's boot N (default: the latest)")
     v.add_argument("--pcrs", action="append", required=True, metavar="[BANK,]FILE",
@@ -52,13 +62,24 @@ def add_parser(sub) -> None:
     v.set_defaults(fn=cmd_verify)
 
     sv = verbs.add_parser("serve", help="mount the whole log read-only, with the kernel's file names")
-    sv.add_argument("--archive", required=True, metavar="PATH", help="the archive")
+    sv.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
+    sv.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     sv.add_argument("--securityfs", metavar="DIR", help="the live list to append")
+    sv.add_argument("--boot", type=int, metavar="N",
+                    help="serve the archive's boot N alone (default: the latest boot, then the live list)")
     sv.add_argument("mountpoint", help="where to mount the whole-log tree")
     sv.set_defaults(fn=cmd_serve)
 
+    r = verbs.add_parser("request", help="ask a running keeper through its control socket (JSON answer)")
+    r.add_argument("--control", required=True, metavar="PATH", help="the keeper's --control socket")
+    r.add_argument("what", choices=("trim", "status"),
+                   help="trim: a cycle now, answered when it ends; status: the service's state")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S", help="give up after S seconds")
+    r.set_defaults(fn=cmd_request)
+
     s = verbs.add_parser("status", help="the archive as JSON: boots, records, bytes, last trim")
-    s.add_argument("--archive", required=True, metavar="PATH", help="the archive")
+    s.add_argument("--archive", required=True, metavar="PATH|URL", help=ARCHIVE_HELP)
+    s.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     s.set_defaults(fn=cmd_status)
 
 
@@ -74,28 +95,33 @@ def cmd_keep(args) -> int:
                         format="imafs-keep[%(process)d]: %(message)s", stream=sys.stderr)
     from .service import Service, open_keeper
     try:
-        keeper = open_keeper(args.securityfs, args.archive, args.mode, args.abi, args.boot_id_file)
+        keeper = open_keeper(args.securityfs, args.archive, args.mode, args.abi, args.boot_id_file, args.host_id)
         svc = Service(keeper, max_records=args.max_records, max_bytes=args.max_bytes,
-                      interval=args.interval, poll=args.poll)
+                      interval=args.interval, poll=args.poll, control=args.control)
         if args.once:
             return 0 if svc.once() else 1
-        svc.install_signals()
         return svc.run()
     except KeeperFatal as e:
         return _fail(str(e), 3)
-    except sqlite3.Error as e:
-        return _fail(f"archive {args.archive}: {e}; nothing is deleted", 1)
+    except ArchiveError as e:
+        return _fail(f"{e}; nothing is deleted", 1)
     except ValueError as e:
         return _fail(str(e), 2)
 
 
-def _whole(args):
-    from .archive import Archive
-    from .whole import whole_log
-    if not os.path.exists(args.archive):
+def _archive(args):
+    """The archive a verb reads; it must exist (only `keep` creates one)."""
+    from .archive import open_archive
+    if not is_postgresql(args.archive) and not os.path.exists(args.archive):
         raise KeeperFatal(f"{args.archive}: no such archive")
+    return open_archive(args.archive, host_id=args.host_id)
+
+
+def _whole(args):
+    from .whole import whole_log
+    archive = _archive(args)
     ima = Ima(args.securityfs) if args.securityfs else None
-    return whole_log(Archive(args.archive), ima, args.boot)
+    return whole_log(archive, ima, args.boot)
 
 
 def cmd_export(args) -> int:
@@ -104,7 +130,7 @@ def cmd_export(args) -> int:
     try:
         _, recs = _whole(args)
         sys.stdout.buffer.write(render(recs, args.format, args.bank))
-    except (KeeperFatal, Busy, BadRecord) as e:
+    except (KeeperFatal, Busy, BadRecord, ArchiveError, ValueError) as e:
         return _fail(str(e))
     return 0
 
@@ -115,7 +141,7 @@ def cmd_verify(args) -> int:
     try:
         pcr_files = [read_pcr_file(spec) for spec in args.pcrs]
         boot, recs = _whole(args)
-    except (KeeperFatal, Busy, BadRecord, OSError, ValueError) as e:
+    except (KeeperFatal, Busy, BadRecord, ArchiveError, OSError, ValueError) as e:
         return _fail(str(e))
     if not recs:
         return _fail("no records")
@@ -124,9 +150,8 @@ def cmd_verify(args) -> int:
         print(f"imafs keep verify: {why}", file=sys.stderr)
     if bad and boot is not None and boot > 1:
         # the ambiguous case of docs/keeper.md: a kexec after a complete trim looks like a reboot
-        from .archive import Archive
         from .whole import whole_log as _whole_log
-        _, before = _whole_log(Archive(args.archive), None, boot - 1)
+        _, before = _whole_log(_archive(args), None, boot - 1)
         if all(replay(before + recs, bank, values) is None for bank, values in pcr_files):
             print(f"imafs keep verify: boot {boot} replays as the continuation of boot {boot - 1}: it began "
                   f"with a kexec after a complete trim, not a reboot (docs/keeper.md, the ambiguous case); "
@@ -140,17 +165,30 @@ def cmd_verify(args) -> int:
 def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="imafs-keep[%(process)d]: %(message)s", stream=sys.stderr)
     from .serve import serve
-    if not os.path.exists(args.archive):
-        return _fail(f"{args.archive}: no such archive")
     try:
-        return serve(args.archive, args.securityfs, args.mountpoint)
-    except KeeperFatal as e:
-        return _fail(str(e), 3)
+        archive = _archive(args)  # exists, opens: say so now rather than at the first read
+        if args.boot is not None and args.boot not in [b[0] for b in archive.boots()]:
+            raise KeeperFatal(f"{args.archive}: the archive has no boot {args.boot}")
+        archive.close()
+        return serve(lambda: _archive(args), args.securityfs, args.mountpoint, args.boot)
+    except (KeeperFatal, ArchiveError, ValueError) as e:
+        return _fail(str(e), 3 if isinstance(e, KeeperFatal) else 1)
 
 
 def cmd_status(args) -> int:
-    from .archive import Archive
-    if not os.path.exists(args.archive):
-        return _fail(f"{args.archive}: no such archive")
-    print(json.dumps(Archive(args.archive).status(), indent=2))
+    try:
+        print(json.dumps(_archive(args).status(), indent=2))
+    except (KeeperFatal, ArchiveError, ValueError) as e:
+        return _fail(str(e))
     return 0
+
+
+def cmd_request(args) -> int:
+    from ..control import Client, ControlError
+    try:
+        answer = Client(path=args.control, timeout=args.timeout).call(args.what)
+    except ControlError as e:
+        return _fail(f"{args.control}: {e}")
+    answer.pop("ok")
+    print(json.dumps(answer, indent=2))
+    return 0 if not answer.get("error") else 1

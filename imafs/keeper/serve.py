@@ -8,40 +8,131 @@ only grows, and its rendering is deterministic, so a byte offset stays valid
 across trims: an agent that remembers where it stopped reading reads exactly
 the next records. A new boot starts the files over, as a reboot does.
 
-Each open refreshes the log (archive and live list, in a worker thread) and
-renders only the records not yet rendered; reads are served from memory.
-`runtime_measurements_count` counts the whole log (the kernel's counts the
-current list only).
+Each open takes a snapshot (in a worker thread): the records archived since
+the last open are added to an offset index (the archive is read whole once,
+at the first open), and the live list is read and placed. A read is a range:
+the archive's blocks that hold it (BLOCK records each, the last CACHED_BLOCKS
+rendered blocks kept), then the snapshot's live records. The service's memory
+is the index (two integers per BLOCK records) and the live list.
+`runtime_measurements_count` counts the whole log: what the kernel would show
+had nothing been deleted (the kernel's counts the current list only).
+`--boot N` serves an earlier boot from the archive alone.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
 import signal
 import stat
+from array import array
+from collections import OrderedDict
+from itertools import islice
 
 import pyfuse3
 import trio
 
 from .. import templates as T
-from .abi import Ima
-from .archive import Archive
-from .whole import render, whole_log
+from .abi import Ima, KeeperFatal
+from .trim import split
+from .whole import placed_live, render
 
 log = logging.getLogger("imafs.keeper")
 
 
-class WholeLog:
-    """The served boot's records and their renderings (append-only per boot)."""
+BLOCK = 256  # records between two marks of the offset index; the unit read from the archive
+CACHED_BLOCKS = 64
 
-    def __init__(self, archive_path: str, securityfs: str | None):
-        self.archive_path = archive_path
+
+class Snapshot:
+    """What one open sees: the archive's first ``archived`` records of the boot
+    (read in blocks when asked for), then the live records not archived at the
+    open (held). Offsets never move: the archive only grows."""
+
+    def __init__(self, log: WholeLog, view: tuple[str, str] | None, archived: int, live: list):
+        self.log, self.view, self.archived, self.live = log, view, archived, live
+        self.index = log.index
+        if view is None:
+            self.tail = b"%d\n" % (archived + len(live))
+            self.split = 0
+        else:
+            self.split = self.index.offset(view, archived)
+            self.tail = None
+
+    def live_bytes(self) -> bytes:
+        if self.tail is None:
+            self.tail = render(self.live, *self.view)
+        return self.tail
+
+    def read(self, off: int, size: int) -> bytes:
+        """Blocking (archive reads)."""
+        out = []
+        if off < self.split:
+            out.append(self.log.read_archived(self.index, self.view, off, min(size, self.split - off),
+                                              self.archived))
+        end = off + size
+        if end > self.split:
+            tail = self.live_bytes()
+            out.append(tail[max(off - self.split, 0):end - self.split])
+        return b"".join(out)
+
+
+class Index:
+    """Byte offsets of one boot's archived records in every view, from two sums:
+    a record's length in the binary sha1 list and as an ascii sha1 line. Another
+    bank's digest only changes the digest's length (binary: size-20 bytes more
+    per record, ascii: twice that in hex), so one index serves every view. A
+    mark every BLOCK records: a few bytes per BLOCK records."""
+
+    def __init__(self, boot):
+        self.boot = boot
+        self.n = 0                     # records indexed
+        self.marks = {"binary": array("Q", [0]), "ascii": array("Q", [0])}  # at record k*BLOCK
+        self.total = {"binary": 0, "ascii": 0}                              # after record n-1
+
+    def add(self, recs) -> None:
+        for r in recs:
+            self.total["binary"] += len(r.raw)
+            self.total["ascii"] += len(T.ascii_record(r.pcr, r.digest, r.template, r.fields))
+            self.n += 1
+            if self.n % BLOCK == 0:
+                for fmt in ("binary", "ascii"):
+                    self.marks[fmt].append(self.total[fmt])
+
+    @staticmethod
+    def delta(view) -> int:
+        fmt, bank = view
+        return (T.digest_size(bank) - 20) * (2 if fmt == "ascii" else 1)
+
+    def offset(self, view, n: int) -> int:
+        """Where record ``n`` starts in ``view`` (n <= self.n; a mark or the end)."""
+        fmt = view[0]
+        if n == self.n:
+            base = self.total[fmt]
+        else:
+            assert n % BLOCK == 0
+            base = self.marks[fmt][n // BLOCK]
+        return base + n * self.delta(view)
+
+    def block_at(self, view, off: int) -> int:
+        """The block holding byte ``off`` of ``view``."""
+        marks, d = self.marks[view[0]], self.delta(view) * BLOCK
+        return bisect.bisect_right(range(len(marks)), off, key=lambda k: marks[k] + k * d) - 1
+
+
+class WholeLog:
+    """The served boot: an offset index of its archive, grown at each open by
+    the records archived since (the archive is never re-read whole), and the
+    live records not yet archived, read at each open."""
+
+    def __init__(self, open_archive, securityfs: str | None, boot: int | None = None):
+        self.archive = open_archive()
         self.ima = Ima(securityfs) if securityfs else None
-        self.boot: object = ()
-        self.recs: list = []
-        self.rendered: dict[tuple[str, str], tuple[int, bytearray]] = {}
+        self.fixed_boot = boot
+        self.index = Index(None)
+        self.blocks: OrderedDict = OrderedDict()  # (boot, block, view) -> rendered bytes
 
     def banks(self) -> list[str]:
         out = ["sha1"]
@@ -54,27 +145,64 @@ class WholeLog:
                 out.append(b)
         return out
 
-    def refresh(self) -> None:
-        """Blocking: the archive and the live list, read now."""
-        a = Archive(self.archive_path)
-        try:
-            boot, recs = whole_log(a, self.ima)
-        finally:
-            a.close()
-        if boot != self.boot or len(recs) < len(self.recs) or (
-                self.recs and recs[len(self.recs) - 1].raw != self.recs[-1].raw):
-            if self.recs:
-                log.info("keeper serve: a new boot (%s): the files start over", boot)
-            self.boot, self.recs, self.rendered = boot, recs, {}
+    def snapshot(self, view) -> Snapshot:
+        """Blocking: the archive and the live list as of now."""
+        a = self.archive
+        live = []
+        if self.fixed_boot is not None:
+            boot = self.fixed_boot
+            if boot not in [b[0] for b in a.boots()]:
+                raise KeeperFatal(f"the archive has no boot {boot}")
         else:
-            self.recs.extend(recs[len(self.recs):])
+            boot = a.last_boot()
+            if self.ima is not None:
+                live, p = placed_live(a, self.ima)
+                if p is not None:  # None: a live list that starts a boot the archive has not stored
+                    boot = p.boot if p.boot is not None else ("new", boot)
+        if boot != self.index.boot:
+            if self.index.n:
+                log.info("keeper serve: a new boot (%s): the files start over", boot)
+            self.index = Index(boot)
+            self.blocks.clear()
+        archived = 0
+        if isinstance(boot, int):
+            archived = a.count(boot)
+            if live:
+                live = live[archived - p.first:]  # what the archive holds is served from it
+            if archived > self.index.n:
+                more = islice(a.iter_records(boot, self.index.n), archived - self.index.n)
+                self.index.add(split(raw, f"archive boot {boot} record {pos}")[0] for pos, raw in more)
+        return Snapshot(self, view, archived, live)
 
-    def content(self, fmt: str, bank: str) -> bytearray:
-        done, buf = self.rendered.get((fmt, bank), (0, bytearray()))
-        if done < len(self.recs):
-            buf += render(self.recs[done:], fmt, bank)
-            self.rendered[fmt, bank] = (len(self.recs), buf)
-        return buf
+    def _block(self, index: Index, k: int, view, archived: int) -> bytes:
+        key = (index.boot, k, view)
+        data = self.blocks.get(key)
+        if data is None:
+            first = k * BLOCK
+            n = min(BLOCK, archived - first)
+            recs = [split(raw, f"archive boot {index.boot} record {first + i}")[0]
+                    for i, raw in enumerate(self.archive.records(index.boot, first, n))]
+            data = render(recs, *view)
+            if n == BLOCK:  # a whole block never changes; a partial one grows
+                self.blocks[key] = data
+                if len(self.blocks) > CACHED_BLOCKS:
+                    self.blocks.popitem(last=False)
+        else:
+            self.blocks.move_to_end(key)
+        return data
+
+    def read_archived(self, index: Index, view, off: int, size: int, archived: int) -> bytes:
+        out = []
+        k = index.block_at(view, off)
+        while size > 0 and k * BLOCK < archived:
+            start = index.offset(view, k * BLOCK)
+            data = self._block(index, k, view, archived)
+            piece = data[off - start:off - start + size]
+            out.append(piece)
+            off += len(piece)
+            size -= len(piece)
+            k += 1
+        return b"".join(out)
 
 
 class ServeFs(pyfuse3.Operations):
@@ -89,7 +217,7 @@ class ServeFs(pyfuse3.Operations):
                   ("binary_runtime_measurements", ("binary", "sha1"))]
         self.files = {pyfuse3.ROOT_INODE + 1 + i: (n.encode(), what) for i, (n, what) in enumerate(names)}
         self.by_name = {n: ino for ino, (n, _) in self.files.items()}
-        self.snapshots: dict[int, bytes] = {}
+        self.snapshots: dict[int, Snapshot] = {}
         self.next_fh = 1
         self.lock = trio.Lock()
 
@@ -134,28 +262,31 @@ class ServeFs(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise pyfuse3.FUSEError(errno.EACCES)
-        async with self.lock:  # one refresh at a time; the render cache is shared
-            try:
-                await trio.to_thread.run_sync(self.whole.refresh)
-            except Exception as e:  # noqa: BLE001 - the kernel's answer to a list it cannot read
-                log.error("keeper serve: cannot read the whole log: %s", e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            what = self.files[inode][1]
-            data = (b"%d\n" % len(self.whole.recs)) if what is None else bytes(self.whole.content(*what))
+        snap = await self._blocking(self.whole.snapshot, self.files[inode][1])
         fh = self.next_fh
         self.next_fh += 1
-        self.snapshots[fh] = data
+        self.snapshots[fh] = snap
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def read(self, fh, off, size):
-        return self.snapshots[fh][off:off + size]
+        return await self._blocking(self.snapshots[fh].read, off, size)
 
     async def release(self, fh):
         self.snapshots.pop(fh, None)
 
+    async def _blocking(self, fn, *args):
+        """Archive and list reads, in a worker thread, one at a time (one archive
+        connection, one render cache); any failure is EIO, the server lives on."""
+        async with self.lock:
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            except Exception as e:  # noqa: BLE001 - the kernel's answer to a list it cannot read
+                log.error("keeper serve: cannot read the whole log: %s", e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
 
-def serve(archive: str, securityfs: str | None, mountpoint: str) -> int:
-    fs = ServeFs(WholeLog(archive, securityfs))
+
+def serve(open_archive, securityfs: str | None, mountpoint: str, boot: int | None = None) -> int:
+    fs = ServeFs(WholeLog(open_archive, securityfs, boot))
     pyfuse3.init(fs, mountpoint, ["fsname=imafs-keep", "subtype=imafs-keep", "ro", "allow_other",
                                   "default_permissions"])
     log.info("keeper serve: the whole log at %s", mountpoint)

@@ -27,14 +27,15 @@ import errno
 import hashlib
 import logging
 import os
-import sqlite3
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import templates as T
 from .abi import Ima, KeeperFatal
 from .abi import boot_id as read_boot_id
-from .archive import Archive, Conflict
+from .archive import Archive, ArchiveError, Conflict
 
 log = logging.getLogger("imafs.keeper")
 
@@ -105,18 +106,18 @@ def _slow(buf, o: int, where: str, index: int) -> tuple[Rec, int]:
     return r, end
 
 
-def split(buf: bytes, where: str = "list") -> list[Rec]:
-    """The records of a sha1 binary list, each checked: strict parse (the
-    kernel's restore rules) and the template digest recomputed from the
-    template data. The common case (not `ima`) walks the field lengths and
-    hashes the template data where it lies; anything else, and every error,
-    goes through templates.parse_binary_record."""
-    out = []
-    append = out.append
+def _walk(buf, where: str):
+    """Check every record of a sha1 binary list: strict parse (the kernel's
+    restore rules) and the template digest recomputed from the template data.
+    Yields (start, end, template, Rec or None) per record. The common case (not
+    `ima`) walks the field lengths and hashes the template data where it lies,
+    making no object per record; anything else, and every error, goes through
+    templates.parse_binary_record (the Rec it built is yielded)."""
     sha1 = hashlib.sha1
     mv = memoryview(buf)
     end = len(buf)
     o = 0
+    index = 0
     known: dict[bytes, T.Template] = {}
     while o < end:
         tmpl = None
@@ -144,16 +145,59 @@ def split(buf: bytes, where: str = "list") -> list[Rec]:
             if p != de or de > end:
                 tmpl = None
         if tmpl is None:
-            r, o = _slow(buf, o, where, len(out))
-            append(r)
-            continue
-        digest = bytes(buf[o + 4:o + 24])
-        if digest != _ZERO20 and sha1(mv[ds:de]).digest() != digest:
-            raise BadRecord(f"{where}: record {len(out)} (byte {o}): its template digest "
-                            f"{digest.hex()} is not the sha1 of its template data")
-        append(Rec(bytes(buf[o:de]), _U32(buf, o)[0], digest, tmpl))
-        o = de
-    return out
+            r, e = _slow(buf, o, where, index)
+            yield o, e, r.template, r
+            o = e
+        else:
+            if mv[o + 4:o + 24] != _ZERO20 and sha1(mv[ds:de]).digest() != mv[o + 4:o + 24]:
+                raise BadRecord(f"{where}: record {index} (byte {o}): its template digest "
+                                f"{bytes(buf[o + 4:o + 24]).hex()} is not the sha1 of its template data")
+            yield o, de, tmpl, None
+            o = de
+        index += 1
+
+
+def split(buf: bytes, where: str = "list") -> list[Rec]:
+    """The records of a sha1 binary list, each checked (``_walk``), as Recs."""
+    return [r or Rec(bytes(buf[o:e]), _U32(buf, o)[0], bytes(buf[o + 4:o + 24]), tmpl)
+            for o, e, tmpl, r in _walk(buf, where)]
+
+
+class Records(Sequence):
+    """The records of a checked list as one buffer and their start offsets: a
+    sequence of each record's bytes, each made when asked for. A trim cycle
+    holds its chunk this way: no object per record lives through the cycle, so
+    the allocator's pools do not fragment over millions of records (a list of
+    100k Recs per cycle grew the service's memory)."""
+
+    __slots__ = ("buf", "starts")
+
+    def __init__(self, buf: bytes, starts: array):
+        self.buf, self.starts = buf, starts  # starts: one more than the records (the end)
+
+    @classmethod
+    def check(cls, buf: bytes, where: str = "list") -> Records:
+        starts = array("Q", (o for o, _, _, _ in _walk(buf, where)))
+        starts.append(len(buf))
+        return cls(buf, starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            assert step == 1
+            return Records(self.buf, self.starts[lo:max(hi, lo) + 1])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.buf[self.starts[i]:self.starts[i + 1]]
+
+    def head_is_boot_aggregate(self, i: int) -> bool:
+        raw = self[i]
+        return b"boot_aggregate" in raw and split(raw)[0].is_boot_aggregate
 
 
 @dataclass
@@ -163,7 +207,7 @@ class Placement:
     kexec_at: int | None = None  # index of a new kernel's boot_aggregate after carried records
 
 
-def place(archive: Archive, recs: list[Rec]) -> Placement:
+def place(archive: Archive, recs: Sequence[bytes]) -> Placement:
     """Where ``recs`` (the head of what the kernel holds) sit in the archive."""
     boot = archive.last_boot()
     if boot is None:
@@ -173,10 +217,10 @@ def place(archive: Archive, recs: list[Rec]) -> Placement:
     chunk = archive.last_chunk(boot)
     # the last delete may not have happened: the kernel then still starts with that chunk
     if (chunk and chunk.deleted is None and len(recs) >= chunk.count
-            and archive.records(boot, chunk.first, chunk.count) == [r.raw for r in recs[:chunk.count]]):
+            and archive.records(boot, chunk.first, chunk.count) == list(recs[:chunk.count])):
         first = chunk.first
-    for i, r in enumerate(recs):
-        if r.is_boot_aggregate and first + i >= have:
+    for i, raw in enumerate(recs):
+        if first + i >= have and b"boot_aggregate" in raw and split(raw)[0].is_boot_aggregate:
             if i == 0:
                 return Placement(None, 0)  # a new boot: this list starts with its boot_aggregate
             return Placement(boot, first, kexec_at=i)  # a kexec: carried records, then the new kernel
@@ -194,36 +238,38 @@ class Keeper:
         self.mode = mode
         self.boot_id_file = boot_id_file
         self.last_error: str | None = None
+        self.archived = 0  # records the current cycle stored that the archive did not have
 
-    def _save(self, recs: list[Rec], mode: str) -> tuple[int, int] | None:
+    def _save(self, recs: Records, mode: str) -> tuple[int, int] | None:
         """Store ``recs``; (boot, first) once durable, None if it must not be deleted."""
         p = place(self.archive, recs)
         bid = read_boot_id(self.boot_id_file)
         boot = p.boot
         try:
             if boot is None:
-                boot = self.archive.new_boot(bid, recs[0].is_boot_aggregate)
+                boot = self.archive.new_boot(bid, recs.head_is_boot_aggregate(0))
                 log.info("keeper: boot %d starts (%s)", boot, "boot_aggregate at the head of the list"
-                         if recs[0].is_boot_aggregate else "the list does not start at a boot_aggregate: "
+                         if recs.head_is_boot_aggregate(0) else "the list does not start at a boot_aggregate: "
                          "records before it were lost to the archive")
             elif p.kexec_at is not None:
                 self.archive.add_kernel(boot, bid)
                 log.info("keeper: kexec in boot %d: %d carried records, then a new kernel at position %d",
                          boot, p.kexec_at, p.first + p.kexec_at)
-            new = self.archive.store(boot, p.first, [r.raw for r in recs], mode)
+            new = self.archive.store(boot, p.first, recs, mode)
         except Conflict as e:
             self.last_error = str(e)
             log.error("keeper: %s; nothing is deleted", e)
             return None
-        except sqlite3.Error as e:
+        except ArchiveError as e:
             self.last_error = f"archive commit failed: {e}"
             log.error("keeper: the archive's commit failed (%s); nothing is deleted, retrying later", e)
             return None
+        self.archived += new
         crash_hook("after-commit")
         log.info("keeper: boot %d: stored records %d-%d (%d new)", boot, p.first, p.first + len(recs) - 1, new)
         return boot, p.first
 
-    def _finish_staged(self, recs: list[Rec]) -> bool:
+    def _finish_staged(self, recs: Records) -> bool:
         saved = self._save(recs, "stage")
         if saved is None:
             return False
@@ -243,7 +289,8 @@ class Keeper:
     def cycle(self) -> int:
         """One trim; returns how many records left the kernel's memory (stored first)."""
         self.last_error = None
-        staged = split(self.ima.read_staged(), "staged list") if self.ima.can_stage else []
+        self.archived = 0
+        staged = Records.check(self.ima.read_staged(), "staged list") if self.ima.can_stage else []
         if staged:  # left by a killed keeper or another agent: archive it, finish the delete
             log.info("keeper: %d records already staged: storing and deleting them", len(staged))
             if not self._finish_staged(staged):
@@ -260,11 +307,11 @@ class Keeper:
             if err not in (0, errno.EEXIST):  # EEXIST: someone staged between our read and A
                 raise OSError(err, f"A: {os.strerror(err)}")
             crash_hook("after-A")
-            recs = split(self.ima.read_staged(), "staged list")
+            recs = Records.check(self.ima.read_staged(), "staged list")
             if not recs:
                 return 0
             return len(recs) if self._finish_staged(recs) else 0
-        recs = split(self.ima.read_current(), "current list")
+        recs = Records.check(self.ima.read_current(), "current list")
         if not recs:
             return 0
         saved = self._save(recs, "count")

@@ -7,9 +7,34 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import templates as T
-from .abi import Ima
+from .abi import Busy, Ima
 from .archive import Archive
-from .trim import Rec, place, split
+from .trim import Placement, Rec, place, split
+
+
+PLACE_TRIES = 50
+
+
+def _archive_state(archive: Archive):
+    boot = archive.last_boot()
+    return None if boot is None else (boot, archive.count(boot), archive.last_chunk(boot))
+
+
+def placed_live(archive: Archive, ima: Ima) -> tuple[list[Rec], Placement | None]:
+    """The live records (staged, then current) and where they sit in the
+    archive (trim.place), read so that the archive did not change while the
+    list was read: the list is read before the archive is looked at, and a
+    trim that commits a chunk or confirms its delete in between would make the
+    later archive state place the earlier list wrong (its head counted twice).
+    Then it is read again."""
+    for _ in range(PLACE_TRIES):
+        before = _archive_state(archive)
+        staged, current = ima.read_live()
+        live = split(staged, "staged list") + split(current, "current list")
+        p = place(archive, [r.raw for r in live]) if live else None
+        if _archive_state(archive) == before:
+            return live, p
+    raise Busy(f"the archive changed during each of {PLACE_TRIES} reads of the live list")
 
 
 def whole_log(archive: Archive, ima: Ima | None = None, boot: int | None = None) -> tuple[int | None, list[Rec]]:
@@ -19,12 +44,9 @@ def whole_log(archive: Archive, ima: Ima | None = None, boot: int | None = None)
     live: list[Rec] = []
     p = None
     if ima is not None:
-        staged, current = ima.read_live()
-        live = split(staged, "staged list") + split(current, "current list")
-        if live:
-            p = place(archive, live)
-            if p.boot is None and boot is None:
-                return None, live
+        live, p = placed_live(archive, ima)
+        if p is not None and p.boot is None and boot is None:
+            return None, live
     if boot is None:
         boot = archive.last_boot()
     if boot is None:
