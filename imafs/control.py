@@ -465,6 +465,14 @@ class Server:
         return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
                                                    flags)}
 
+    async def cmd_mprotect(self, node: int, task: dict):
+        """ima_file_mprotect of a task making a mapping of a file of a measured
+        mount executable (the seccomp supervisor): the errno the call fails
+        with, 0 to let it run."""
+        if self.measured is None:
+            raise RequestError("mprotect: this mount has no measured mount")
+        return {"errno": await self.measured.mprotect(node, Task.reported(task))}
+
     async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
         """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""
         data = await self.runner.io(read_cert_file, cert)

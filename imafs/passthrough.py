@@ -528,6 +528,25 @@ class MeasuredFs:
         descriptor was opened with ``flags``.  The file is the open's: same
         iint, same recorded name; its content is read through a live handle
         (the task holds the file open), so a later unlink does not matter."""
+        f = await self._hooked_file(nodeid, flags)
+
+        def steps():  # one path: the hooks of one call run in order, as the kernel's; a denial ends the call
+            done = []
+            for func in funcs:
+                done.append((yield from self.pt.measurer.process(f, task, func, mask)))
+                if "denied" in done[-1]:
+                    break
+            return done
+        return await self.runner.run(steps())
+
+    async def mprotect(self, nodeid: int, task: Task) -> int:
+        """ima_file_mprotect for a mapping of a file of a measured mount that
+        is being made executable: 0 or the errno (EPERM) the call fails with."""
+        f = await self._hooked_file(nodeid, os.O_RDONLY)
+        return self.pt.measurer.file_mprotect(f, task)
+
+    async def _hooked_file(self, nodeid: int, flags: int) -> OpenedFile:
+        """The file of a hook the supervisor reports, by its node id."""
         node = self.pt.nodes.get(nodeid)
         if node is None:
             raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
@@ -536,15 +555,8 @@ class MeasuredFs:
         if not stat.S_ISREG(st.st_mode):
             raise RequestError(f"hook: node {nodeid} is not a regular file")
         fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
-        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
-                       fd=alive, path=os.fsdecode(self.pt.path(node)))
-
-        def steps():  # one path: the hooks of one call run in order, as the kernel's
-            done = []
-            for func in funcs:
-                done.append((yield from self.pt.measurer.process(f, task, func, mask)))
-            return done
-        return await self.runner.run(steps())
+        return OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
+                          fd=alive, path=os.fsdecode(self.pt.path(node)))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT

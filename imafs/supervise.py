@@ -68,6 +68,7 @@ IOCTL_ID_VALID = 0x40082102  # SECCOMP_IOW(2, __u64)
 FLAG_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE
 
 PROT_EXEC, MAP_ANONYMOUS = 0x4, 0x20
+PAGE = mmap.PAGESIZE
 MAY_EXEC, MAY_READ = 0x1, 0x4
 CAP_SYS_MODULE, CAP_SYS_BOOT, CAP_SYS_ADMIN = 16, 22, 21
 O_PATH = 0o10000000
@@ -82,7 +83,7 @@ CLONE_NEWUTS = 0x04000000
 SLOTS = 16  # notifications answered at once
 SWEEP = 64  # ids after the last recorded one that a dying supervisor may have received
 
-HOOKED = ("mmap", "uname", "add_key", "finit_module", "kexec_file_load")
+HOOKED = ("mmap", "mprotect", "uname", "add_key", "finit_module", "kexec_file_load")
 ARCH = seccomp.Arch.NATIVE
 NR = {name: seccomp.resolve_syscall(ARCH, name) for name in HOOKED}
 SYS = {name: seccomp.resolve_syscall(ARCH, name) for name in ("add_key", "keyctl", "setfsuid", "setfsgid",
@@ -144,6 +145,7 @@ def build_filter(no_new_privs: bool) -> seccomp.SyscallFilter:
     f.set_attr(seccomp.Attr.CTL_NNP, int(no_new_privs))
     f.add_rule(seccomp.NOTIFY, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC),
                seccomp.Arg(3, seccomp.MASKED_EQ, MAP_ANONYMOUS, 0))
+    f.add_rule(seccomp.NOTIFY, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC))
     for name in ("uname", "add_key", "finit_module", "kexec_file_load"):
         f.add_rule(seccomp.NOTIFY, name)
     return f
@@ -473,22 +475,25 @@ class Hooks:
             return None
         return st.st_ino if st.st_dev == self.fuse_dev and st.st_ino >= FIRST_NODE else None
 
-    def _hook(self, listener: int, n: Notification, fd: int, funcs: list[str], mask: int) -> None:
+    def _hook(self, listener: int, n: Notification, fd: int, funcs: list[str], mask: int) -> int | None:
         """A file hook on the task's descriptor ``fd``, if it is a file the
-        emulated kernel sees."""
+        emulated kernel sees: the errno the emulated kernel fails the call
+        with (appraisal in enforce mode), else None."""
         node = self._node(n.pid, fd)
         if node is None:
-            return
+            return None
         flags = _fd_flags(n.pid, fd)
         if flags is None or flags & O_PATH:  # fdget() refuses an O_PATH descriptor: EBADF, no hook
-            return
+            return None
         task = _task(n.pid)
         if not id_valid(listener, n.id):
-            return
+            return None
         try:
-            self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)
+            events = self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)["events"]
         except ControlError as e:
             log.warning("hook %s of task %d: %s", ",".join(funcs), n.pid, e)
+            return None
+        return next((e["denied"] for e in events if "denied" in e), None)
 
     def _measure_buffer(self, func: str, name: str, data: bytes, **kw) -> None:
         try:
@@ -500,7 +505,43 @@ class Hooks:
     def mmap(self, listener: int, n: Notification):
         """ima_file_mmap: PROT_EXEC asked for, so MMAP_CHECK_REQPROT then
         MMAP_CHECK, with MAY_EXEC (the filter stops nothing else)."""
-        self._hook(listener, n, _fd_arg(n.args[4]), ["MMAP_CHECK_REQPROT", "MMAP_CHECK"], MAY_EXEC)
+        denied = self._hook(listener, n, _fd_arg(n.args[4]), ["MMAP_CHECK_REQPROT", "MMAP_CHECK"], MAY_EXEC)
+        return None if denied is None else (-1, denied)
+
+    def mprotect(self, listener: int, n: Notification):
+        """ima_file_mprotect on each mapping of the range, in address order, as
+        mprotect_fixup meets them: one of a file the emulated kernel sees, not
+        executable yet, may fail the call (EPERM).  Whatever the kernel checks
+        before (alignment, holes, flags) is left to the host's call."""
+        start, length = n.args[0], n.args[1]
+        if start & (PAGE - 1) or not length:
+            return None
+        end = start + (length + PAGE - 1 & ~(PAGE - 1))
+        targets = []
+        for line in _read_proc(n.pid, "maps").splitlines():
+            span, perms, _off, dev, inode = line.split(None, 5)[:5]
+            lo, hi = (int(x, 16) for x in span.split(b"-"))
+            if hi <= start:
+                continue
+            if lo >= end:
+                break
+            major, minor = (int(x, 16) for x in dev.split(b":"))
+            if b"x" not in perms and os.makedev(major, minor) == self.fuse_dev and int(inode) >= FIRST_NODE:
+                targets.append(int(inode))
+        if not targets:
+            return None
+        task = _task(n.pid)
+        if not id_valid(listener, n.id):
+            return None
+        for node in targets:
+            try:
+                err = self.client.call("mprotect", node=node, task=task)["errno"]
+            except ControlError as e:
+                log.warning("mprotect of task %d: %s", n.pid, e)
+                return None
+            if err:
+                return -1, err
+        return None
 
     def uname(self, listener: int, n: Notification):
         """The emulated release in the task's struct new_utsname; the other
@@ -536,7 +577,9 @@ class Hooks:
         if not _cap_eff(n.pid) >> CAP_SYS_MODULE & 1 or flags & ~MODULE_INIT_FLAGS:
             return None
         if self._readable(n.pid, fd):
-            self._hook(listener, n, fd, ["MODULE_CHECK"], MAY_READ)
+            denied = self._hook(listener, n, fd, ["MODULE_CHECK"], MAY_READ)
+            if denied is not None:  # ima_post_read_file fails the read: no module is loaded
+                return -1, denied
         return None
 
     def _readable(self, pid: int, fd: int) -> bool:
@@ -559,7 +602,9 @@ class Hooks:
             return None
         if not self._readable(n.pid, kernel_fd):
             return None
-        self._hook(listener, n, kernel_fd, ["KEXEC_KERNEL_CHECK"], MAY_READ)
+        denied = self._hook(listener, n, kernel_fd, ["KEXEC_KERNEL_CHECK"], MAY_READ)
+        if denied is not None:  # kernel_read_file_from_fd fails: before the image probe
+            return -1, denied
         try:
             head = _peek(n.pid, kernel_fd, 0x238)
         except OSError:
@@ -569,7 +614,9 @@ class Hooks:
         if not flags & KEXEC_FILE_NO_INITRAMFS:
             if not self._readable(n.pid, initrd_fd):
                 return None
-            self._hook(listener, n, initrd_fd, ["KEXEC_INITRAMFS_CHECK"], MAY_READ)
+            denied = self._hook(listener, n, initrd_fd, ["KEXEC_INITRAMFS_CHECK"], MAY_READ)
+            if denied is not None:
+                return -1, denied
         if cmdline_len:
             if cmdline_len > 1 << 20:
                 return None

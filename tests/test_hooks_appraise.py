@@ -1,0 +1,143 @@
+"""The seccomp hooks meet appraisal (issues 11 and 13): in enforce mode a
+denied mmap(PROT_EXEC), finit_module or the loader's mapping of a library
+fails with EACCES, an mprotect adding PROT_EXEC to a file mapping fails with
+EPERM, each with the kernel's audit record.  Real programs under the filter,
+files signed with `evmctl ima_sign`, keys added with `imafs keys add`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from .test_appraise import add_key, denied_record, dmesg_audits, ima_sign, keys, make, tree  # noqa: F401
+from .test_measured_mount import SETPRIV_1000
+from .test_supervise import hookcalls, run, write_policy  # noqa: F401
+
+ELF = Path("/usr/bin/true").read_bytes()
+
+
+def mprotect_record(name: Path, src: Path, comm: str, uid: int, res: int) -> re.Pattern:
+    """ima_file_mprotect's record (integrity_audit_msg, collect_data)."""
+    return re.compile(rf"pid=\d+ uid={uid} auid=\d+ ses=\d+ subj=unconfined op=collect_data "
+                      rf'cause=failed-mprotect comm="{comm}" name="{re.escape(str(name))}" dev="[^"]+" '
+                      rf"ino={src.stat().st_ino} res={res} errno=0")
+
+
+def signed_pair(tree, keys):  # noqa: F811
+    src, dst = tree / "src", tree / "dst"
+    for d in (src, dst):
+        d.mkdir()
+        d.chmod(0o755)
+    make(src / "unsigned.bin", ELF)
+    ima_sign(make(src / "signed.bin", ELF + b"\0"), keys["rsa"][0])
+    return src, dst
+
+
+def second_dst(tree) -> Path:  # noqa: F811
+    (tree / "dst2").mkdir(mode=0o755)
+    return tree / "dst2"
+
+
+def test_mmap_exec_of_an_unsigned_file_is_denied(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    src, dst = signed_pair(tree, keys)
+    m = mount_imafs("ima_appraise=enforce", "ima_template=ima-sig", measure=[(src, dst)], reachable=True)
+    add_key(m, keys["rsa"][1])
+    write_policy(m, "measure func=MMAP_CHECK", "appraise func=MMAP_CHECK")
+    r = run(m, [*SETPRIV_1000, hookcalls, "mmap", dst / "unsigned.bin"])
+    assert r.stdout == "errno=13\n", r
+    r = run(m, [*SETPRIV_1000, hookcalls, "mmap", dst / "signed.bin"])
+    assert r.stdout == "ok\n", r
+    records = dmesg_audits(m)
+    assert len(records) == 1, records
+    assert denied_record("missing-hash", dst / "unsigned.bin", src / "unsigned.bin", "hookcalls", 1000) \
+        .fullmatch(records[0]), records[0]
+    text = m.read("ascii_runtime_measurements").decode()
+    assert f" {dst / 'signed.bin'} 0302" in text  # measured with its signature (ima-sig)
+    assert f"{dst / 'unsigned.bin'}" in text  # measured, then denied: as the kernel does
+    # log mode: the same failure is recorded, the call runs
+    m2 = mount_imafs("ima_appraise=log", measure=[(src, second_dst(tree))], reachable=True)
+    write_policy(m2, "appraise func=MMAP_CHECK")
+    r = run(m2, [*SETPRIV_1000, hookcalls, "mmap", tree / "dst2" / "unsigned.bin"])
+    assert r.stdout == "ok\n", r
+    assert [a for a in dmesg_audits(m2) if "cause=missing-hash" in a]
+
+
+def test_reqprot_denial_stops_before_mmap_check(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    """ima_file_mmap returns MMAP_CHECK_REQPROT's error: MMAP_CHECK never runs."""
+    src, dst = signed_pair(tree, keys)
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    write_policy(m, "appraise func=MMAP_CHECK_REQPROT", "appraise func=MMAP_CHECK")
+    r = run(m, [hookcalls, "mmap", dst / "unsigned.bin"])
+    assert r.stdout == "errno=13\n", r
+    assert len(dmesg_audits(m)) == 1
+
+
+def test_mprotect_exec_of_a_file_mapping(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    src, dst = signed_pair(tree, keys)
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    add_key(m, keys["rsa"][1])
+    # a measure rule only, with an appraise rule for another hook: audited, allowed
+    write_policy(m, "measure func=MMAP_CHECK", "appraise func=MODULE_CHECK")
+    r = run(m, [*SETPRIV_1000, hookcalls, "mprotect", dst / "signed.bin"])
+    assert r.stdout == "ok\n", r
+    records = dmesg_audits(m)
+    assert len(records) == 1 and mprotect_record(dst / "signed.bin", src / "signed.bin", "hookcalls", 1000, 1) \
+        .fullmatch(records[0]), records
+    # an mmap appraise rule: EPERM, signed or not (the kernel cannot appraise under the mmap lock)
+    m2 = mount_imafs("ima_appraise=enforce", measure=[(src, second_dst(tree))], reachable=True)
+    write_policy(m2, "appraise func=MMAP_CHECK")
+    for name in ("signed.bin", "unsigned.bin"):
+        r = run(m2, [*SETPRIV_1000, hookcalls, "mprotect", tree / "dst2" / name])
+        assert r.stdout == "errno=1\n", r
+    records = dmesg_audits(m2)
+    assert len(records) == 2
+    assert mprotect_record(tree / "dst2" / "signed.bin", src / "signed.bin", "hookcalls", 1000, 0) \
+        .fullmatch(records[0]), records
+    # a file outside the measured mounts, anonymous memory: the host decides
+    r = run(m2, [*SETPRIV_1000, hookcalls, "mprotect", src / "unsigned.bin"])
+    assert r.stdout == "ok\n", r
+    assert len(dmesg_audits(m2)) == 2
+
+
+def test_finit_module_of_an_unsigned_module_is_denied(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    src, dst = signed_pair(tree, keys)
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    add_key(m, keys["rsa"][1])
+    write_policy(m, "measure func=MODULE_CHECK", "appraise func=MODULE_CHECK")
+    r = run(m, [hookcalls, "finit_module", dst / "unsigned.bin"])
+    assert r.stdout == "errno=13\n", r
+    records = dmesg_audits(m)
+    assert len(records) == 1 and denied_record("missing-hash", dst / "unsigned.bin", src / "unsigned.bin",
+                                               "hookcalls").fullmatch(records[0]), records
+    # signed: the host's own finit_module runs (and fails as the host has it, never EACCES)
+    r = run(m, [hookcalls, "finit_module", dst / "signed.bin"])
+    assert r.stdout.startswith("errno=") and r.stdout != "errno=13\n", r
+    assert len(dmesg_audits(m)) == 1
+    # without CAP_SYS_MODULE the kernel fails first (EPERM; ENOSYS on a host without modules): no hook
+    r = run(m, [*SETPRIV_1000, hookcalls, "finit_module", dst / "unsigned.bin"])
+    assert r.stdout in ("errno=1\n", "errno=38\n"), r
+    assert len(dmesg_audits(m)) == 1
+
+
+def test_loader_mapping_a_denied_library_fails_the_exec(tree, keys, mount_imafs, tmp_path):  # noqa: F811
+    src, dst = tree / "src", tree / "dst"
+    for d in (src, dst):
+        d.mkdir()
+        d.chmod(0o755)
+    (tmp_path / "lib.c").write_text("int imafs_answer(void) { return 42; }\n")
+    (tmp_path / "main.c").write_text('#include <stdio.h>\nint imafs_answer(void);\n'
+                                     'int main(void) { printf("%d\\n", imafs_answer()); return 0; }\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", src / "libanswer.so", tmp_path / "lib.c"], check=True)
+    prog = tree / "answer"
+    subprocess.run(["gcc", "-o", prog, tmp_path / "main.c", f"-L{src}", "-lanswer", f"-Wl,-rpath,{dst}"],
+                   check=True)
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    add_key(m, keys["rsa"][1])
+    write_policy(m, "appraise func=MMAP_CHECK")
+    r = run(m, [*SETPRIV_1000, prog])
+    assert r.returncode == 127 and "libanswer.so" in r.stderr and "failed to map segment" in r.stderr, r
+    ima_sign(src / "libanswer.so", keys["rsa"][0])
+    m.cli("status")
+    r = run(m, [*SETPRIV_1000, prog])
+    assert (r.returncode, r.stdout) == (0, "42\n"), r
