@@ -517,14 +517,15 @@ class Hooks:
         if start & (PAGE - 1) or not length:
             return None
         end = start + (length + PAGE - 1 & ~(PAGE - 1))
-        targets = []
+        targets, at = [], start
         for line in _read_proc(n.pid, "maps").splitlines():
             span, perms, _off, dev, inode = line.split(None, 5)[:5]
             lo, hi = (int(x, 16) for x in span.split(b"-"))
             if hi <= start:
                 continue
-            if lo >= end:
+            if lo >= end or lo > at:  # past the range, or a hole: ENOMEM from there on
                 break
+            at = hi
             major, minor = (int(x, 16) for x in dev.split(b":"))
             if b"x" not in perms and os.makedev(major, minor) == self.fuse_dev and int(inode) >= FIRST_NODE:
                 targets.append(int(inode))

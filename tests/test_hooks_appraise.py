@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
+
+from imafs import supervise
+from imafs.control import Client, ControlError
 
 from .test_appraise import add_key, denied_record, dmesg_audits, ima_sign, keys, make, tree  # noqa: F401
 from .test_measured_mount import SETPRIV_1000
@@ -141,3 +147,31 @@ def test_loader_mapping_a_denied_library_fails_the_exec(tree, keys, mount_imafs,
     m.cli("status")
     r = run(m, [*SETPRIV_1000, prog])
     assert (r.returncode, r.stdout) == (0, "42\n"), r
+
+
+def test_mprotect_hostile(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    """What the kernel refuses before its hook stays the host's answer, with
+    no record; anonymous memory is never the emulated kernel's; a task
+    killed while stopped in mprotect leaves the daemon serving."""
+    src, dst = signed_pair(tree, keys)
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    write_policy(m, "appraise func=MMAP_CHECK")
+    for verb, expected in (("mprotect-anon", "ok"), ("mprotect-unaligned", "errno=22"), ("mprotect-hole", "errno=12")):
+        r = run(m, [*SETPRIV_1000, hookcalls, verb, dst / "unsigned.bin"])
+        assert r.stdout == expected + "\n", (verb, r)
+    assert dmesg_audits(m) == []
+    # killed while stopped: the daemon answers the next task
+    for _ in range(3):
+        s = supervise.spawn([hookcalls, "mprotect", str(dst / "unsigned.bin")], str(m.path),
+                            stdout=subprocess.DEVNULL)
+        time.sleep(0.01)
+        s.process.kill()
+        s.wait(30)
+    r = run(m, [*SETPRIV_1000, hookcalls, "mprotect", dst / "signed.bin"])
+    assert r.stdout == "errno=1\n", r
+    # bad control requests are refused with a message, not a crash
+    for bad in ({"node": 1, "task": {}}, {"node": "x", "task": {}}, {"node": 2**70, "task": {"pid": 1}}):
+        with pytest.raises(ControlError):
+            Client(str(m.path), timeout=10).call("mprotect", **bad)
+    r = run(m, [*SETPRIV_1000, hookcalls, "mprotect", dst / "unsigned.bin"])
+    assert r.stdout == "errno=1\n", r
