@@ -14,6 +14,7 @@ longest for a request is closed to make room, so a new client always gets in.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import inspect
 import json
@@ -147,6 +148,12 @@ class Client:
 class FilePath(str):
     """A request argument naming a file the daemon opens itself: an absolute
     path (a number would be taken for one of the daemon's descriptors)."""
+
+
+@functools.cache
+def _shape(fn) -> tuple[inspect.Signature, dict]:
+    """A request handler's signature and argument types, worked out once."""
+    return inspect.signature(fn), typing.get_type_hints(fn)
 
 
 def _conforms(value, hint) -> bool:
@@ -370,11 +377,11 @@ class Server:
         handler = getattr(self, "cmd_" + cmd, None)
         if handler is None:
             return _error(f"unknown command {cmd!r}")
+        signature, hints = _shape(handler.__func__)
         try:
-            inspect.signature(handler).bind(**req)
+            signature.bind(None, **req)
         except TypeError as e:
             return _error(f"{cmd}: bad arguments ({e})")
-        hints = typing.get_type_hints(handler)
         for arg, value in req.items():
             if not _conforms(value, hints[arg]):
                 return _error(f"{cmd}: {arg} must be {_describe(hints[arg])}, not {_shown(value)}")

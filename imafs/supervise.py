@@ -217,19 +217,31 @@ class TargetGone(Exception):
 
 
 def _status(pid: int) -> dict[bytes, list[bytes]]:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            return {k: v.split() for k, _, v in (line.partition(b":") for line in f)}
-    except OSError:
-        raise TargetGone from None
+    """The Uid, Gid and CapEff lines of the task's status, split."""
+    text = _read_proc(pid, "status")
+    out = {}
+    for key in (b"\nUid:", b"\nGid:", b"\nCapEff:"):
+        at = text.find(key)
+        if at >= 0:
+            out[key[1:-1]] = text[at + len(key):text.find(b"\n", at + 1)].split()
+    return out
 
 
 def _read_proc(pid: int, name: str) -> bytes:
+    """A whole /proc file of the task, with plain system calls (a stopped call waits on each)."""
     try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read()
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         raise TargetGone from None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        raise TargetGone from None
+    finally:
+        os.close(fd)
 
 
 def _task(pid: int) -> dict:
@@ -249,11 +261,10 @@ def _task(pid: int) -> dict:
 
 def _fd_flags(pid: int, fd: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
+        for line in _read_proc(pid, f"fdinfo/{fd}").splitlines():
+            if line.startswith(b"flags:"):
+                return int(line.split()[1], 8)
+    except (TargetGone, ValueError):
         pass
     return None
 
