@@ -25,13 +25,14 @@ import stat
 import time
 import types
 import typing
+import zlib
 from pathlib import Path
 
 import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
-from .keys import read_cert_file
+from .keys import IMA_UNTRUSTED, KeyringError, read_cert_file
 from .measure import Task
 from .policy import BUFFER_FUNCS, FUNCS
 
@@ -198,6 +199,7 @@ def _write_file(f, path: str, data: bytes) -> None:
 
 
 MAX_KEXEC_BUFFER = 1 << 30
+KEY_SERIALS = 0x10000000  # the top nibble of the serials of the emulated kernel's keys and keyrings
 HOOK_FUNCS = ("MMAP_CHECK", "MMAP_CHECK_REQPROT", "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
 
 
@@ -213,6 +215,12 @@ def _read_regular(path: str, limit: int) -> bytes:
             return f.read(limit + 1)[:limit]
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def keyring_serial(name: str) -> int:
+    """The serial number ``imafs run`` shows for a key or keyring of the
+    emulated kernel: fixed per name, in a range of its own."""
+    return KEY_SERIALS | zlib.crc32(name.encode()) & 0x0FFFFFFF
 
 
 def _key_info(key) -> dict:
@@ -489,6 +497,33 @@ class Server:
             shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
             raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
         return {**_key_info(key), **{k: decided[k] for k in ("queued", "added", "decision")}}
+
+    async def cmd_keyring(self, name: str | None = None, serial: int | None = None):
+        """One of the kernel's keyrings by name or serial, for the keyctl calls
+        of ``imafs run`` (request_key, KEYCTL_DESCRIBE): its serial and
+        permissions."""
+        for ring in self.ima.keyrings.system():
+            if ring == name or keyring_serial(ring) == serial:
+                perm = 0x1F0F0000 if ring == IMA_UNTRUSTED else 0x1F0B0000  # integrity_init_keyring's
+                return {"name": ring, "serial": keyring_serial(ring), "perm": f"{perm:08x}"}
+        raise RequestError(f"keyring: no keyring {_shown(name if serial is None else serial)} of the kernel's")
+
+    async def cmd_keyring_add(self, serial: int, data_hex: str, uid: int = 0):
+        """add_key of an asymmetric key into one of the kernel's keyrings by a
+        task of ``imafs run``: as ``keys add`` (the restrictions, then IMA's
+        hook), with the kernel's errno when refused."""
+        ring = (await self.cmd_keyring(serial=serial))["name"]
+        try:
+            data = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("--data-hex: not a hexadecimal string") from None
+        if data.lstrip()[:5] == b"-----":  # the kernel's x509 parser takes DER only
+            return {"errno": errno.EBADMSG}
+        try:
+            key, decided = self.ima.add_key(ring, data, uid=uid)
+        except KeyringError as e:
+            return {"errno": e.errno, "why": str(e)}
+        return {"errno": 0, "serial": keyring_serial(key.description), **_key_info(key), **decided}
 
     async def cmd_key_check(self, keyring: str, data_hex: str, uid: int = 0):
         """IMA's hook for a key added to a keyring imafs does not hold (the

@@ -78,12 +78,13 @@ KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
 KEYCTL_DESCRIBE, KEYCTL_INVALIDATE = 6, 21
 KEY_NEED_WRITE = 0x04
 KEY_MAX_PAYLOAD = 1024 * 1024 - 1
+KEY_SERIALS, KEY_SERIALS_MASK = 0x10000000, 0x70000000  # the emulated kernel's keys (control.keyring_serial)
 UTS_FIELD = 65  # __NEW_UTS_LEN + 1
 CLONE_NEWUTS = 0x04000000
 SLOTS = 16  # notifications answered at once
 SWEEP = 64  # ids after the last recorded one that a dying supervisor may have received
 
-HOOKED = ("mmap", "mprotect", "uname", "add_key", "finit_module", "kexec_file_load")
+HOOKED = ("mmap", "mprotect", "uname", "add_key", "request_key", "keyctl", "finit_module", "kexec_file_load")
 ARCH = seccomp.Arch.NATIVE
 NR = {name: seccomp.resolve_syscall(ARCH, name) for name in HOOKED}
 SYS = {name: seccomp.resolve_syscall(ARCH, name) for name in ("add_key", "keyctl", "setfsuid", "setfsgid",
@@ -146,7 +147,8 @@ def build_filter(no_new_privs: bool) -> seccomp.SyscallFilter:
     f.add_rule(seccomp.NOTIFY, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC),
                seccomp.Arg(3, seccomp.MASKED_EQ, MAP_ANONYMOUS, 0))
     f.add_rule(seccomp.NOTIFY, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC))
-    for name in ("uname", "add_key", "finit_module", "kexec_file_load"):
+    f.add_rule(seccomp.NOTIFY, "keyctl", seccomp.Arg(0, seccomp.EQ, KEYCTL_DESCRIBE))
+    for name in ("uname", "add_key", "request_key", "finit_module", "kexec_file_load"):
         f.add_rule(seccomp.NOTIFY, name)
     return f
 
@@ -639,6 +641,82 @@ class Hooks:
                 self._measure_buffer("KEXEC_CMDLINE", "kexec-cmdline", cmdline[:-1])
         return None
 
+    def _kernel_keyring(self, serial: int) -> dict | None:
+        """The emulated kernel's keyring of ``serial``, if it is one."""
+        if serial <= 0 or serial & KEY_SERIALS_MASK != KEY_SERIALS:
+            return None
+        try:
+            return self.client.call("keyring", serial=serial)
+        except ControlError:
+            return None
+
+    def request_key(self, listener: int, n: Notification):
+        """A lookup of one of the emulated kernel's keyrings by name (what
+        ``keyctl ... %keyring:.ima`` does first) finds it: its serial.  Any
+        other lookup is the host's."""
+        if not n.args[0] or not n.args[1]:
+            return None
+        if _read_string(n.pid, n.args[0], 32) != b"keyring":
+            return None
+        name = _read_string(n.pid, n.args[1], 4096)
+        if not name.startswith(b".") and name != b"_ima" or _status(n.pid)[b"Uid"][3] != b"0":
+            return None  # root's alone: owned by root, no permission for others (not even to view)
+        try:
+            ring = self.client.call("keyring", name=name.decode(errors="replace"))
+        except ControlError:
+            return None
+        return (ring["serial"], 0) if id_valid(listener, n.id) else None
+
+    def keyctl(self, listener: int, n: Notification):
+        """KEYCTL_DESCRIBE of an emulated keyring: "keyring;uid;gid;perm;name",
+        copied when the buffer holds it all; its length either way."""
+        serial = _fd_arg(n.args[1])
+        ring = self._kernel_keyring(serial)
+        if ring is None:
+            return None
+        if _status(n.pid)[b"Uid"][3] != b"0":
+            return -1, errno.EACCES  # KEY_NEED_VIEW: owned by root, nothing for others
+        text = f"keyring;0;0;{ring['perm']};{ring['name']}".encode() + b"\0"
+        buf, size = n.args[2], n.args[3]
+        if buf and size >= len(text):
+            try:
+                fd = os.open(f"/proc/{n.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                raise TargetGone from None
+            try:
+                if not id_valid(listener, n.id):
+                    raise TargetGone
+                if os.pwrite(fd, text, buf) != len(text):
+                    return -1, errno.EFAULT
+            except (OSError, OverflowError):
+                return -1, errno.EFAULT
+            finally:
+                os.close(fd)
+        return len(text), 0
+
+    def _add_to_kernel_keyring(self, listener: int, n: Notification, ring: dict):
+        """add_key into an emulated keyring: the daemon adds it (its
+        restrictions, IMA's KEY_CHECK) and the call gets the key's serial or
+        the kernel's errno; the host's keyrings are not touched."""
+        type_ptr, payload_ptr, plen = n.args[0], n.args[2], n.args[3]
+        if not type_ptr:
+            return -1, errno.EFAULT
+        if _read_string(n.pid, type_ptr, 32) != b"asymmetric":
+            return -1, errno.EOPNOTSUPP  # the kernel's keyrings take asymmetric keys only (restrictions)
+        if not payload_ptr or not plen or plen > KEY_MAX_PAYLOAD:
+            return -1, errno.EINVAL
+        payload = _read_mem(n.pid, payload_ptr, plen)
+        status = _status(n.pid)
+        fsuid = int(status[b"Uid"][3])
+        if not id_valid(listener, n.id):
+            return None
+        try:
+            done = self.client.call("keyring_add", serial=ring["serial"], data_hex=payload.hex(), uid=fsuid)
+        except ControlError as e:
+            log.warning("add_key to %s: %s", ring["name"], e)
+            return -1, errno.EIO
+        return (done["serial"], 0) if not done["errno"] else (-1, done["errno"])
+
     def add_key(self, listener: int, n: Notification):
         """ima_post_key_create_or_update: an ``asymmetric`` key with a payload
         into a keyring → KEY_CHECK, the keyring's description as name and as
@@ -647,6 +725,9 @@ class Hooks:
         the same add_key) and the keyring exists, is a keyring and is
         writable for the task (possession assumed)."""
         type_ptr, payload_ptr, plen, ring = n.args[0], n.args[2], n.args[3], n.args[4]
+        kernel_ring = self._kernel_keyring(_fd_arg(ring))
+        if kernel_ring is not None:
+            return self._add_to_kernel_keyring(listener, n, kernel_ring)
         if not type_ptr or not payload_ptr or not plen or plen > KEY_MAX_PAYLOAD:
             return None
         if _read_string(n.pid, type_ptr, 32) != b"asymmetric":

@@ -17,6 +17,7 @@ from imafs import supervise
 from imafs.control import Client, ControlError
 
 from .test_appraise import add_key, denied_record, dmesg_audits, ima_sign, keys, make, tree  # noqa: F401
+from .test_keys import certs, der, ima_buf_records  # noqa: F401
 from .test_measured_mount import SETPRIV_1000
 from .test_supervise import hookcalls, run, write_policy  # noqa: F401
 
@@ -175,3 +176,45 @@ def test_mprotect_hostile(tree, keys, mount_imafs, hookcalls):  # noqa: F811
             Client(str(m.path), timeout=10).call("mprotect", **bad)
     r = run(m, [*SETPRIV_1000, hookcalls, "mprotect", dst / "unsigned.bin"])
     assert r.stdout == "errno=1\n", r
+
+
+# -- the emulated kernel's keyrings through imafs run's keyctl -------------------------------------
+def test_ltp_style_keys_into_the_trusted_ima_keyring(mount_imafs, certs, tmp_path):  # noqa: F811
+    """ima_keys.sh's flow: `keyctl describe %keyring:.ima` gives the id,
+    `evmctl import` adds a certificate to it; `keyctl padd ... %keyring:.ima`
+    too.  The restriction of the trusted .ima (a key signed by a builtin key)
+    answers ENOKEY for a self-signed one; uid 1000 sees no such keyring."""
+    m = mount_imafs("integrity_trusted_keyring=true", f"builtin_trusted_keys={certs['ca']}", reachable=True)
+    write_policy(m, "measure func=KEY_CHECK keyrings=.ima template=ima-buf")
+    leaf, rsa = tmp_path / "leaf.der", tmp_path / "rsa.der"
+    leaf.write_bytes(der(certs["leaf"]))
+    rsa.write_bytes(der(certs["rsa"]))
+    script = ('set -e; desc=$(keyctl describe %keyring:.ima); echo "$desc"; '
+              'id=$(echo "$desc" | cut -d" " -f1 | tr -d ":"); evmctl import "$1" "$id" >/dev/null; '
+              'keyctl padd asymmetric "" %keyring:.ima < "$2" || echo "padd failed"')
+    r = run(m, ["sh", "-c", script, "sh", leaf, rsa])
+    desc, *rest = r.stdout.splitlines()
+    assert re.fullmatch(r"\d{9,10}: -lswrv--s-rv------------ +0 +0 keyring: \.ima", desc), r
+    assert rest == ["padd failed"] and "Required key not available" in r.stderr, r
+    assert ima_buf_records(m) == [(".ima", leaf.read_bytes())]
+    keys_listed = [ln.split(None, 2)[0] for ln in m.cli("keys", "list").stdout.splitlines()[1:]]
+    assert keys_listed == [".builtin_trusted_keys", ".ima"]
+    # uid 1000: the keyring is root's, invisible; the host's own answer
+    r = run(m, [*SETPRIV_1000, "keyctl", "describe", "%keyring:.ima"])
+    assert r.returncode != 0 and "Can't find" in r.stderr, r
+
+
+def test_untrusted_ima_keyring_by_keyctl_padd(mount_imafs, certs, tmp_path):  # noqa: F811
+    m = mount_imafs(reachable=True)
+    write_policy(m, "measure func=KEY_CHECK template=ima-buf")
+    rsa = tmp_path / "rsa.der"
+    rsa.write_bytes(der(certs["rsa"]))
+    r = run(m, ["sh", "-c", 'keyctl padd asymmetric "" %keyring:_ima < "$1"', "sh", rsa])
+    assert r.returncode == 0 and re.fullmatch(r"\d{9,10}\n", r.stdout), r
+    assert ima_buf_records(m) == [("_ima", rsa.read_bytes())]
+    # .ima names no keyring on this kernel for keyctl (it is _ima); PEM is refused as the kernel's parser does
+    r = run(m, ["keyctl", "describe", "%keyring:.ima"])
+    assert r.returncode != 0, r
+    r = run(m, ["sh", "-c", 'keyctl padd asymmetric "" %keyring:_ima < "$1"', "sh", certs["rsa"]])
+    assert r.returncode != 0 and "Bad message" in r.stderr, r
+    assert len(ima_buf_records(m)) == 1
