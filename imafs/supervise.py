@@ -12,7 +12,9 @@ filter's listener descriptor goes to two processes outside the command:
   in /proc, asks the daemon over the control socket to measure (a file of a
   measured mount by its FUSE node, so that the open, the mmap and the module
   load of one file share one iint), then lets the call continue
-  (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``) or, for ``uname``, answers it.
+  (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``), or fails it with the errno of a
+  hook that refuses it (appraisal), or, for ``uname`` and the emulated
+  kernel's keyrings, answers it.
 * the **holder** (:func:`hold`, a forked process) keeps the
   listener open and watches the supervisor: if it dies, the holder lets every
   stopped call continue — the one the supervisor was answering included —
