@@ -50,7 +50,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import seccomp
@@ -765,41 +764,70 @@ class Hooks:
 
 class Supervisor:
     """Receives the notifications of one listener and answers each in a
-    worker thread; a slow daemon holds up only the calls that wait on it."""
+    worker thread; a slow daemon holds up only the calls that wait on it.
+
+    SLOTS threads take turns to wait on the listener (one at a time, the
+    leader); the one that receives a notification hands the turn on and
+    answers it itself: no hand-off between threads on a stopped call's path."""
 
     def __init__(self, listener: int, hooks: Hooks, outstanding: Outstanding):
         self.listener = listener
         self.hooks = hooks
         self.outstanding = outstanding
+        self._turn = threading.Lock()
+        self._done = False
+        self._failure: BaseException | None = None
 
     def serve(self) -> None:
         """Until no task uses the filter any more."""
+        threads = [threading.Thread(target=self._work, name=f"hook{i}") for i in range(SLOTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _work(self) -> None:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
-        with ThreadPoolExecutor(SLOTS, thread_name_prefix="hook") as pool:
-            while True:
-                slot = self.outstanding.take()
-                events = dict(poller.poll())
-                if not events.get(self.listener, 0) & select.POLLIN:
+        while True:
+            slot = self.outstanding.take()
+            try:
+                with self._turn:
+                    n = None if self._done else self._next(poller, slot)
+                if n is None:
                     self.outstanding.release(slot)
-                    if events.get(self.listener, 0) & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                        return
-                    continue
-                try:
-                    n = receive(self.listener)
-                except OSError as e:  # ENOENT: its task was killed meanwhile
-                    self.outstanding.release(slot)
-                    if e.errno in (errno.ENOENT, errno.EINTR):
-                        continue
-                    raise
-                self.outstanding.put(slot, n.id)
-                pool.submit(self._answer, n, slot)
+                    return
+            except BaseException as e:  # noqa: BLE001 -- the supervisor ends; the holder takes over
+                self._done, self._failure = True, e
+                self.outstanding.release(slot)
+                return
+            try:
+                self.hooks.answer(self.listener, n)
+            except Exception:  # noqa: BLE001 -- the answer's ioctl failed; the next calls still get theirs
+                log.exception("answer to system call %d of task %d", n.nr, n.pid)
+            finally:
+                self.outstanding.release(slot)
 
-    def _answer(self, n: Notification, slot: int) -> None:
-        try:
-            self.hooks.answer(self.listener, n)
-        finally:
-            self.outstanding.release(slot)
+    def _next(self, poller: select.poll, slot: int) -> Notification | None:
+        """The next notification, recorded in ``slot``; None once no task
+        uses the filter (and then for every thread)."""
+        while True:
+            events = dict(poller.poll()).get(self.listener, 0)
+            if not events & select.POLLIN:
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self._done = True
+                    return None
+                continue
+            try:
+                n = receive(self.listener)
+            except OSError as e:  # ENOENT: its task was killed meanwhile
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    continue
+                raise
+            self.outstanding.put(slot, n.id)
+            return n
 
 
 def hold(listener: int, outstanding: Outstanding, supervisor: int) -> None:
