@@ -19,7 +19,7 @@ from imafs.control import Client, ControlError
 from .test_appraise import add_key, denied_record, dmesg_audits, ima_sign, keys, make, tree  # noqa: F401
 from .test_keys import certs, der, ima_buf_records  # noqa: F401
 from .test_measured_mount import SETPRIV_1000
-from .test_supervise import hookcalls, run, write_policy  # noqa: F401
+from .test_supervise import _bzimage, hookcalls, run, write_policy  # noqa: F401
 
 ELF = Path("/usr/bin/true").read_bytes()
 
@@ -218,3 +218,34 @@ def test_untrusted_ima_keyring_by_keyctl_padd(mount_imafs, certs, tmp_path):  # 
     r = run(m, ["sh", "-c", 'keyctl padd asymmetric "" %keyring:_ima < "$1"', "sh", certs["rsa"]])
     assert r.returncode != 0 and "Bad message" in r.stderr, r
     assert len(ima_buf_records(m)) == 1
+
+
+def test_kexec_file_load_of_an_unsigned_kernel_or_initramfs_is_denied(tree, keys, mount_imafs, hookcalls):  # noqa: F811
+    """kimage_file_prepare_segments: the kernel image's appraisal fails the
+    call before the image probe, the initramfs's after it; the command line
+    is then never measured."""
+    src, dst = tree / "src", tree / "dst"
+    for d in (src, dst):
+        d.mkdir()
+        d.chmod(0o755)
+    ima_sign(make(src / "vmlinuz", _bzimage()), keys["rsa"][0])
+    make(src / "initrd", b"initrd image\n")
+    make(src / "unsigned-vmlinuz", _bzimage() + b"\0")
+    m = mount_imafs("ima_appraise=enforce", measure=[(src, dst)], reachable=True)
+    add_key(m, keys["rsa"][1])
+    write_policy(m, "appraise func=KEXEC_KERNEL_CHECK", "appraise func=KEXEC_INITRAMFS_CHECK",
+                 "measure func=KEXEC_CMDLINE")
+    host = subprocess.run([hookcalls, "kexec_file_load", dst / "vmlinuz", dst / "initrd", "x"],
+                          capture_output=True, text=True).stdout
+    assert host != "errno=13\n"
+    for kernel, cause_file in (("unsigned-vmlinuz", "unsigned-vmlinuz"), ("vmlinuz", "initrd")):
+        r = run(m, [hookcalls, "kexec_file_load", dst / kernel, dst / "initrd", "root=/dev/vda"])
+        assert r.stdout == "errno=13\n", r
+        assert denied_record("missing-hash", dst / cause_file, src / cause_file, "hookcalls") \
+            .fullmatch(dmesg_audits(m)[-1]), dmesg_audits(m)
+    assert "kexec-cmdline" not in m.read("ascii_runtime_measurements").decode()
+    # both signed: the host's call runs, the command line is measured
+    ima_sign(src / "initrd", keys["rsa"][0])
+    r = run(m, [hookcalls, "kexec_file_load", dst / "vmlinuz", dst / "initrd", "root=/dev/vda"])
+    assert r.stdout == host, r
+    assert "kexec-cmdline" in m.read("ascii_runtime_measurements").decode()
