@@ -700,13 +700,18 @@ class Hooks:
         restrictions, IMA's KEY_CHECK) and the call gets the key's serial or
         the kernel's errno; the host's keyrings are not touched."""
         type_ptr, payload_ptr, plen = n.args[0], n.args[2], n.args[3]
-        if not type_ptr:
+        try:
+            ktype = _read_string(n.pid, type_ptr, 32) if type_ptr else None
+            if ktype is not None and ktype != b"asymmetric":
+                return -1, errno.EOPNOTSUPP  # the kernel's keyrings take asymmetric keys only (restrictions)
+            if ktype is not None and payload_ptr and plen and plen <= KEY_MAX_PAYLOAD:
+                payload = _read_mem(n.pid, payload_ptr, plen)
+            elif ktype is not None:
+                return -1, errno.EINVAL
+        except TargetGone:
+            ktype = None
+        if ktype is None:  # copy_from_user failed (or the task is gone: then nobody reads the answer)
             return -1, errno.EFAULT
-        if _read_string(n.pid, type_ptr, 32) != b"asymmetric":
-            return -1, errno.EOPNOTSUPP  # the kernel's keyrings take asymmetric keys only (restrictions)
-        if not payload_ptr or not plen or plen > KEY_MAX_PAYLOAD:
-            return -1, errno.EINVAL
-        payload = _read_mem(n.pid, payload_ptr, plen)
         status = _status(n.pid)
         fsuid = int(status[b"Uid"][3])
         if not id_valid(listener, n.id):

@@ -249,3 +249,22 @@ def test_kexec_file_load_of_an_unsigned_kernel_or_initramfs_is_denied(tree, keys
     r = run(m, [hookcalls, "kexec_file_load", dst / "vmlinuz", dst / "initrd", "root=/dev/vda"])
     assert r.stdout == host, r
     assert "kexec-cmdline" in m.read("ascii_runtime_measurements").decode()
+
+
+def test_keyring_calls_hostile(mount_imafs, hookcalls, certs, tmp_path):  # noqa: F811
+    """Bad pointers get EFAULT as the kernel's copies do; a user other than
+    root cannot describe or fill the kernel's keyrings; a serial of no
+    keyring is the host's."""
+    m = mount_imafs("integrity_trusted_keyring=true", reachable=True)
+    serial = int(run(m, ["keyctl", "describe", "%keyring:.ima"]).stdout.split(":")[0])
+    assert run(m, [hookcalls, "add_key-badpayload", serial]).stdout == "errno=14\n"
+    assert run(m, [hookcalls, "describe-bad", serial]).stdout == "errno=14\n"
+    assert run(m, [hookcalls, "request_key-bad"]).stdout == "errno=14\n"
+    assert run(m, [*SETPRIV_1000, hookcalls, "describe-bad", serial]).stdout == "errno=13\n"
+    rsa = tmp_path / "rsa.der"
+    rsa.write_bytes(der(certs["rsa"]))
+    r = run(m, [*SETPRIV_1000, "evmctl", "import", rsa, serial])
+    assert r.returncode != 0 and "Permission denied" in r.stderr, r
+    host = subprocess.run(["keyctl", "describe", str(serial + 1)], capture_output=True, text=True)
+    assert run(m, ["keyctl", "describe", serial + 1]).stderr == host.stderr
+    assert m.cli("keys", "list").stdout.splitlines()[1:] == []

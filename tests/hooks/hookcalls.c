@@ -76,6 +76,12 @@ int main(int argc, char **argv)
 		return report(syscall(SYS_add_key, (void *)8, "", "x", 1, -3));
 	if (!strcmp(verb, "add_key-huge"))	/* a payload length past the kernel's limit */
 		return report(syscall(SYS_add_key, "asymmetric", "", "x", 1UL << 40, -3));
+	if (!strcmp(verb, "add_key-badpayload"))	/* RING: a payload pointer to nowhere */
+		return report(syscall(SYS_add_key, "asymmetric", "", (void *)8, 100UL, atol(argv[2])));
+	if (!strcmp(verb, "describe-bad"))	/* SERIAL: a buffer pointer to nowhere */
+		return report(syscall(SYS_keyctl, 6, atol(argv[2]), (void *)8, 4096UL));
+	if (!strcmp(verb, "request_key-bad"))	/* a description pointer to nowhere */
+		return report(syscall(SYS_request_key, "keyring", (void *)8, NULL, 0));
 	if (!strcmp(verb, "kexec-bad-cmdline")) {	/* KERNEL: a command line pointer to nowhere */
 		int k = open(argv[2], O_RDONLY);
 		return report(syscall(SYS_kexec_file_load, k, -1, 100UL, (void *)8, 4UL));
