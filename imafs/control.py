@@ -14,6 +14,7 @@ longest for a request is closed to make room, so a new client always gets in.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import inspect
 import json
@@ -24,13 +25,14 @@ import stat
 import time
 import types
 import typing
+import zlib
 from pathlib import Path
 
 import trio
 
 from .blocking import Runner
 from .ima import Ima, RequestError
-from .keys import read_cert_file
+from .keys import IMA_UNTRUSTED, KeyringError, read_cert_file
 from .measure import Task
 from .policy import BUFFER_FUNCS, FUNCS
 
@@ -149,6 +151,12 @@ class FilePath(str):
     path (a number would be taken for one of the daemon's descriptors)."""
 
 
+@functools.cache
+def _shape(fn) -> tuple[inspect.Signature, dict]:
+    """A request handler's signature and argument types, worked out once."""
+    return inspect.signature(fn), typing.get_type_hints(fn)
+
+
 def _conforms(value, hint) -> bool:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_conforms(value, h) for h in typing.get_args(hint))
@@ -191,6 +199,7 @@ def _write_file(f, path: str, data: bytes) -> None:
 
 
 MAX_KEXEC_BUFFER = 1 << 30
+KEY_SERIALS = 0x10000000  # the top nibble of the serials of the emulated kernel's keys and keyrings
 HOOK_FUNCS = ("MMAP_CHECK", "MMAP_CHECK_REQPROT", "MODULE_CHECK", "KEXEC_KERNEL_CHECK", "KEXEC_INITRAMFS_CHECK")
 
 
@@ -206,6 +215,12 @@ def _read_regular(path: str, limit: int) -> bytes:
             return f.read(limit + 1)[:limit]
     except OSError as e:
         raise RequestError(f"{path}: {e.strerror}") from None
+
+
+def keyring_serial(name: str) -> int:
+    """The serial number ``imafs run`` shows for a key or keyring of the
+    emulated kernel: fixed per name, in a range of its own."""
+    return KEY_SERIALS | zlib.crc32(name.encode()) & 0x0FFFFFFF
 
 
 def _key_info(key) -> dict:
@@ -367,11 +382,11 @@ class LineServer:
         handler = getattr(self, "cmd_" + cmd, None)
         if handler is None:
             return _error(f"unknown command {cmd!r}")
+        signature, hints = _shape(handler.__func__)
         try:
-            inspect.signature(handler).bind(**req)
+            signature.bind(None, **req)
         except TypeError as e:
             return _error(f"{cmd}: bad arguments ({e})")
-        hints = typing.get_type_hints(handler)
         for arg, value in req.items():
             if not _conforms(value, hints[arg]):
                 return _error(f"{cmd}: {arg} must be {_describe(hints[arg])}, not {_shown(value)}")
@@ -479,6 +494,14 @@ class Server(LineServer):
         return {"events": await self.measured.hook(node, [FUNCS[f] for f in funcs], mask, Task.reported(task),
                                                    flags)}
 
+    async def cmd_mprotect(self, node: int, task: dict):
+        """ima_file_mprotect of a task making a mapping of a file of a measured
+        mount executable (the seccomp supervisor): the errno the call fails
+        with, 0 to let it run."""
+        if self.measured is None:
+            raise RequestError("mprotect: this mount has no measured mount")
+        return {"errno": await self.measured.mprotect(node, Task.reported(task))}
+
     async def cmd_keys_add(self, keyring: str, cert: FilePath, uid: int = 0):
         """Add a certificate file (DER or PEM) to a keyring, as ``uid``."""
         data = await self.runner.io(read_cert_file, cert)
@@ -488,6 +511,33 @@ class Server(LineServer):
             shown = keyring if len(keyring) <= 60 else keyring[:60] + "..."
             raise RequestError(f"cannot add {cert} to {shown}: {e}") from None
         return {**_key_info(key), **{k: decided[k] for k in ("queued", "added", "decision")}}
+
+    async def cmd_keyring(self, name: str | None = None, serial: int | None = None):
+        """One of the kernel's keyrings by name or serial, for the keyctl calls
+        of ``imafs run`` (request_key, KEYCTL_DESCRIBE): its serial and
+        permissions."""
+        for ring in self.ima.keyrings.system():
+            if ring == name or keyring_serial(ring) == serial:
+                perm = 0x1F0F0000 if ring == IMA_UNTRUSTED else 0x1F0B0000  # integrity_init_keyring's
+                return {"name": ring, "serial": keyring_serial(ring), "perm": f"{perm:08x}"}
+        raise RequestError(f"keyring: no keyring {_shown(name if serial is None else serial)} of the kernel's")
+
+    async def cmd_keyring_add(self, serial: int, data_hex: str, uid: int = 0):
+        """add_key of an asymmetric key into one of the kernel's keyrings by a
+        task of ``imafs run``: as ``keys add`` (the restrictions, then IMA's
+        hook), with the kernel's errno when refused."""
+        ring = (await self.cmd_keyring(serial=serial))["name"]
+        try:
+            data = bytes.fromhex(data_hex)
+        except ValueError:
+            raise RequestError("--data-hex: not a hexadecimal string") from None
+        if data.lstrip()[:5] == b"-----":  # the kernel's x509 parser takes DER only
+            return {"errno": errno.EBADMSG}
+        try:
+            key, decided = self.ima.add_key(ring, data, uid=uid)
+        except KeyringError as e:
+            return {"errno": e.errno, "why": str(e)}
+        return {"errno": 0, "serial": keyring_serial(key.description), **_key_info(key), **decided}
 
     async def cmd_key_check(self, keyring: str, data_hex: str, uid: int = 0):
         """IMA's hook for a key added to a keyring imafs does not hold (the

@@ -288,6 +288,10 @@ class Keyrings:
             raise KeyringError(errno.EINVAL, f"a keyring name is 1 to {MAX_DESCRIPTION} bytes, without NUL")
         return keyring
 
+    def system(self) -> tuple[str, ...]:
+        """The kernel's own keyrings (not root's own): those ``keyctl`` finds by name."""
+        return (BUILTIN, MACHINE, self.ima_name, PLATFORM)
+
     # -- lookup --------------------------------------------------------------------
     def find(self, keyring: str, key_id: bytes) -> Key | None:
         """The key a signature naming ``key_id`` finds on ``keyring``

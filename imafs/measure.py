@@ -248,6 +248,29 @@ class Measurer:
             self.cache.closed(f.key, f.reader, f.writer)
         return None
 
+    def file_mprotect(self, f: OpenedFile, task: Task) -> int:
+        """ima_file_mprotect: a mapping of ``f`` that was not executable is
+        being made so.  Only with an appraise rule in the policy (and
+        appraisal on); then, when MMAP_CHECK or MMAP_CHECK_REQPROT would
+        measure or appraise the file, a ``failed-mprotect`` record, and EPERM
+        if it would appraise.  Nothing is measured (the kernel cannot take the
+        inode's lock under the mmap lock).  Returns 0 or the errno."""
+        ima = self.ima
+        if not ima.appraiser.mode or not any(r.action == "appraise" for r in ima.policy.rules):
+            return 0
+        measure = appraise = False
+        for func in ("MMAP_CHECK", "MMAP_CHECK_REQPROT"):
+            ev = self._hook_event(f, task, func, MAY_EXEC)
+            rule = measure_decision(ima.policy.rules, ev)
+            arule = appraise_decision(ima.policy.rules, ev)
+            measure |= rule is not None and rule.action == "measure"
+            appraise |= arule is not None and arule.action == "appraise"
+        if not measure and not appraise:
+            return 0
+        ima.klog.integrity(1800, task.subject(), "collect_data", "failed-mprotect", int(not appraise),
+                           name=f.name, dev=f.fs.s_id, ino=f.st.st_ino)
+        return errno.EPERM if appraise else 0
+
     def check_ima_xattr(self, value: bytes, f: OpenedFile, task: Task) -> None:
         """ima_inode_setxattr's checks of a new security.ima on ``f``: EINVAL
         for an empty value or an unknown type; EACCES and a ``set_data``

@@ -168,10 +168,20 @@ class Passthrough:
             del self.nodes[nodeid]
             del self._by_key[(node.mount.index, *node.key)]
 
+    def alive(self, node: Node) -> Handle | None:
+        """An open handle of ``node``'s inode: it lives while open, after its
+        last name is gone (its descriptor reached via /proc/PID/fd)."""
+        return next((h for h in self.handles.values() if h.file.key == node.key), None)
+
     def alive_fd(self, node: Node) -> int | None:
-        """A descriptor of an open handle of ``node``'s inode: it lives while
-        open, after its last name is gone (reached via /proc/PID/fd)."""
-        return next((h.fd for h in self.handles.values() if h.file.key == node.key), None)
+        h = self.alive(node)
+        return h.fd if h is not None else None
+
+    def attributes_changed(self, key: tuple[int, int], st: os.stat_result) -> None:
+        """A setattr through the mount: the open handles of the inode see it."""
+        for h in self.handles.values():
+            if h.file.key == key:
+                h.file.st = st
 
     def renamed(self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int,
                 st: os.stat_result, replaced: os.stat_result | None) -> None:
@@ -402,6 +412,7 @@ class MeasuredFs:
         node = self.pt.node(nodeid)
         h = self.pt.handles.get(fh) if fh is not None else None
         st = await self.io(functools.partial(setattr_real, self.pt.path(node), h.fd if h else None, **change))
+        self.pt.attributes_changed(node.key, st)
         return self._entry(node, st)
 
     async def readlink(self, nodeid: int) -> bytes:
@@ -528,23 +539,41 @@ class MeasuredFs:
         descriptor was opened with ``flags``.  The file is the open's: same
         iint, same recorded name; its content is read through a live handle
         (the task holds the file open), so a later unlink does not matter."""
-        node = self.pt.nodes.get(nodeid)
-        if node is None:
-            raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
-        alive = self.pt.alive_fd(node)
-        st = await self.io(stat_real, self.pt.path(node), alive)
-        if not stat.S_ISREG(st.st_mode):
-            raise RequestError(f"hook: node {nodeid} is not a regular file")
-        fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(self.pt.path(node)))
-        f = OpenedFile(key=node.key, name=node.mount.recorded(node), st=st, fs=fs, flags=flags & ~FMODE_EXEC,
-                       fd=alive, path=os.fsdecode(self.pt.path(node)))
+        f = await self._hooked_file(nodeid, flags)
 
-        def steps():  # one path: the hooks of one call run in order, as the kernel's
+        def steps():  # one path: the hooks of one call run in order, as the kernel's; a denial ends the call
             done = []
             for func in funcs:
                 done.append((yield from self.pt.measurer.process(f, task, func, mask)))
+                if "denied" in done[-1]:
+                    break
             return done
         return await self.runner.run(steps())
+
+    async def mprotect(self, nodeid: int, task: Task) -> int:
+        """ima_file_mprotect for a mapping of a file of a measured mount that
+        is being made executable: 0 or the errno (EPERM) the call fails with."""
+        f = await self._hooked_file(nodeid, os.O_RDONLY)
+        return self.pt.measurer.file_mprotect(f, task)
+
+    async def _hooked_file(self, nodeid: int, flags: int) -> OpenedFile:
+        """The file of a hook the supervisor reports, by its node id."""
+        node = self.pt.nodes.get(nodeid)
+        if node is None:
+            raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
+        name, path = node.mount.recorded(node), self.pt.path(node)
+        h = self.pt.alive(node)
+        if h is not None and not self.pt.measurer.cache.counts(node.key)[1]:
+            # an open of the inode and no writer: its attributes are those of the open, kept up to
+            # date by setattr; no stat in a worker thread
+            st, fs = h.file.st, h.file.fs
+        else:
+            st = await self.io(stat_real, path, h.fd if h else None)
+            fs = self.pt.known_fs(st) or await self.io(fs_info, os.fsdecode(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(f"hook: node {nodeid} is not a regular file")
+        return OpenedFile(key=node.key, name=name, st=st, fs=fs, flags=flags & ~FMODE_EXEC,
+                          fd=h.fd if h else None, path=os.fsdecode(path))
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT
@@ -575,7 +604,10 @@ class MeasuredFs:
         if stat.S_ISREG(f.st.st_mode):
             try:
                 rest = self.pt.measurer.file_close(f)
-                self.pt.measurer.unlinked(f.key, os.fstat(h.fd).st_nlink)
+                st = os.fstat(h.fd)
+                self.pt.measurer.unlinked(f.key, st.st_nlink)
+                if f.writer:  # what it wrote: the other opens' attributes (size, times)
+                    self.pt.attributes_changed(f.key, st)
             except Exception:  # never fail a close
                 log.exception("close hooks of %s", os.fsdecode(f.name))
         try:

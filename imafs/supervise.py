@@ -12,7 +12,9 @@ filter's listener descriptor goes to two processes outside the command:
   in /proc, asks the daemon over the control socket to measure (a file of a
   measured mount by its FUSE node, so that the open, the mmap and the module
   load of one file share one iint), then lets the call continue
-  (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``) or, for ``uname``, answers it.
+  (``SECCOMP_USER_NOTIF_FLAG_CONTINUE``), or fails it with the errno of a
+  hook that refuses it (appraisal), or, for ``uname`` and the emulated
+  kernel's keyrings, answers it.
 * the **holder** (:func:`hold`, a forked process) keeps the
   listener open and watches the supervisor: if it dies, the holder lets every
   stopped call continue — the one the supervisor was answering included —
@@ -48,7 +50,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import seccomp
@@ -68,6 +69,7 @@ IOCTL_ID_VALID = 0x40082102  # SECCOMP_IOW(2, __u64)
 FLAG_CONTINUE = 1  # SECCOMP_USER_NOTIF_FLAG_CONTINUE
 
 PROT_EXEC, MAP_ANONYMOUS = 0x4, 0x20
+PAGE = mmap.PAGESIZE
 MAY_EXEC, MAY_READ = 0x1, 0x4
 CAP_SYS_MODULE, CAP_SYS_BOOT, CAP_SYS_ADMIN = 16, 22, 21
 O_PATH = 0o10000000
@@ -77,12 +79,13 @@ KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING = -4, -5
 KEYCTL_DESCRIBE, KEYCTL_INVALIDATE = 6, 21
 KEY_NEED_WRITE = 0x04
 KEY_MAX_PAYLOAD = 1024 * 1024 - 1
+KEY_SERIALS, KEY_SERIALS_MASK = 0x10000000, 0x70000000  # the emulated kernel's keys (control.keyring_serial)
 UTS_FIELD = 65  # __NEW_UTS_LEN + 1
 CLONE_NEWUTS = 0x04000000
 SLOTS = 16  # notifications answered at once
 SWEEP = 64  # ids after the last recorded one that a dying supervisor may have received
 
-HOOKED = ("mmap", "uname", "add_key", "finit_module", "kexec_file_load")
+HOOKED = ("mmap", "mprotect", "uname", "add_key", "request_key", "keyctl", "finit_module", "kexec_file_load")
 ARCH = seccomp.Arch.NATIVE
 NR = {name: seccomp.resolve_syscall(ARCH, name) for name in HOOKED}
 SYS = {name: seccomp.resolve_syscall(ARCH, name) for name in ("add_key", "keyctl", "setfsuid", "setfsgid",
@@ -144,7 +147,9 @@ def build_filter(no_new_privs: bool) -> seccomp.SyscallFilter:
     f.set_attr(seccomp.Attr.CTL_NNP, int(no_new_privs))
     f.add_rule(seccomp.NOTIFY, "mmap", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC),
                seccomp.Arg(3, seccomp.MASKED_EQ, MAP_ANONYMOUS, 0))
-    for name in ("uname", "add_key", "finit_module", "kexec_file_load"):
+    f.add_rule(seccomp.NOTIFY, "mprotect", seccomp.Arg(2, seccomp.MASKED_EQ, PROT_EXEC, PROT_EXEC))
+    f.add_rule(seccomp.NOTIFY, "keyctl", seccomp.Arg(0, seccomp.EQ, KEYCTL_DESCRIBE))
+    for name in ("uname", "add_key", "request_key", "finit_module", "kexec_file_load"):
         f.add_rule(seccomp.NOTIFY, name)
     return f
 
@@ -215,19 +220,31 @@ class TargetGone(Exception):
 
 
 def _status(pid: int) -> dict[bytes, list[bytes]]:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            return {k: v.split() for k, _, v in (line.partition(b":") for line in f)}
-    except OSError:
-        raise TargetGone from None
+    """The Uid, Gid and CapEff lines of the task's status, split."""
+    text = _read_proc(pid, "status")
+    out = {}
+    for key in (b"\nUid:", b"\nGid:", b"\nCapEff:"):
+        at = text.find(key)
+        if at >= 0:
+            out[key[1:-1]] = text[at + len(key):text.find(b"\n", at + 1)].split()
+    return out
 
 
 def _read_proc(pid: int, name: str) -> bytes:
+    """A whole /proc file of the task, with plain system calls (a stopped call waits on each)."""
     try:
-        with open(f"/proc/{pid}/{name}", "rb") as f:
-            return f.read()
+        fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         raise TargetGone from None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        raise TargetGone from None
+    finally:
+        os.close(fd)
 
 
 def _task(pid: int) -> dict:
@@ -247,11 +264,10 @@ def _task(pid: int) -> dict:
 
 def _fd_flags(pid: int, fd: int) -> int | None:
     try:
-        with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-            for line in f:
-                if line.startswith(b"flags:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
+        for line in _read_proc(pid, f"fdinfo/{fd}").splitlines():
+            if line.startswith(b"flags:"):
+                return int(line.split()[1], 8)
+    except (TargetGone, ValueError):
         pass
     return None
 
@@ -473,22 +489,25 @@ class Hooks:
             return None
         return st.st_ino if st.st_dev == self.fuse_dev and st.st_ino >= FIRST_NODE else None
 
-    def _hook(self, listener: int, n: Notification, fd: int, funcs: list[str], mask: int) -> None:
+    def _hook(self, listener: int, n: Notification, fd: int, funcs: list[str], mask: int) -> int | None:
         """A file hook on the task's descriptor ``fd``, if it is a file the
-        emulated kernel sees."""
+        emulated kernel sees: the errno the emulated kernel fails the call
+        with (appraisal in enforce mode), else None."""
         node = self._node(n.pid, fd)
         if node is None:
-            return
+            return None
         flags = _fd_flags(n.pid, fd)
         if flags is None or flags & O_PATH:  # fdget() refuses an O_PATH descriptor: EBADF, no hook
-            return
+            return None
         task = _task(n.pid)
         if not id_valid(listener, n.id):
-            return
+            return None
         try:
-            self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)
+            events = self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)["events"]
         except ControlError as e:
             log.warning("hook %s of task %d: %s", ",".join(funcs), n.pid, e)
+            return None
+        return next((e["denied"] for e in events if "denied" in e), None)
 
     def _measure_buffer(self, func: str, name: str, data: bytes, **kw) -> None:
         try:
@@ -500,7 +519,44 @@ class Hooks:
     def mmap(self, listener: int, n: Notification):
         """ima_file_mmap: PROT_EXEC asked for, so MMAP_CHECK_REQPROT then
         MMAP_CHECK, with MAY_EXEC (the filter stops nothing else)."""
-        self._hook(listener, n, _fd_arg(n.args[4]), ["MMAP_CHECK_REQPROT", "MMAP_CHECK"], MAY_EXEC)
+        denied = self._hook(listener, n, _fd_arg(n.args[4]), ["MMAP_CHECK_REQPROT", "MMAP_CHECK"], MAY_EXEC)
+        return None if denied is None else (-1, denied)
+
+    def mprotect(self, listener: int, n: Notification):
+        """ima_file_mprotect on each mapping of the range, in address order, as
+        mprotect_fixup meets them: one of a file the emulated kernel sees, not
+        executable yet, may fail the call (EPERM).  Whatever the kernel checks
+        before (alignment, holes, flags) is left to the host's call."""
+        start, length = n.args[0], n.args[1]
+        if start & (PAGE - 1) or not length:
+            return None
+        end = start + (length + PAGE - 1 & ~(PAGE - 1))
+        targets, at = [], start
+        for line in _read_proc(n.pid, "maps").splitlines():
+            span, perms, _off, dev, inode = line.split(None, 5)[:5]
+            lo, hi = (int(x, 16) for x in span.split(b"-"))
+            if hi <= start:
+                continue
+            if lo >= end or lo > at:  # past the range, or a hole: ENOMEM from there on
+                break
+            at = hi
+            major, minor = (int(x, 16) for x in dev.split(b":"))
+            if b"x" not in perms and os.makedev(major, minor) == self.fuse_dev and int(inode) >= FIRST_NODE:
+                targets.append(int(inode))
+        if not targets:
+            return None
+        task = _task(n.pid)
+        if not id_valid(listener, n.id):
+            return None
+        for node in targets:
+            try:
+                err = self.client.call("mprotect", node=node, task=task)["errno"]
+            except ControlError as e:
+                log.warning("mprotect of task %d: %s", n.pid, e)
+                return None
+            if err:
+                return -1, err
+        return None
 
     def uname(self, listener: int, n: Notification):
         """The emulated release in the task's struct new_utsname; the other
@@ -536,7 +592,9 @@ class Hooks:
         if not _cap_eff(n.pid) >> CAP_SYS_MODULE & 1 or flags & ~MODULE_INIT_FLAGS:
             return None
         if self._readable(n.pid, fd):
-            self._hook(listener, n, fd, ["MODULE_CHECK"], MAY_READ)
+            denied = self._hook(listener, n, fd, ["MODULE_CHECK"], MAY_READ)
+            if denied is not None:  # ima_post_read_file fails the read: no module is loaded
+                return -1, denied
         return None
 
     def _readable(self, pid: int, fd: int) -> bool:
@@ -559,7 +617,9 @@ class Hooks:
             return None
         if not self._readable(n.pid, kernel_fd):
             return None
-        self._hook(listener, n, kernel_fd, ["KEXEC_KERNEL_CHECK"], MAY_READ)
+        denied = self._hook(listener, n, kernel_fd, ["KEXEC_KERNEL_CHECK"], MAY_READ)
+        if denied is not None:  # kernel_read_file_from_fd fails: before the image probe
+            return -1, denied
         try:
             head = _peek(n.pid, kernel_fd, 0x238)
         except OSError:
@@ -569,7 +629,9 @@ class Hooks:
         if not flags & KEXEC_FILE_NO_INITRAMFS:
             if not self._readable(n.pid, initrd_fd):
                 return None
-            self._hook(listener, n, initrd_fd, ["KEXEC_INITRAMFS_CHECK"], MAY_READ)
+            denied = self._hook(listener, n, initrd_fd, ["KEXEC_INITRAMFS_CHECK"], MAY_READ)
+            if denied is not None:
+                return -1, denied
         if cmdline_len:
             if cmdline_len > 1 << 20:
                 return None
@@ -580,6 +642,87 @@ class Hooks:
                 self._measure_buffer("KEXEC_CMDLINE", "kexec-cmdline", cmdline[:-1])
         return None
 
+    def _kernel_keyring(self, serial: int) -> dict | None:
+        """The emulated kernel's keyring of ``serial``, if it is one."""
+        if serial <= 0 or serial & KEY_SERIALS_MASK != KEY_SERIALS:
+            return None
+        try:
+            return self.client.call("keyring", serial=serial)
+        except ControlError:
+            return None
+
+    def request_key(self, listener: int, n: Notification):
+        """A lookup of one of the emulated kernel's keyrings by name (what
+        ``keyctl ... %keyring:.ima`` does first) finds it: its serial.  Any
+        other lookup is the host's."""
+        if not n.args[0] or not n.args[1]:
+            return None
+        if _read_string(n.pid, n.args[0], 32) != b"keyring":
+            return None
+        name = _read_string(n.pid, n.args[1], 4096)
+        if not name.startswith(b".") and name != b"_ima" or _status(n.pid)[b"Uid"][3] != b"0":
+            return None  # root's alone: owned by root, no permission for others (not even to view)
+        try:
+            ring = self.client.call("keyring", name=name.decode(errors="replace"))
+        except ControlError:
+            return None
+        return (ring["serial"], 0) if id_valid(listener, n.id) else None
+
+    def keyctl(self, listener: int, n: Notification):
+        """KEYCTL_DESCRIBE of an emulated keyring: "keyring;uid;gid;perm;name",
+        copied when the buffer holds it all; its length either way."""
+        serial = _fd_arg(n.args[1])
+        ring = self._kernel_keyring(serial)
+        if ring is None:
+            return None
+        if _status(n.pid)[b"Uid"][3] != b"0":
+            return -1, errno.EACCES  # KEY_NEED_VIEW: owned by root, nothing for others
+        text = f"keyring;0;0;{ring['perm']};{ring['name']}".encode() + b"\0"
+        buf, size = n.args[2], n.args[3]
+        if buf and size >= len(text):
+            try:
+                fd = os.open(f"/proc/{n.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+            except OSError:
+                raise TargetGone from None
+            try:
+                if not id_valid(listener, n.id):
+                    raise TargetGone
+                if os.pwrite(fd, text, buf) != len(text):
+                    return -1, errno.EFAULT
+            except (OSError, OverflowError):
+                return -1, errno.EFAULT
+            finally:
+                os.close(fd)
+        return len(text), 0
+
+    def _add_to_kernel_keyring(self, listener: int, n: Notification, ring: dict):
+        """add_key into an emulated keyring: the daemon adds it (its
+        restrictions, IMA's KEY_CHECK) and the call gets the key's serial or
+        the kernel's errno; the host's keyrings are not touched."""
+        type_ptr, payload_ptr, plen = n.args[0], n.args[2], n.args[3]
+        try:
+            ktype = _read_string(n.pid, type_ptr, 32) if type_ptr else None
+            if ktype is not None and ktype != b"asymmetric":
+                return -1, errno.EOPNOTSUPP  # the kernel's keyrings take asymmetric keys only (restrictions)
+            if ktype is not None and payload_ptr and plen and plen <= KEY_MAX_PAYLOAD:
+                payload = _read_mem(n.pid, payload_ptr, plen)
+            elif ktype is not None:
+                return -1, errno.EINVAL
+        except TargetGone:
+            ktype = None
+        if ktype is None:  # copy_from_user failed (or the task is gone: then nobody reads the answer)
+            return -1, errno.EFAULT
+        status = _status(n.pid)
+        fsuid = int(status[b"Uid"][3])
+        if not id_valid(listener, n.id):
+            return None
+        try:
+            done = self.client.call("keyring_add", serial=ring["serial"], data_hex=payload.hex(), uid=fsuid)
+        except ControlError as e:
+            log.warning("add_key to %s: %s", ring["name"], e)
+            return -1, errno.EIO
+        return (done["serial"], 0) if not done["errno"] else (-1, done["errno"])
+
     def add_key(self, listener: int, n: Notification):
         """ima_post_key_create_or_update: an ``asymmetric`` key with a payload
         into a keyring → KEY_CHECK, the keyring's description as name and as
@@ -588,6 +731,9 @@ class Hooks:
         the same add_key) and the keyring exists, is a keyring and is
         writable for the task (possession assumed)."""
         type_ptr, payload_ptr, plen, ring = n.args[0], n.args[2], n.args[3], n.args[4]
+        kernel_ring = self._kernel_keyring(_fd_arg(ring))
+        if kernel_ring is not None:
+            return self._add_to_kernel_keyring(listener, n, kernel_ring)
         if not type_ptr or not payload_ptr or not plen or plen > KEY_MAX_PAYLOAD:
             return None
         if _read_string(n.pid, type_ptr, 32) != b"asymmetric":
@@ -623,41 +769,70 @@ class Hooks:
 
 class Supervisor:
     """Receives the notifications of one listener and answers each in a
-    worker thread; a slow daemon holds up only the calls that wait on it."""
+    worker thread; a slow daemon holds up only the calls that wait on it.
+
+    SLOTS threads take turns to wait on the listener (one at a time, the
+    leader); the one that receives a notification hands the turn on and
+    answers it itself: no hand-off between threads on a stopped call's path."""
 
     def __init__(self, listener: int, hooks: Hooks, outstanding: Outstanding):
         self.listener = listener
         self.hooks = hooks
         self.outstanding = outstanding
+        self._turn = threading.Lock()
+        self._done = False
+        self._failure: BaseException | None = None
 
     def serve(self) -> None:
         """Until no task uses the filter any more."""
+        threads = [threading.Thread(target=self._work, name=f"hook{i}") for i in range(SLOTS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self._failure is not None:
+            raise self._failure
+
+    def _work(self) -> None:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
-        with ThreadPoolExecutor(SLOTS, thread_name_prefix="hook") as pool:
-            while True:
-                slot = self.outstanding.take()
-                events = dict(poller.poll())
-                if not events.get(self.listener, 0) & select.POLLIN:
+        while True:
+            slot = self.outstanding.take()
+            try:
+                with self._turn:
+                    n = None if self._done else self._next(poller, slot)
+                if n is None:
                     self.outstanding.release(slot)
-                    if events.get(self.listener, 0) & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
-                        return
-                    continue
-                try:
-                    n = receive(self.listener)
-                except OSError as e:  # ENOENT: its task was killed meanwhile
-                    self.outstanding.release(slot)
-                    if e.errno in (errno.ENOENT, errno.EINTR):
-                        continue
-                    raise
-                self.outstanding.put(slot, n.id)
-                pool.submit(self._answer, n, slot)
+                    return
+            except BaseException as e:  # noqa: BLE001 -- the supervisor ends; the holder takes over
+                self._done, self._failure = True, e
+                self.outstanding.release(slot)
+                return
+            try:
+                self.hooks.answer(self.listener, n)
+            except Exception:  # noqa: BLE001 -- the answer's ioctl failed; the next calls still get theirs
+                log.exception("answer to system call %d of task %d", n.nr, n.pid)
+            finally:
+                self.outstanding.release(slot)
 
-    def _answer(self, n: Notification, slot: int) -> None:
-        try:
-            self.hooks.answer(self.listener, n)
-        finally:
-            self.outstanding.release(slot)
+    def _next(self, poller: select.poll, slot: int) -> Notification | None:
+        """The next notification, recorded in ``slot``; None once no task
+        uses the filter (and then for every thread)."""
+        while True:
+            events = dict(poller.poll()).get(self.listener, 0)
+            if not events & select.POLLIN:
+                if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    self._done = True
+                    return None
+                continue
+            try:
+                n = receive(self.listener)
+            except OSError as e:  # ENOENT: its task was killed meanwhile
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    continue
+                raise
+            self.outstanding.put(slot, n.id)
+            return n
 
 
 def hold(listener: int, outstanding: Outstanding, supervisor: int) -> None:

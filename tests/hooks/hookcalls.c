@@ -48,6 +48,22 @@ int main(int argc, char **argv)
 			return report(-1);
 		return report(mprotect(p, 4096, PROT_READ | PROT_EXEC));
 	}
+	if (!strcmp(verb, "mprotect-anon")) {	/* anonymous memory made executable (a JIT) */
+		void *p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		return report(mprotect(p, 4096, PROT_READ | PROT_EXEC));
+	}
+	if (!strcmp(verb, "mprotect-unaligned")) {	/* FILE: EINVAL before any hook */
+		int fd = open(argv[2], O_RDONLY);
+		char *p = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+		return report(mprotect(p + 1, 4095, PROT_READ | PROT_EXEC));
+	}
+	if (!strcmp(verb, "mprotect-hole")) {	/* FILE: a hole before the file mapping: ENOMEM, no hook */
+		int fd = open(argv[2], O_RDONLY);
+		char *p = mmap(NULL, 3 * 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		munmap(p, 4096);
+		mmap(p + 4096, 4096, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+		return report(mprotect(p, 2 * 4096, PROT_READ | PROT_EXEC));
+	}
 	if (!strcmp(verb, "finit_module")) {	/* FILE */
 		int fd = open(argv[2], O_RDONLY);
 		return report(syscall(SYS_finit_module, fd, "", 0));
@@ -60,6 +76,12 @@ int main(int argc, char **argv)
 		return report(syscall(SYS_add_key, (void *)8, "", "x", 1, -3));
 	if (!strcmp(verb, "add_key-huge"))	/* a payload length past the kernel's limit */
 		return report(syscall(SYS_add_key, "asymmetric", "", "x", 1UL << 40, -3));
+	if (!strcmp(verb, "add_key-badpayload"))	/* RING: a payload pointer to nowhere */
+		return report(syscall(SYS_add_key, "asymmetric", "", (void *)8, 100UL, atol(argv[2])));
+	if (!strcmp(verb, "describe-bad"))	/* SERIAL: a buffer pointer to nowhere */
+		return report(syscall(SYS_keyctl, 6, atol(argv[2]), (void *)8, 4096UL));
+	if (!strcmp(verb, "request_key-bad"))	/* a description pointer to nowhere */
+		return report(syscall(SYS_request_key, "keyring", (void *)8, NULL, 0));
 	if (!strcmp(verb, "kexec-bad-cmdline")) {	/* KERNEL: a command line pointer to nowhere */
 		int k = open(argv[2], O_RDONLY);
 		return report(syscall(SYS_kexec_file_load, k, -1, 100UL, (void *)8, 4UL));
