@@ -168,7 +168,7 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
             t = time.perf_counter()
             for _ in range(max(1, n // batch)):
                 imafs("generate", "--mount", emu.mp, "--count", batch)
-                while int((emu.mp / "ima" / "runtime_measurements_count").read_text()) > batch // 2:
+                while list_count(emu.mp) > batch // 2:
                     time.sleep(0.02)
                 rss.append(rss_of(p.pid))
             dt = time.perf_counter() - t
@@ -181,6 +181,15 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
             "rss_mib_start": mib[0], "rss_mib_mid": mib[len(mib) // 2], "rss_mib_end": mib[-1],
             "rss_mib_max": max(mib), "rss_mib_samples": mib[::max(1, len(mib) // 10)],
             "target": "flat (end close to start)"}
+
+
+def list_count(mp: Path) -> int:
+    """runtime_measurements_count in one read(2) (a second read may cut a newer number)."""
+    fd = os.open(mp / "ima" / "runtime_measurements_count", os.O_RDONLY)
+    try:
+        return int(os.read(fd, 64))
+    finally:
+        os.close(fd)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -229,7 +238,7 @@ def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000, backlog: i
                 t = time.perf_counter()
                 g.start()
                 while time.perf_counter() - t < (seconds if mode else seconds / 2):
-                    sizes.append(int((emu.mp / "ima" / "runtime_measurements_count").read_text()))
+                    sizes.append(list_count(emu.mp))
                     if p:  # in process: a CLI client per sample cost the 2 cores more than the keeper
                         try:
                             last = Client(path=str(ctl)).call("status")["last"]

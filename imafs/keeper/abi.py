@@ -167,7 +167,14 @@ class Ima:
                     os.close(fd)
 
     def count(self) -> int:
-        return int(self.read(self.dir / "runtime_measurements_count"))
+        """``runtime_measurements_count``, in one read: the kernel prints the
+        number at each read(2), so a second read (for EOF) would be cut from a
+        newer number while records arrive ("0\n" then "00\n" of "2100\n")."""
+        fd = self._open(self.dir / "runtime_measurements_count", os.O_RDONLY)
+        try:
+            return int(os.pread(fd, 64, 0))
+        finally:
+            os.close(fd)
 
     def longer_than(self, size: int) -> bool:
         """Whether ``binary_runtime_size`` exceeds ``size``. No securityfs file
