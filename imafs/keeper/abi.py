@@ -110,9 +110,6 @@ class Ima:
     def read_staged(self) -> bytes:
         return self.read(self.staged) if self.staged else b""
 
-    def read_current(self) -> bytes:
-        return self.read(self.original)
-
     def read_head(self, records: int) -> bytes:
         """The oldest ``records`` records of the current list (all of it if it
         is shorter): read from the start in pieces and cut at a record's end,
