@@ -1,7 +1,7 @@
 """Measure imafs against the numbers of DESIGN.md; prints JSON.
 
     .venv/bin/python scripts/bench.py [--records 1000000] [--inodes 1000000]
-                                      [--only list|iint|mount|tpm|keeper|run|hooks] [--tpm-records N] [--out FILE]
+                                      [--only list|iint|mount|tpm|keeper|keeper-load|run|hooks] [--tpm-records N] [--out FILE]
 
 Run as root on a machine with /dev/fuse.  Every figure is measured in this
 run, next to its baseline: a minimal pyfuse3 server of the same bytes
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
             t = time.perf_counter()
             for _ in range(max(1, n // batch)):
                 imafs("generate", "--mount", emu.mp, "--count", batch)
-                while int((emu.mp / "ima" / "runtime_measurements_count").read_text()) > batch // 2:
+                while list_count(emu.mp) > batch // 2:
                     time.sleep(0.02)
                 rss.append(rss_of(p.pid))
             dt = time.perf_counter() - t
@@ -182,59 +183,117 @@ def keeper_memory(n: int, batch: int = 100_000) -> dict:
             "target": "flat (end close to start)"}
 
 
-def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000) -> dict:
+def list_count(mp: Path) -> int:
+    """runtime_measurements_count in one read(2) (a second read may cut a newer number)."""
+    fd = os.open(mp / "ima" / "runtime_measurements_count", os.O_RDONLY)
+    try:
+        return int(os.read(fd, 64))
+    finally:
+        os.close(fd)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def keeper_under_load(seconds: float = 20.0, threshold: int = 50_000, backlog: int = 1_000_000) -> dict:
     """`imafs generate` at full speed (a control client asking for 10k records at
-    a time, back to back) while the keeper (--max-records threshold, count and stage
-    mode) trims: the list's size sampled, the keeper's cycle time from its
-    control socket."""
+    a time, back to back): alone, then while the keeper (--max-records threshold,
+    count and stage mode, cycles back to back while over it) trims: the list's
+    size sampled, the keeper's cycle time from its control socket, the CPU share
+    of the daemon and of the keeper. Then the keeper alone: a backlog of records
+    trimmed down to the threshold by the service, nothing generated."""
     import threading
     sys.path.insert(0, str(HERE.parent))
-    out = {}
-    for mode in ("stage", "count"):
+    from imafs.control import Client, ControlError
+    out = {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}
+    for mode in (None, "stage", "count"):
         with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
             root = Path(tmp)
             os.environ["IMAFS_RUNTIME_DIR"] = str(root / "run")
             emu = Emulator(root, "load", 1)
+            daemon = Client(str(emu.mp)).call("status")["pid"]
             ctl = root / "keep.sock"
-            p = subprocess.Popen([PY, "-m", "imafs", "keep", "--securityfs", str(emu.mp), "--archive",
-                                  str(root / "a.db"), "--max-records", str(threshold), "--poll", "0.02",
-                                  "--mode", mode, "--control", str(ctl)], stderr=subprocess.DEVNULL, cwd=HERE.parent)
+            keep = [PY, "-m", "imafs", "keep", "--securityfs", str(emu.mp), "--archive", str(root / "a.db"),
+                    "--max-records", str(threshold), "--poll", "0.02", "--control", str(ctl)]
+            p = None
+            if mode:
+                p = subprocess.Popen(keep + ["--mode", mode], stderr=subprocess.DEVNULL, cwd=HERE.parent)
             stop = threading.Event()
             generated = [0]
 
             def generate():
-                from imafs.control import Client
                 client = Client(str(emu.mp))
                 while not stop.is_set():
                     generated[0] += client.call("generate", count=10_000)["added"]
 
             sizes, cycle_s = [], []
             try:
-                while not ctl.exists():
+                while p and not ctl.exists():
                     time.sleep(0.05)
                 g = threading.Thread(target=generate)
+                cpu0 = (cpu_seconds(daemon), p and cpu_seconds(p.pid))
                 t = time.perf_counter()
                 g.start()
-                while time.perf_counter() - t < seconds:
-                    sizes.append(int((emu.mp / "ima" / "runtime_measurements_count").read_text()))
-                    last = json.loads(imafs("keep", "request", "--control", ctl, "status"))["last"]
-                    if last and (not cycle_s or cycle_s[-1] != last["seconds"]):
-                        cycle_s.append(last["seconds"])
+                while time.perf_counter() - t < (seconds if mode else seconds / 2):
+                    sizes.append(list_count(emu.mp))
+                    if p:  # in process: a CLI client per sample cost the 2 cores more than the keeper
+                        try:
+                            last = Client(path=str(ctl)).call("status")["last"]
+                        except ControlError:  # its socket file exists before it listens
+                            last = None
+                        if last and (not cycle_s or cycle_s[-1] != last["seconds"]):
+                            cycle_s.append(last["seconds"])
                     time.sleep(0.1)
                 stop.set()
                 g.join()
                 dt = time.perf_counter() - t
-                status = json.loads(imafs("keep", "status", "--archive", root / "a.db"))
-            finally:
-                stop.set()
+                r = {"seconds": round(dt, 1), "generated_per_s": round(generated[0] / dt),
+                     "daemon_cpu": round((cpu_seconds(daemon) - cpu0[0]) / dt, 2)}
+                if not p:
+                    out["generator_alone"] = r
+                    continue
+                r["keeper_cpu"] = round((cpu_seconds(p.pid) - cpu0[1]) / dt, 2)
+                archived = json.loads(imafs("keep", "status", "--archive", root / "a.db"))["records"]
+                r.update({"threshold": threshold, "archived_per_s": round(archived / dt), "list_max": max(sizes),
+                          "list_median": statistics.median(sizes), "list_at_end": sizes[-1],
+                          "list_max_second_half": max(sizes[len(sizes) // 2:]),
+                          "cycle_seconds_median": statistics.median(cycle_s) if cycle_s else None,
+                          "cycle_seconds_max": max(cycle_s) if cycle_s else None})
+                # the keeper alone: a backlog, nothing generated, archived down to the threshold
+                # by the service (from its start: the process's start-up is counted)
                 p.terminate()
                 p.wait()
+                daemon_client = Client(str(emu.mp))
+                daemon_client.call("generate", count=backlog)
+                full = daemon_client.call("status")["counters"]["BINARY_FULL"]["records"]
+                db = sqlite3.connect(root / "a.db")
+
+                def stored():
+                    return (db.execute("SELECT max(pos) FROM records").fetchone()[0] or 0) + 1
+
+                n0 = stored()
+                ctl.unlink(missing_ok=True)
+                t = time.perf_counter()
+                p = subprocess.Popen(keep + ["--mode", mode], stderr=subprocess.DEVNULL, cwd=HERE.parent)
+                while stored() < full - threshold:
+                    time.sleep(0.01)
+                dt = time.perf_counter() - t
+                n1 = stored()
+                db.close()
+                r["keeper_alone"] = {"records": n1 - n0, "seconds": round(dt, 2),
+                                     "archived_per_s": round((n1 - n0) / dt), "keeper_cpu": round(
+                                         cpu_seconds(p.pid) / dt, 2)}
+                out[mode] = r
+            finally:
+                stop.set()
+                if p:
+                    p.terminate()
+                    p.wait()
                 emu.close()
-            out[mode] = {"threshold": threshold, "seconds": dt, "generated_per_s": generated[0] / dt,
-                         "archived_per_s": status["records"] / dt, "list_max": max(sizes),
-                         "list_median": statistics.median(sizes), "list_at_end": sizes[-1],
-                         "cycle_seconds_median": statistics.median(cycle_s) if cycle_s else None,
-                         "cycle_seconds_max": max(cycle_s) if cycle_s else None}
+    out["load_average_at_end"] = os.getloadavg()
     return out
 
 
@@ -503,9 +562,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--inodes", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "run", "hooks"),
+    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "keeper-load", "run", "hooks"),
                     help="one part: the list figures, the inode cache, the measured mount, extends "
-                         "through swtpm, the keeper, the start of imafs run, or the seccomp hooks")
+                         "through swtpm, the keeper (keeper-load: only under imafs generate), the start "
+                         "of imafs run, or the seccomp hooks")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
     ap.add_argument("--keeper-memory-records", type=int,
                     default=int(os.environ.get("IMAFS_BENCH_KEEPER_RECORDS", 10_000_000)),
@@ -531,6 +591,7 @@ def main() -> None:
     if args.only in (None, "keeper"):
         result["keeper"] = keeper(n, args.keeper_chunk)
         result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
+    if args.only in (None, "keeper", "keeper-load"):
         result["keeper_under_load"] = keeper_under_load()
     if args.only in (None, "run"):
         result["run_start"] = run_start()

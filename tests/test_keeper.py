@@ -67,7 +67,12 @@ def export(m, archive, *args, live=True) -> bytes:
 
 
 def count(m) -> int:
-    return int(m.read("runtime_measurements_count"))
+    """One read(2): the number is printed at each read, a second one may cut a newer number."""
+    fd = os.open(m.ima / "runtime_measurements_count", os.O_RDONLY)
+    try:
+        return int(os.read(fd, 64))
+    finally:
+        os.close(fd)
 
 
 def staged(m) -> list:
@@ -235,6 +240,29 @@ def test_threshold_holds_the_list_down(mnt, tmp_path, archive):
         p.terminate()
         assert p.wait(timeout=10) == 0
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
+
+
+def test_count_mode_takes_a_chunk_of_the_oldest(mnt, tmp_path, archive):
+    """--chunk K: a count-mode cycle reads and trims the oldest K records
+    only. A cycle killed after its commit (N not written) is recognised by a
+    later cycle with a smaller chunk: it reads the whole unconfirmed chunk
+    again, nothing twice."""
+    r = keep(mnt, archive, "--once", "--mode", "count", "--chunk", 0, check=False)
+    assert r.returncode == 2 and "--chunk 0: at least 1 record per trim" in r.stderr, r.stderr
+    mnt.client.call("generate", count=1000)  # + the boot_aggregate
+    keep(mnt, archive, "--once", "--mode", "count", "--chunk", 300)
+    assert count(mnt) == 701
+    assert positions(archive) == (300, 0, 299)
+    r = keep(mnt, archive, "--once", "--mode", "count", "--chunk", 300, env={"IMAFS_KEEP_CRASH_AT": "after-commit"},
+             check=False)
+    assert r.returncode == 137 and count(mnt) == 701
+    keep(mnt, archive, "--once", "--mode", "count", "--chunk", 100)
+    assert count(mnt) == 401  # the 300 stored before the kill, read and trimmed again, not 100
+    assert positions(archive) == (600, 0, 599)
+    while count(mnt):
+        keep(mnt, archive, "--once", "--mode", "count", "--chunk", 150)
+    assert_replays(mnt, export(mnt, archive), full_count(mnt))
+    assert positions(archive) == (1001, 0, 1000)
 
 
 def test_kexec_continues_the_boot_reboot_starts_one(mnt, tmp_path, archive):
@@ -420,6 +448,47 @@ def test_split_fast_path_equals_the_strict_parser(recs, flips, cut):
         except BadRecord:
             return "refused"
     assert outcome(split) == outcome(_reference_split)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_TEMPLATES), st.binary(min_size=1, max_size=20).map(
+    lambda b: b"/" + b.replace(b"\0", b"x")), st.binary(max_size=40), st.integers(0, 23), st.booleans()),
+    max_size=12),
+    st.integers(1, 14), st.integers(1, 300), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                      max_size=2), st.integers(0, 10_000))
+def test_read_head_cuts_the_oldest_records(recs, k, piece, flips, cut):
+    """A count-mode cycle reads only the oldest K records: read_head, over
+    reads of any size, returns exactly them (the whole list if shorter); over
+    a damaged list, a prefix whose check fails, or the first K of what parses."""
+    from imafs.keeper import abi
+    raws = [_record(*r) for r in recs]
+    buf = b"".join(raws)
+    bad = bytearray(buf)
+    for at, value in flips:
+        if bad:
+            bad[at % len(bad)] = value
+    bad = bytes(bad[:len(bad) - cut % 7])
+    old = abi.READ_SIZE
+    abi.READ_SIZE = piece
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "binary_runtime_measurements"
+            f.write_bytes(buf)
+            assert abi.Ima(d).read_head(k) == b"".join(raws[:k])
+            f.write_bytes(bad)
+            got = abi.Ima(d).read_head(k)
+    finally:
+        abi.READ_SIZE = old
+    assert bad.startswith(got)
+    try:
+        whole = split(bad)
+    except BadRecord:
+        try:
+            assert len(split(got)) <= k
+        except BadRecord:
+            pass
+    else:
+        assert got == b"".join(r.raw for r in whole[:k])
 
 
 class _Killed(BaseException):
@@ -829,16 +898,17 @@ def test_max_bytes_reads_binary_runtime_size_not_the_list(mnt, tmp_path, keeper_
     assert_replays(mnt, export(mnt, archive), full_count(mnt))
 
 
-def test_generate_at_full_speed_the_list_stays_bounded(mnt, archive, keeper_service):
+@pytest.mark.parametrize("mode", ["stage", "count"])
+def test_generate_at_full_speed_the_list_stays_bounded(mnt, archive, keeper_service, mode):
     """`imafs generate` as fast as the daemon takes records, for a few seconds:
-    the keeper (count mode, --max-records 2000) keeps pace: the list does not
-    grow with what was generated (it overshoots by what arrives during a cycle:
-    each cycle takes the whole list, so on this 2-core machine the list swings
-    between tens of thousands of records), and it is under the threshold once
-    the generator stops; nothing lost or twice."""
+    the keeper (--max-records 2000; count mode: 50,000-record chunks; cycles
+    back to back while over the threshold) keeps pace: the list does not grow
+    with what was generated (it overshoots by what arrives during a cycle), and
+    it is under the threshold once the generator stops; nothing lost or twice."""
     import threading
     threshold = 2000
-    p, ctl = keeper_service(archive, "--max-records", threshold, "--poll", "0.02", "--mode", "count")
+    p, ctl = keeper_service(archive, "--max-records", threshold, "--poll", "0.02", "--mode", mode,
+                            "--chunk", 50_000)
     stop = threading.Event()
     generated = [0]
 

@@ -14,13 +14,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
+from ..templates import MAX_LIST_TEMPLATE_NAME_LEN
+
 log = logging.getLogger("imafs.keeper")
 
+_U32 = struct.Struct("<I").unpack_from
 KEXEC_HEADER = 24  # struct ima_kexec_hdr, counted in binary_runtime_size (kernel-abi.md §6.1)
 BUSY_TIMEOUT = 30.0  # seconds of EBUSY before a cycle gives up (and retries later)
+READ_SIZE = 1 << 20  # bytes per read(2) of a list
+IMA_HEAD = 20  # the `ima` template: its d (sha1) before the name's length, no template data length
 
 
 class KeeperFatal(Exception):
@@ -84,7 +90,7 @@ class Ima:
         fd = self._open(path, os.O_RDONLY)
         try:
             out = []
-            while chunk := os.read(fd, 1 << 20):
+            while chunk := os.read(fd, READ_SIZE):
                 out.append(chunk)
             return b"".join(out)
         finally:
@@ -104,8 +110,39 @@ class Ima:
     def read_staged(self) -> bytes:
         return self.read(self.staged) if self.staged else b""
 
-    def read_current(self) -> bytes:
-        return self.read(self.original)
+    def read_head(self, records: int) -> bytes:
+        """The oldest ``records`` records of the current list (all of it if it
+        is shorter): read from the start in pieces and cut at a record's end,
+        so a bounded chunk costs its own size, not the list's (N takes the
+        oldest N). Only the length fields are walked; the cycle checks the
+        records. A length that cannot be right (a name longer than the kernel
+        allows) stops the walk: the rest is read whole, and the check says why."""
+        fd = self._open(self.original, os.O_RDONLY)
+        try:
+            buf = bytearray()
+            o = n = 0
+            while n < records or len(buf) < o:
+                if n < records and len(buf) >= o + 28:
+                    nlen = _U32(buf, o + 24)[0]
+                    if nlen > MAX_LIST_TEMPLATE_NAME_LEN:
+                        n, o = records, -1  # not a record: no cut
+                        continue
+                    head = IMA_HEAD if buf[o + 28:o + 28 + nlen] == b"ima" else 0  # no data length
+                    if len(buf) >= o + 32 + nlen + head:
+                        o += 32 + nlen + head + _U32(buf, o + 28 + nlen + head)[0]
+                        n += 1
+                        continue
+                chunk = os.read(fd, READ_SIZE)
+                if not chunk:
+                    break  # the list is shorter, or its last record is cut: the check says so
+                buf += chunk
+            if o < 0:
+                while chunk := os.read(fd, READ_SIZE):
+                    buf += chunk
+                return bytes(buf)
+            return bytes(buf[:o]) if n == records and o <= len(buf) else bytes(buf)
+        finally:
+            os.close(fd)
 
     def read_live(self) -> tuple[bytes, bytes]:
         """(staged list, current list) as one state: both are open for read
@@ -117,7 +154,7 @@ class Ima:
             out = []
             for fd in fds:
                 parts = []
-                while fd is not None and (chunk := os.read(fd, 1 << 20)):
+                while fd is not None and (chunk := os.read(fd, READ_SIZE)):
                     parts.append(chunk)
                 out.append(b"".join(parts))
             return out[0], out[1]
@@ -127,7 +164,14 @@ class Ima:
                     os.close(fd)
 
     def count(self) -> int:
-        return int(self.read(self.dir / "runtime_measurements_count"))
+        """``runtime_measurements_count``, in one read: the kernel prints the
+        number at each read(2), so a second read (for EOF) would be cut from a
+        newer number while records arrive ("0\n" then "00\n" of "2100\n")."""
+        fd = self._open(self.dir / "runtime_measurements_count", os.O_RDONLY)
+        try:
+            return int(os.pread(fd, 64, 0))
+        finally:
+            os.close(fd)
 
     def longer_than(self, size: int) -> bool:
         """Whether ``binary_runtime_size`` exceeds ``size``. No securityfs file

@@ -9,6 +9,7 @@ import sys
 
 from .abi import Busy, Ima, KeeperFatal
 from .archive import ArchiveError, is_postgresql
+from .trim import CHUNK
 
 ARCHIVE_HELP = "the archive: a SQLite file (created if missing) or a postgresql:// URL"
 HOST_HELP = ("this host's id in a postgresql:// archive shared by many hosts "
@@ -26,6 +27,9 @@ def add_parser(sub) -> None:
     k.add_argument("--host-id", metavar="ID", help=HOST_HELP)
     k.add_argument("--mode", choices=("stage", "count"), default="stage",
                    help="stage: A, save the staged list, D (default); count: save the oldest records, write N")
+    k.add_argument("--chunk", type=int, default=CHUNK, metavar="N",
+                   help=f"count mode: a cycle takes at most the oldest N records (default {CHUNK}); "
+                        "over a threshold, cycles follow each other until the list is under it")
     k.add_argument("--abi", choices=("auto", "v7", "v5"), default="auto",
                    help="where A goes: v7 the _staged file, v5 the original; auto: learn it from the kernel")
     k.add_argument("--once", action="store_true", help="one trim cycle, then exit (cron, tests)")
@@ -95,7 +99,8 @@ def cmd_keep(args) -> int:
                         format="imafs-keep[%(process)d]: %(message)s", stream=sys.stderr)
     from .service import Service, open_keeper
     try:
-        keeper = open_keeper(args.securityfs, args.archive, args.mode, args.abi, args.boot_id_file, args.host_id)
+        keeper = open_keeper(args.securityfs, args.archive, args.mode, args.abi, args.boot_id_file, args.host_id,
+                             args.chunk)
         svc = Service(keeper, max_records=args.max_records, max_bytes=args.max_bytes,
                       interval=args.interval, poll=args.poll, control=args.control)
         if args.once:

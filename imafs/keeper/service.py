@@ -25,7 +25,7 @@ import trio
 from ..control import LineServer
 from .abi import Busy, Ima
 from .archive import ArchiveError, open_archive
-from .trim import BadRecord, Keeper
+from .trim import CHUNK, BadRecord, Keeper
 
 log = logging.getLogger("imafs.keeper")
 
@@ -112,10 +112,12 @@ class Service:
     async def _loop(self) -> None:
         last = time.monotonic()
         await self.cycle("start: finish what a predecessor left, trim what is there")
+        trimmed = self._trimmed()
         while not self.stop:
-            with trio.move_on_after(self.poll):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            if not trimmed:  # a cycle that trimmed: look again at once, no poll in between
+                with trio.move_on_after(self.poll):
+                    await self._wake.wait()
+                self._wake = trio.Event()
             if self.stop:
                 break
             try:
@@ -126,6 +128,12 @@ class Service:
             if why:
                 last = time.monotonic()
                 await self.cycle(why)
+            trimmed = bool(why) and self._trimmed()
+
+    def _trimmed(self) -> bool:
+        """Whether the last cycle took records out without an error: under load
+        the next one may be due already (records arrived while it ran)."""
+        return bool(self.last and self.last["deleted"] and self.last["error"] is None)
 
     async def _signals(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
@@ -179,7 +187,7 @@ class Control(LineServer):
 
 
 def open_keeper(securityfs: str, archive: str, mode: str, abi: str, boot_id_file: str | None,
-                host_id: str | None = None) -> Keeper:
+                host_id: str | None = None, chunk: int = CHUNK) -> Keeper:
     from .trim import crash_hook
     ima = Ima(securityfs, abi)
-    return Keeper(ima, open_archive(archive, crash_hook, host_id), mode, boot_id_file)
+    return Keeper(ima, open_archive(archive, crash_hook, host_id), mode, boot_id_file, chunk)

@@ -4,8 +4,8 @@ A cycle (docs/keeper.md has the rules and why):
 
 1. find what the kernel holds that the archive may not: a staged list left by
    anyone (a killed keeper, another agent) is archived and deleted first;
-2. mode ``stage``: `A`, read the staged list; mode ``count``: read the current
-   list and take all of it (N = what was read);
+2. mode ``stage``: `A`, read the staged list; mode ``count``: read the oldest
+   records of the current list, at most a chunk (``--chunk``; N = what was read);
 3. check every record (strict parse, template digest against template data)
    and place it: its position since boot is the records of this boot already
    stored, unless the kernel still holds the last stored chunk (a delete that
@@ -29,6 +29,8 @@ import logging
 import os
 import struct
 from array import array
+from bisect import bisect_right
+from itertools import accumulate
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from .archive import Archive, ArchiveError, Conflict
 
 log = logging.getLogger("imafs.keeper")
 
+CHUNK = 100_000  # count mode: the oldest records one cycle takes at most (about 13 MB of ima-ng)
 CRASH_STEPS = ("after-A", "mid-save", "after-commit", "after-D")
 
 
@@ -181,6 +184,11 @@ class Records(Sequence):
         starts.append(len(buf))
         return cls(buf, starts)
 
+    @classmethod
+    def of(cls, raws: list[bytes]) -> Records:
+        """Records already checked, one bytes each, as one buffer."""
+        return cls(b"".join(raws), array("Q", accumulate(map(len, raws), initial=0)))
+
     def __len__(self) -> int:
         return len(self.starts) - 1
 
@@ -195,6 +203,21 @@ class Records(Sequence):
             raise IndexError(i)
         return self.buf[self.starts[i]:self.starts[i + 1]]
 
+    def __iter__(self):
+        buf, s = self.buf, self.starts
+        return map(buf.__getitem__, map(slice, s, s[1:]))  # no per-index checks: the store walks a chunk
+
+    def boot_aggregates(self, lo: int = 0):
+        """Indexes from ``lo`` on of the records that are a boot_aggregate: the
+        buffer is searched for the name, and only the records that hold it parsed."""
+        buf, s = self.buf, self.starts
+        at, end = s[lo] if lo < len(self) else s[-1], s[-1]
+        while (at := buf.find(b"boot_aggregate", at, end)) >= 0:
+            i = bisect_right(s, at) - 1
+            if split(self[i])[0].is_boot_aggregate:
+                yield i
+            at = s[i + 1]
+
     def head_is_boot_aggregate(self, i: int) -> bool:
         raw = self[i]
         return b"boot_aggregate" in raw and split(raw)[0].is_boot_aggregate
@@ -207,7 +230,7 @@ class Placement:
     kexec_at: int | None = None  # index of a new kernel's boot_aggregate after carried records
 
 
-def place(archive: Archive, recs: Sequence[bytes]) -> Placement:
+def place(archive: Archive, recs: Records) -> Placement:
     """Where ``recs`` (the head of what the kernel holds) sit in the archive."""
     boot = archive.last_boot()
     if boot is None:
@@ -219,24 +242,27 @@ def place(archive: Archive, recs: Sequence[bytes]) -> Placement:
     if (chunk and chunk.deleted is None and len(recs) >= chunk.count
             and archive.records(boot, chunk.first, chunk.count) == list(recs[:chunk.count])):
         first = chunk.first
-    for i, raw in enumerate(recs):
-        if first + i >= have and b"boot_aggregate" in raw and split(raw)[0].is_boot_aggregate:
-            if i == 0:
-                return Placement(None, 0)  # a new boot: this list starts with its boot_aggregate
-            return Placement(boot, first, kexec_at=i)  # a kexec: carried records, then the new kernel
+    for i in recs.boot_aggregates(max(have - first, 0)):
+        if i == 0:
+            return Placement(None, 0)  # a new boot: this list starts with its boot_aggregate
+        return Placement(boot, first, kexec_at=i)  # a kexec: carried records, then the new kernel
     return Placement(boot, first)
 
 
 class Keeper:
     """The trim cycle over one securityfs tree and one archive."""
 
-    def __init__(self, ima: Ima, archive: Archive, mode: str = "stage", boot_id_file: str | None = None):
+    def __init__(self, ima: Ima, archive: Archive, mode: str = "stage", boot_id_file: str | None = None,
+                 chunk: int = CHUNK):
+        if chunk < 1:
+            raise ValueError(f"--chunk {chunk}: at least 1 record per trim")
         if mode == "stage" and not ima.can_stage:
             raise ValueError(f"{ima.dir}: no _staged files (CONFIG_IMA_STAGING=n): use --mode count")
         self.ima = ima
         self.archive = archive
         self.mode = mode
         self.boot_id_file = boot_id_file
+        self.chunk = chunk
         self.last_error: str | None = None
         self.archived = 0  # records the current cycle stored that the archive did not have
 
@@ -286,6 +312,14 @@ class Keeper:
             raise OSError(err, f"D on {self.ima.staged.name}: {os.strerror(err)}")
         return True
 
+    def _head(self) -> int:
+        """How many of the oldest records a count-mode cycle reads: a chunk, or
+        more if the last stored chunk's N was not confirmed (the kernel may still
+        start with it: place() recognises it only if it is read whole)."""
+        boot = self.archive.last_boot()
+        last = self.archive.last_chunk(boot) if boot is not None else None
+        return max(self.chunk, last.count) if last and last.deleted is None else self.chunk
+
     def cycle(self) -> int:
         """One trim; returns how many records left the kernel's memory (stored first)."""
         self.last_error = None
@@ -311,7 +345,7 @@ class Keeper:
             if not recs:
                 return 0
             return len(recs) if self._finish_staged(recs) else 0
-        recs = Records.check(self.ima.read_current(), "current list")
+        recs = Records.check(self.ima.read_head(self._head()), "current list")
         if not recs:
             return 0
         saved = self._save(recs, "count")

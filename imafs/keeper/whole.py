@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import templates as T
 from .abi import Busy, Ima
 from .archive import Archive
-from .trim import Placement, Rec, place, split
+from .trim import Placement, Rec, Records, place, split
 
 
 PLACE_TRIES = 50
@@ -31,7 +31,7 @@ def placed_live(archive: Archive, ima: Ima) -> tuple[list[Rec], Placement | None
         before = _archive_state(archive)
         staged, current = ima.read_live()
         live = split(staged, "staged list") + split(current, "current list")
-        p = place(archive, [r.raw for r in live]) if live else None
+        p = place(archive, Records.of([r.raw for r in live])) if live else None
         if _archive_state(archive) == before:
             return live, p
     raise Busy(f"the archive changed during each of {PLACE_TRIES} reads of the live list")
