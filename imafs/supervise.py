@@ -440,12 +440,21 @@ class Connection(threading.local):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self.sock.settimeout(self.timeout)
             self.sock.connect(self.path)
-        self.sock.sendall(request)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
-            self.buf += chunk
+            # a blocking socket whose sends and receives time out in the kernel: Python's
+            # timeout would poll() before each of them, on the stopped call's path
+            self.sock.settimeout(None)
+            limit = struct.pack("@ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        try:
+            self.sock.sendall(request)
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
+                self.buf += chunk
+        except BlockingIOError:  # SO_SNDTIMEO, SO_RCVTIMEO
+            raise TimeoutError(errno.ETIMEDOUT, f"no answer within {self.timeout:g} s") from None
         line, _, self.buf = self.buf.partition(b"\n")
         return line
 
