@@ -220,9 +220,11 @@ class TargetGone(Exception):
 
 
 def _status(pid: int) -> dict[bytes, list[bytes]]:
-    """The Uid, Gid and CapEff lines of the task's status, split."""
+    """The Uid, Gid and CapEff lines of the task's status, split, and its
+    Name (the comm, escaped: the kernel writes a newline or a backslash in it
+    as a backslash sequence)."""
     text = _read_proc(pid, "status")
-    out = {}
+    out = {b"Name": [text[len(b"Name:\t"):text.find(b"\n")]]} if text.startswith(b"Name:\t") else {}
     for key in (b"\nUid:", b"\nGid:", b"\nCapEff:"):
         at = text.find(key)
         if at >= 0:
@@ -254,7 +256,9 @@ def _task(pid: int) -> dict:
     status = _status(pid)
     try:
         uid, gid = [int(x) for x in status[b"Uid"][:3]], [int(x) for x in status[b"Gid"][:3]]
-        return {"pid": pid, "comm": _read_proc(pid, "comm").rstrip(b"\n").decode(errors="replace"),
+        name = status.get(b"Name", [b"\\"])[0]
+        comm = name if b"\\" not in name else _read_proc(pid, "comm").rstrip(b"\n")  # the comm file has it raw
+        return {"pid": pid, "comm": comm.decode(errors="replace"),
                 "uid": uid[0], "euid": uid[1], "suid": uid[2], "gid": gid[0], "egid": gid[1], "sgid": gid[2],
                 "cap_eff": int(status[b"CapEff"][0], 16), "auid": int(_read_proc(pid, "loginuid")),
                 "ses": int(_read_proc(pid, "sessionid"))}
@@ -436,12 +440,21 @@ class Connection(threading.local):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             self.sock.settimeout(self.timeout)
             self.sock.connect(self.path)
-        self.sock.sendall(request)
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
-            self.buf += chunk
+            # a blocking socket whose sends and receives time out in the kernel: Python's
+            # timeout would poll() before each of them, on the stopped call's path
+            self.sock.settimeout(None)
+            limit = struct.pack("@ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, limit)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, limit)
+        try:
+            self.sock.sendall(request)
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionResetError(errno.ECONNRESET, "the daemon closed the connection")
+                self.buf += chunk
+        except BlockingIOError:  # SO_SNDTIMEO, SO_RCVTIMEO
+            raise TimeoutError(errno.ETIMEDOUT, f"no answer within {self.timeout:g} s") from None
         line, _, self.buf = self.buf.partition(b"\n")
         return line
 

@@ -144,6 +144,38 @@ def test_connection_replaces_one_the_daemon_closed(tmp_path):
         c.call("status")
 
 
+def test_connection_times_out_in_the_kernel(tmp_path):
+    """A daemon that takes a request and never answers: the call fails with
+    the time it waited, it does not hang (SO_RCVTIMEO)."""
+    path = str(tmp_path / "s")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen()
+    c = supervise.Connection(path, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ControlError, match=r"no answer within 0.3 s"):
+        c.call("status")
+    assert 0.25 < time.monotonic() - t0 < 5
+    srv.close()
+
+
+@pytest.mark.parametrize("name", [b"a\\b", b"a\nb", b"plain name", b"\xff\tx"])
+def test_task_comm_is_the_raw_comm(name):
+    """status escapes a newline and a backslash of the comm; what is reported
+    is the comm itself, as /proc/PID/comm has it."""
+    p = subprocess.Popen(["python3", "-c", "import ctypes, sys; ctypes.CDLL(None).prctl(15, sys.argv[1].encode("
+                          "'utf-8', 'surrogateescape')); print(flush=True); sys.stdin.read()", os.fsdecode(name)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        p.stdout.readline()
+        with open(f"/proc/{p.pid}/comm", "rb") as f:
+            assert f.read() == name + b"\n"
+        assert supervise._task(p.pid)["comm"] == name.decode(errors="replace")
+    finally:
+        p.kill()
+        p.wait()
+
+
 def test_bzimage_probe():
     head = bytearray(0x238)
     head[0x1FE:0x200] = b"\x55\xaa"
