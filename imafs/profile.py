@@ -315,21 +315,27 @@ def _check_regular(key: str, path: str, mode: int) -> None:
         raise ProfileError(f"{key}: {path} is not a regular file")
 
 
-def _read_pcr_file(key: str, path: Any) -> str:
-    """The text of a PCR file. Only a regular file is opened: a FIFO would block
-    the daemon's start, a device like /dev/zero never ends, and opening some
-    devices does something; so stat first, and check the opened file again."""
-    if not isinstance(path, str) or not path:
-        raise ProfileError(f"{key}: {path!r} is not a file path; expected the path of a "
-                           "'PCR-NN: hex' file")
+def _read_regular(key: str, path: str, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of a regular file named by the profile. Only a
+    regular file is opened: a FIFO would block the daemon's start, a device
+    like /dev/zero never ends, and opening some devices does something; so
+    stat first, and check the opened file again."""
     try:
         _check_regular(key, path, os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         with open(fd, "rb") as f:
             _check_regular(key, path, os.fstat(fd).st_mode)
-            data = f.read(_PCR_FILE_MAX + 1)
+            return f.read(limit + 1)
     except OSError as e:
         raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+def _read_pcr_file(key: str, path: Any) -> str:
+    """The text of a PCR file (a regular file: see _read_regular)."""
+    if not isinstance(path, str) or not path:
+        raise ProfileError(f"{key}: {path!r} is not a file path; expected the path of a "
+                           "'PCR-NN: hex' file")
+    data = _read_regular(key, path, _PCR_FILE_MAX)
     if len(data) > _PCR_FILE_MAX:
         raise ProfileError(f"{key}: {path} is larger than a PCR file can be ({_PCR_FILE_MAX} bytes)")
     try:
@@ -346,14 +352,7 @@ _CERT_FILE_MAX = 1 << 20
 def _load_certs(key: str, path: str) -> tuple[bytes, ...]:
     """The DER certificates of a PEM (one or more) or DER file, each checked
     as the kernel's X.509 parser would take it."""
-    try:
-        _check_regular(key, path, os.stat(path).st_mode)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            _check_regular(key, path, os.fstat(fd).st_mode)
-            data = f.read(_CERT_FILE_MAX + 1)
-    except OSError as e:
-        raise ProfileError(f"{key}: cannot read {path}: {e.strerror}") from None
+    data = _read_regular(key, path, _CERT_FILE_MAX)
     if len(data) > _CERT_FILE_MAX:
         raise ProfileError(f"{key}: {path} is larger than {_CERT_FILE_MAX} bytes; expected X.509 certificates")
     try:

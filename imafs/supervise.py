@@ -298,6 +298,24 @@ def _read_mem(pid: int, addr: int, size: int) -> bytes:
     return data
 
 
+def _write_mem(listener: int, n: Notification, addr: int, data: bytes) -> bool:
+    """Copy ``data`` to the stopped task's ``addr`` (copy_to_user), once the
+    notification is known to be still valid; False where the kernel's copy
+    would fault (EFAULT)."""
+    try:
+        fd = os.open(f"/proc/{n.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        raise TargetGone from None
+    try:
+        if not id_valid(listener, n.id):
+            raise TargetGone
+        return os.pwrite(fd, data, addr) == len(data)
+    except (OSError, OverflowError):
+        return False
+    finally:
+        os.close(fd)
+
+
 def _read_string(pid: int, addr: int, limit: int) -> bytes:
     """A NUL-terminated string of at most ``limit`` bytes of the task's memory."""
     out = b""
@@ -582,21 +600,7 @@ class Hooks:
         except OSError:
             pass
         buf = b"".join(os.fsencode(v)[:UTS_FIELD - 1].ljust(UTS_FIELD, b"\0") for v in fields)
-        try:
-            fd = os.open(f"/proc/{n.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-        except OSError:
-            raise TargetGone from None
-        try:
-            if not id_valid(listener, n.id):
-                raise TargetGone
-            try:
-                if os.pwrite(fd, buf, n.args[0]) != len(buf):
-                    return -1, errno.EFAULT
-            except (OSError, OverflowError):
-                return -1, errno.EFAULT
-        finally:
-            os.close(fd)
-        return 0, 0
+        return (0, 0) if _write_mem(listener, n, n.args[0], buf) else (-1, errno.EFAULT)
 
     def finit_module(self, listener: int, n: Notification):
         """MODULE_CHECK (ima_post_read_file, MAY_READ) once the kernel would
@@ -692,20 +696,8 @@ class Hooks:
             return -1, errno.EACCES  # KEY_NEED_VIEW: owned by root, nothing for others
         text = f"keyring;0;0;{ring['perm']};{ring['name']}".encode() + b"\0"
         buf, size = n.args[2], n.args[3]
-        if buf and size >= len(text):
-            try:
-                fd = os.open(f"/proc/{n.pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-            except OSError:
-                raise TargetGone from None
-            try:
-                if not id_valid(listener, n.id):
-                    raise TargetGone
-                if os.pwrite(fd, text, buf) != len(text):
-                    return -1, errno.EFAULT
-            except (OSError, OverflowError):
-                return -1, errno.EFAULT
-            finally:
-                os.close(fd)
+        if buf and size >= len(text) and not _write_mem(listener, n, buf, text):
+            return -1, errno.EFAULT
         return len(text), 0
 
     def _add_to_kernel_keyring(self, listener: int, n: Notification, ring: dict):
