@@ -305,18 +305,21 @@ def cmd_reboot(args) -> int:
     return 0
 
 
+def kernel_options(parser: argparse.ArgumentParser, measure_help: str) -> None:
+    """The options that choose the emulated kernel (imafs mount, imafs run)."""
+    parser.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one profile key (repeatable)")
+    parser.add_argument("--measure", action="append", default=[], metavar="SRC:DST", help=measure_help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imafs", description="Linux IMA securityfs emulator.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser("mount", help="mount the emulated IMA securityfs tree")
     m.add_argument("mountpoint", help="directory to mount the emulated securityfs on")
-    m.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
-    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one profile key (repeatable)")
-    m.add_argument("--measure", action="append", default=[], metavar="SRC:DST",
-                   help="re-export directory SRC at DST, measuring every open and exec there "
-                        "(repeatable)")
+    kernel_options(m, "re-export directory SRC at DST, measuring every open and exec there (repeatable)")
     m.add_argument("--foreground", action="store_true", help="stay in the foreground")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     m.add_argument("--log-file", help=argparse.SUPPRESS)
@@ -326,12 +329,8 @@ def _parser() -> argparse.ArgumentParser:
                         "namespace with the emulator at /sys/kernel/security)",
                         usage="imafs run [--profile FILE] [--set KEY=VALUE] [--measure SRC:DST] "
                               "[--mount MP] -- CMD [ARGS]")
-    rn.add_argument("--profile", metavar="FILE", help="TOML profile of the emulated kernel")
-    rn.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one profile key (repeatable)")
-    rn.add_argument("--measure", action="append", default=[], metavar="SRC:DST",
-                    help="re-export directory SRC at DST inside the run, measuring every open "
-                         "and exec there (repeatable)")
+    kernel_options(rn, "re-export directory SRC at DST inside the run, measuring every open "
+                       "and exec there (repeatable)")
     rn.add_argument("--mount", metavar="MP", help="join the emulator already mounted at MP "
                     "instead of starting one (it keeps running after the command)")
     rn.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS]",

@@ -177,13 +177,7 @@ def test_task_comm_is_the_raw_comm(name):
 
 
 def test_bzimage_probe():
-    head = bytearray(0x238)
-    head[0x1FE:0x200] = b"\x55\xaa"
-    head[0x202:0x206] = b"HdrS"
-    head[0x206:0x208] = struct.pack("<H", 0x20F)
-    head[0x211] = 1
-    head[0x234] = 1
-    head[0x236:0x238] = struct.pack("<H", 3)
+    head = bytearray(_bzimage()[:0x238])
     assert supervise._bzimage64(bytes(head))
     head[0x202] = 0
     assert not supervise._bzimage64(bytes(head))
