@@ -10,9 +10,12 @@ swtpm's lifetime: it is a child of the daemon, started with
 ``PR_SET_PDEATHSIG = SIGTERM`` from the daemon's main thread, so it ends
 when the daemon ends, however the daemon ends (umount, signal, SIGKILL); it
 is never daemonized (``-d`` would drop the death signal).  Its state is made
-fresh by ``swtpm_setup --pcr-banks`` at every mount (a new machine with a new
-TPM) in a directory under the mount's runtime directory; a reboot
-power-cycles the same process (``swtpm_ioctl -i``, then TPM2_Startup(CLEAR)).
+fresh at every mount (a new machine with a new TPM) in a directory under the
+mount's runtime directory: libtpms manufactures a TPM on an empty state, and
+the profile's banks are allocated as ``swtpm_setup --pcr-banks`` allocates
+them (TPM2_PCR_Allocate, TPM2_Shutdown, a reset), without swtpm_setup's own
+half-second wait for the swtpm it ran; a reboot power-cycles the same
+process (``swtpm_ioctl -i``, then TPM2_Startup(CLEAR)).
 
 tpm2-tss's swtpm TCTI reaches the control channel at the command port + 1,
 so the two ports are a pair; they are picked free on 127.0.0.1 and, if
@@ -34,7 +37,7 @@ from pathlib import Path
 
 NUM_PCRS = 24
 READY_TIMEOUT = 10.0  # seconds swtpm gets to listen
-TOOL_TIMEOUT = 30.0  # swtpm_setup, swtpm_ioctl
+TOOL_TIMEOUT = 30.0  # swtpm_ioctl
 
 # TPM_ALG_ID of the banks the kernel knows (tpm2_hash_map), by the kernel's names
 ALG_IDS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D, "sm3": 0x0012}
@@ -98,19 +101,25 @@ class Swtpm:
         return f"swtpm:host={self.host},port={self.port}"
 
     def setup(self) -> None:
-        """A fresh TPM with the profile's banks allocated (blocking)."""
-        why = _tools_missing("swtpm", "swtpm_setup", "swtpm_ioctl")
+        """An empty state directory: the next swtpm manufactures a new TPM (blocking)."""
+        why = _tools_missing("swtpm", "swtpm_ioctl")
         if why:
             raise TpmError(why)
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         self.state_dir.mkdir(parents=True, mode=0o700)
-        r = subprocess.run(["swtpm_setup", "--tpm2", "--tpmstate", str(self.state_dir),
-                            "--pcr-banks", ",".join(self.banks), "--overwrite"],
-                           capture_output=True, text=True, timeout=TOOL_TIMEOUT)
-        if r.returncode != 0:
-            raise TpmError(f"swtpm_setup --pcr-banks {','.join(self.banks)} failed: "
-                           + (r.stderr.strip() or r.stdout.strip())[-400:])
+
+    def allocate(self) -> None:
+        """The profile's banks and no other, active from the next reset on;
+        then the reset (blocking)."""
+        dev = Device(self.tcti)
+        try:
+            dev.startup()
+            if not dev.allocate(self.banks):
+                return
+        finally:
+            dev.close()
+        self.power_cycle()
 
     def spawn(self) -> None:
         """Start swtpm (quick: fork and exec); :meth:`wait_ready` waits for it."""
@@ -143,12 +152,13 @@ class Swtpm:
                        f"see {self.state_dir / 'swtpm.log'}")
 
     def start(self) -> None:
-        """setup + spawn + wait_ready, all blocking: for the daemon's start,
+        """setup + spawn + wait_ready + allocate, all blocking: for the daemon's start,
         before its event loop runs (spawned from the main thread)."""
         self.setup()
         for _ in range(5):
             self.spawn()
             if self.wait_ready():
+                self.allocate()
                 return
         raise TpmError(f"swtpm exits at start; see {self.state_dir / 'swtpm.log'}")
 
@@ -246,6 +256,32 @@ class Device:
             alg = int(sel.hash)
             (known.append(ALG_NAMES[alg]) if alg in ALG_NAMES else unknown.append(alg))
         return tuple(known), tuple(unknown)
+
+    def allocate(self, banks: tuple[str, ...]) -> bool:
+        """TPM2_PCR_Allocate (platform hierarchy) of every PCR of ``banks``
+        and none of the TPM's other banks, then TPM2_Shutdown(CLEAR): it takes
+        effect at the next reset.  False when that is already the allocation."""
+        from tpm2_pytss import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_SU, TPML_PCR_SELECTION, TPMS_PCR_SELECTION
+        try:
+            _, data = self.esapi.get_capability(TPM2_CAP.PCRS, 0, 1)
+            implemented = {int(sel.hash): sel.sizeofSelect for sel in data.data.assignedPCR}
+            for b in banks:
+                if ALG_IDS[b] not in implemented:
+                    have = ",".join(ALG_NAMES.get(a, f"0x{a:04x}") for a in implemented)
+                    raise TpmError(f"the TPM at {self.conf} has no {b} PCR bank (it has {have})")
+            active, unknown = self.allocated_banks()
+            if set(active) == set(banks) and not unknown:
+                return False
+            self.esapi.pcr_allocate(TPML_PCR_SELECTION([
+                TPMS_PCR_SELECTION(hash=TPM2_ALG(alg), sizeofSelect=size,
+                                   pcrSelect=(b"\xff" if ALG_NAMES.get(alg) in banks else b"\0") * size)
+                for alg, size in implemented.items()]), ESYS_TR.PLATFORM)
+            self.esapi.shutdown(TPM2_SU.CLEAR)
+        except TpmError:
+            raise
+        except Exception as e:
+            raise TpmError(f"TPM2_PCR_Allocate({','.join(banks)}) on {self.conf}: {e}", _rc(e)) from None
+        return True
 
     def use_banks(self, banks: tuple[str, ...]) -> None:
         """Prepare the extend: one TPML_DIGEST_VALUES with a slot per bank,
