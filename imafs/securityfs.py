@@ -301,18 +301,19 @@ class CounterFile(Node):
         return (b"%d\n" % self.value())[offset:offset + size]
 
 
-class BiosLogFile(Node):
-    """tpm0/binary_bios_measurements: the TPM's boot event log, as read-only
-    as the kernel's (tpm_bios_measurements_ops, mode 0440)."""
+class StaticFile(Node):
+    """A read-only file whose bytes are fixed at boot: tpm0/binary_bios_measurements
+    (the TPM's boot event log, tpm_bios_measurements_ops, mode 0440) and the
+    kernel views of imafs run (cmdline, osrelease, tpm_version_major)."""
 
-    __slots__ = ("log",)
+    __slots__ = ("data",)
 
-    def __init__(self, *args, log: bytes):
+    def __init__(self, *args, data: bytes):
         super().__init__(*args)
-        self.log = log
+        self.data = data
 
     def read(self, f: OpenFile, offset: int, size: int) -> bytes:
-        return self.log[offset:offset + size]
+        return self.data[offset:offset + size]
 
 
 class PolicyNode(Node):
@@ -377,7 +378,7 @@ class Tree:
         log = getattr(ima.pcrs, "event_log", None)
         if log:  # the TPM driver's files, beside integrity/
             tpm0 = self._node(Directory, "tpm0", S_DIR, self.root)
-            self._node(BiosLogFile, "binary_bios_measurements", S_LIST, tpm0, log=log)
+            self._node(StaticFile, "binary_bios_measurements", S_LIST, tpm0, data=log)
         self.staging = bool(ima.profile.staging)
         self.lock = MeasureLock()
         self._populate()

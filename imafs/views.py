@@ -28,7 +28,7 @@ import stat
 import trio
 
 from .errors import FsError, RequestError
-from .securityfs import S_DIR, Directory, Node, OpenFile
+from .securityfs import S_DIR, Directory, Node, OpenFile, StaticFile
 from .tpm import NUM_PCRS
 
 HIDDEN_NAME = ".imafs-kernel"  # securityfs-root name of the views' directory
@@ -135,19 +135,6 @@ def signalled(pid: int) -> bool:
         return True
     pending = masks["SigPnd"] | masks["ShdPnd"]
     return bool(pending & ~masks["SigBlk"] & ~masks["SigIgn"])
-
-
-class StaticFile(Node):
-    """A read-only file whose bytes are fixed at boot (cmdline, osrelease)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, *args, data: bytes):
-        super().__init__(*args)
-        self.data = data
-
-    def read(self, f: OpenFile, offset: int, size: int) -> bytes:
-        return self.data[offset:offset + size]
 
 
 class PcrFile(Node):
