@@ -281,13 +281,25 @@ class LineServer:
     async def serve(self, path: Path, *, mode: int = 0o600, task_status=trio.TASK_STATUS_IGNORED) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        # Bound, given its mode and listening under a private name, then
+        # renamed into place: whoever sees the socket can connect to it.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            path.unlink()
+            tmp.unlink()
         except FileNotFoundError:
             pass
-        await sock.bind(str(path))
-        os.chmod(path, mode)
-        sock.listen(self.max_connections)
+        try:
+            await sock.bind(str(tmp))
+            os.chmod(tmp, mode)
+            sock.listen(self.max_connections)
+            os.replace(tmp, path)
+        except BaseException:
+            sock.close()
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+            raise
         try:
             task_status.started()
             async with trio.open_nursery() as nursery:
