@@ -29,6 +29,7 @@ import zlib
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from .blocking import Runner
 from .ima import Ima, RequestError
@@ -45,7 +46,8 @@ SEND_TIMEOUT = 2.0  # an answer fits the socket buffer: only a client that stopp
 ACCEPT_RETRY = 0.5  # seconds between accept() attempts that fail (EMFILE, ENOMEM, ...)
 RECEIVE_SIZE = 65536
 MAX_ERROR = 1000  # characters of an error message
-GENERATE_BATCH = 500  # ~5 ms of ingest between checkpoints
+GENERATE_BATCH = 250  # ~2 ms of ingest between checkpoints
+GENERATE_YIELD = 0.01  # seconds at most a generate batch gives way to other tasks
 
 
 def runtime_dir() -> Path:
@@ -267,6 +269,16 @@ async def _next_line(stream: trio.SocketStream, buf: bytearray) -> bytes | None:
     return line
 
 
+async def _after_others() -> None:
+    """Let every other task of the loop run first -- a FUSE request, a
+    control request, a hook -- for at most GENERATE_YIELD: the kernel
+    measures and serves readers on different CPUs at once; one loop that
+    took turns would make each request wait for a batch at each of its
+    checkpoints."""
+    with trio.move_on_after(GENERATE_YIELD):
+        await trio.testing.wait_all_tasks_blocked()
+
+
 class LineServer:
     """JSON lines over a Unix socket: bounded connections, request lines
     checked against the ``cmd_NAME`` methods' signatures and type hints.
@@ -464,7 +476,7 @@ class Server(LineServer):
         added = 0
         for first in range(0, count, GENERATE_BATCH):
             added += self.ima.generate(min(GENERATE_BATCH, count - first))
-            await trio.sleep(0)  # let readers in between batches
+            await _after_others()
             if self.ima.pcrs is not None and self.ima.pcrs.unsettled:
                 await self.ima.pcrs.settle(lag=GENERATE_BATCH)  # the TPM at most a batch behind
         return {"added": added, "count": self.ima.store.current.count}
