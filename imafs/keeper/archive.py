@@ -303,7 +303,7 @@ class PostgresArchive(Archive):
     """The same archive in a PostgreSQL database shared by many keepers, each
     one's rows under its host id. Connection: autocommit (each chunk's
     transaction is explicit), ``synchronous_commit=on`` whatever the server's
-    default, records written with COPY."""
+    default, records written with COPY in its binary format."""
 
     BEGIN = "BEGIN"
 
@@ -340,7 +340,9 @@ class PostgresArchive(Archive):
 
     def _insert_records(self, boot: int, first: int, recs: list[bytes]) -> None:
         try:
-            with self.db.cursor() as cur, cur.copy("COPY records (host, boot, pos, rec) FROM STDIN") as copy:
+            with (self.db.cursor() as cur,
+                  cur.copy("COPY records (host, boot, pos, rec) FROM STDIN (FORMAT BINARY)") as copy):
+                copy.set_types(["int4", "int4", "int8", "bytea"])  # the records as they are, not hex
                 for i, r in enumerate(recs):
                     copy.write_row((self.host_number, boot, first + i, r))
         except self.driver_errors as e:
