@@ -117,6 +117,8 @@ class Ima:
         self.iint.clear()
         p = self.profile
         self._boot_keyrings()
+        for line in p.boot_log:
+            self.klog.kernel(line)
         if not p.tpm_banks:
             self.klog.kernel("ima: No TPM chip found, activating TPM-bypass!")
         self.klog.kernel(f"ima: Allocated hash algorithm: {self.ima_hash}")

@@ -257,6 +257,7 @@ class Profile:
     key_queue_timeout: int = 300  # seconds keys wait for a custom policy (ima_queue_keys.c: 5 min)
     boot_certs: tuple[tuple[str, tuple[bytes, ...]], ...] = ()  # (keyring, DER certificates) loaded at boot
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
+    boot_log: tuple[str, ...] = field(default=(), compare=False)  # what parsing the boot parameters printed
 
     @property
     def kernel_version(self) -> tuple[int, int]:
@@ -300,9 +301,12 @@ def _apply_boot_rules(p: Profile) -> Profile:
     with the default hash the kernel switches the hash to sha1; with a hash
     given explicitly it keeps that hash and the default template."""
     if p.ima_template_fmt is None and p.ima_template == "ima" and p.ima_hash not in ("sha1", "md5"):
-        if "ima_hash" in p.explicit:
-            return replace(p, ima_template=Profile.ima_template)
-        return replace(p, ima_hash="sha1")
+        if "ima_hash" in p.explicit:  # ima_template_setup()
+            return replace(p, ima_template=Profile.ima_template,
+                           boot_log=("ima: template does not support hash alg",))
+        # init_ima()'s hash_setup(CONFIG_IMA_DEFAULT_HASH); its pr_err has no newline
+        return replace(p, ima_hash="sha1",
+                       boot_log=(f'ima: invalid hash algorithm "{p.ima_hash}" for template "ima"',))
     return p
 
 
@@ -443,7 +447,8 @@ def _check_tpm(p: Profile, boot) -> None:
 
 
 def profile_to_dict(p: Profile) -> dict:
-    out = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in ("explicit", "boot_pcrs", "boot_certs")}
+    out = {f.name: getattr(p, f.name) for f in fields(p) if f.name not in ("explicit", "boot_log", "boot_pcrs",
+                                                                            "boot_certs")}
     out["blacklist_hashes"] = list(p.blacklist_hashes)
     out["tpm_banks"] = ",".join(p.tpm_banks) or "none"
     out["boot_pcrs"] = {b: [v.hex() for v in vals] for b, vals in p.boot_pcrs}

@@ -201,6 +201,23 @@ def test_boot_lines(mount_imafs):
     assert klog(m2) == ["ima: Allocated hash algorithm: sha512", "ima: No architecture policies found"]
 
 
+def test_boot_lines_of_a_template_without_the_hash(mount_imafs):
+    """kernel-observed.md F-12: ima_template=ima with the default hash: hash_setup()
+    refuses sha256 for it (the hash becomes sha1); with ima_hash=sha256 given,
+    ima_template_setup() refuses the template (the default stays). Every boot."""
+    m = mount_imafs("ima_template=ima")
+    lines = klog(m)
+    assert lines[:2] == ['ima: invalid hash algorithm "sha256" for template "ima"',
+                         "ima: Allocated hash algorithm: sha1"]
+    assert b" ima " in m.read("ascii_runtime_measurements")
+    m.cli("reboot")
+    assert klog(m).count('ima: invalid hash algorithm "sha256" for template "ima"') == 2
+    m2 = mount_imafs("ima_hash=sha256", "ima_template=ima")
+    assert klog(m2)[:2] == ["ima: template does not support hash alg", "ima: Allocated hash algorithm: sha256"]
+    from imafs.profile import Profile
+    assert f" {Profile.ima_template} ".encode() in m2.read("ascii_runtime_measurements")
+
+
 # -- what ima_parse_rule logs, rule by rule (unit) ------------------------------------
 V61, V612, V72 = (6, 1), (6, 12), (7, 2)
 
