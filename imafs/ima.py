@@ -31,6 +31,10 @@ from .tpm import PcrBanks, boot_aggregate
 
 
 log = logging.getLogger(__name__)
+
+# func_measure_str(): the op of the audit record of a buffer hook's failed store
+MEASURING = {"KEXEC_CMDLINE": "measuring_kexec_cmdline", "KEY_CHECK": "measuring_key",
+             "CRITICAL_DATA": "measuring_critical_data"}
 MAY_READ = MASKS["MAY_READ"]
 QUEUED = {"queued": True, "added": False, "decision": "queued until a custom policy is loaded"}
 
@@ -217,10 +221,21 @@ class Ima:
                                                                    uid=uid, euid=uid))
         added = False
         if rule is not None and rule.action == "measure":
+            if self.suspended:
+                return self._buffer_suspended(func, name, rule, uid or 0)
             ev = self._content_event(name.encode(), buf)
             ev.buf = buf
             added = self.add_event(ev, rule.template or T.BUILTIN_TEMPLATES["ima-buf"], rule.pcr)
         return self.decided(name, func, rule, added)
+
+    def _buffer_suspended(self, func: str, name: str, rule: Rule, uid: int) -> dict:
+        """A buffer measured while measurements are suspended: the store step
+        refuses it (-ENODEV) and audits why, then process_buffer_measurement
+        audits its failed store; nothing is recorded."""
+        subject = Task.explicit(uid, uid, 0, 0).subject()
+        self.klog.integrity(1804, subject, "add_template_measure", "measurements_suspended", 0, name=name)
+        self.klog.integrity(1804, subject, MEASURING[func], "store_entry", 0, name=name, errno=-errno.ENODEV)
+        return self.decided(name, func, rule, False, "measure: not stored, measurements are suspended")
 
     # -- the store step ----------------------------------------------------------
     def add_event(self, ev: T.Event, template: T.Template | None = None, pcr: int | None = None) -> bool:

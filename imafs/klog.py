@@ -89,7 +89,8 @@ class KernelLog:
         self.kernel(f"audit: type={rtype} audit({secs}.{nsecs // 10**6:03d}:{self.serial}): {body}")
 
     def integrity(self, rtype: int, task: Subject, op: str, cause: str, res: int, *,
-                  name: str | bytes | None = None, dev: str | None = None, ino: int | None = None) -> None:
+                  name: str | bytes | None = None, dev: str | None = None, ino: int | None = None,
+                  errno: int = 0) -> None:
         """An integrity record (integrity_audit_message); ``name`` is the file
         or event it is about, ``dev`` and ``ino`` its inode."""
         body = (f"pid={task.pid} uid={task.uid} auid={task.auid} ses={task.ses} subj={TASK_CONTEXT} "
@@ -98,4 +99,4 @@ class KernelLog:
             body += f" name={untrusted(name)}"
         if dev is not None:
             body += f" dev={untrusted(dev)} ino={ino}"
-        self.audit(rtype, body + f" res={res} errno=0")
+        self.audit(rtype, body + f" res={res} errno={errno}")

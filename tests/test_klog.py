@@ -189,6 +189,28 @@ def test_suspended_store_step_records(measured):
     assert m.read("violations") == b"1\n"  # counted first, stored or not (kernel-abi.md §4.4)
 
 
+def test_suspended_buffer_hook_records(mount_imafs):
+    """A buffer hook while measurements are suspended: the store step refuses
+    (-ENODEV) and audits it, then process_buffer_measurement audits its failed
+    store under func_measure_str(); nothing is recorded. The event has no
+    process (docs/deviations.md, Credentials of hook events)."""
+    m = mount_imafs()
+    with open(m.ima / "policy", "w") as f:
+        f.write("measure func=CRITICAL_DATA label=demo\n")
+    count = m.read("runtime_measurements_count")
+    m.cli("suspend")
+    r = m.cli("measure", "--func", "CRITICAL_DATA", "--name", "demo data", "--data-hex", "00ff", "--label", "demo")
+    assert "not stored, measurements are suspended" in r.stdout
+    who = 'pid=0 uid=0 auid=4294967295 ses=4294967295 subj=unconfined'
+    assert session_lines(m)[-2:] == [
+        f'audit: type=1804 audit(…): {who} op=add_template_measure cause=measurements_suspended comm="imafs" '
+        f'name=64656D6F2064617461 res=0 errno=0',
+        f'audit: type=1804 audit(…): {who} op=measuring_critical_data cause=store_entry comm="imafs" '
+        f'name=64656D6F2064617461 res=0 errno=-19',
+    ]
+    assert m.read("runtime_measurements_count") == count
+
+
 def test_boot_lines(mount_imafs):
     """ima_init: no TPM → TPM-bypass; the IMA hash; no arch policy. Each boot logs them."""
     m = mount_imafs("tpm_banks=none")
