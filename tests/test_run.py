@@ -249,17 +249,49 @@ def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs, tmp_pat
     m = mount_imafs("ima_policy=tcb", measure=[(src, dst)])
     m.cli("record", "--name", "from-the-host", "--digest", "sha256:" + "ab" * 32)
     r = imafs_run("--mount", m.path, "--", "sh", "-c",
-                  "grep ^securityfs /proc/mounts | head -2 | cut -d' ' -f2; "
+                  "grep ^securityfs /proc/mounts | cut -d' ' -f2; "
                   f"cat {dst}/x >/dev/null; "
                   "grep -c from-the-host /sys/kernel/security/ima/ascii_runtime_measurements; "
                   f"{sys.executable} -m imafs record --mount /sys/kernel/security --name from-the-run "
                   "--digest sha256:" + "cd" * 32)
     assert r.returncode == 0, r.stderr
-    # the emulator first, its measured mount bound again after it
-    assert r.stdout.splitlines() == ["/sys/kernel/security", str(dst), "1"]
+    assert r.stdout.splitlines() == ["/sys/kernel/security", "1"]  # the only securityfs
     listed = m.read("ascii_runtime_measurements")
     assert b"from-the-run" in listed and f" {dst}/x\n".encode() in listed
     m.cli("status")
+
+
+VIEWS = ("/proc/cmdline", "/proc/sys/kernel/osrelease", "/dev/kmsg", "/var/log/audit/audit.log")
+
+
+@pytest.mark.parametrize("how", ["new", "swtpm", "join"])
+def test_the_emulator_is_the_only_securityfs(fuse, mount_imafs, tmp_path, how):
+    """Tools take the first securityfs line of /proc/mounts: inside a run
+    there is one, the emulator; its measured mounts and the kernel views are
+    binds of the same filesystem whose source is imafs."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "x").write_text("x\n")
+    host = mount_imafs()  # another emulator of the host: gone inside the run
+    script = "cat /proc/mounts; echo ---; findmnt -n -o SOURCE /sys/kernel/security; cat " + str(dst / "x")
+    if how == "join":
+        m = mount_imafs(measure=[(src, dst)])
+        r = imafs_run("--mount", m.path, "--", "sh", "-c", script)
+    else:
+        r = imafs_run(*(["--set", "tpm=swtpm"] if how == "swtpm" else []), "--measure", f"{src}:{dst}",
+                      "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    mounts, rest = r.stdout.split("---\n")
+    lines = [line.split() for line in mounts.splitlines()]
+    assert [(li[0], li[1], li[2]) for li in lines if li[0] == "securityfs"] == [
+        ("securityfs", "/sys/kernel/security", "fuse.imafs")]
+    assert rest == "securityfs\nx\n"
+    imafs_points = {li[1]: li[0] for li in lines if li[2] == "fuse.imafs"}
+    expected = {*VIEWS, str(dst)} | ({"/sys/class/tpm"} if how == "swtpm" else set())
+    assert imafs_points == {"/sys/kernel/security": "securityfs", **{p: "imafs" for p in expected}}
+    assert str(host.path) not in mounts
+    host.cli("status")
 
 
 # -- nothing left behind --------------------------------------------------------------------
