@@ -397,8 +397,9 @@ def _start_daemon(spec: RunSpec) -> int:
             log = Path(log_file).read_text(errors="replace").strip()
         except OSError:
             log = ""
-        raise RunError((answer or f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s")
-                       + (f"\n{log}" if log else ""))
+        if answer is None:
+            answer = f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s"
+        raise RunError((answer or "the daemon died before it was mounted") + (f"\n{log}" if log else ""))
     return pid
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -333,3 +334,31 @@ def test_suspended_measurements_drop_records_not_opens(measured):
     (dst / "late.txt").read_bytes()
     assert entries(m) == [ng_line(f"{dst}/late.txt", b"late\n")]
 
+
+
+def _mount_lines(*points) -> dict[str, list[str]]:
+    """The /proc/mounts lines (source, type) at each of ``points``, bottom to top."""
+    found = {str(p): [] for p in points}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, point, fstype = line.split()[:3]
+            if point in found:
+                found[point].append((source, fstype))
+    return found
+
+
+def test_dst_is_not_securityfs_and_umount_takes_it_away(ramfs, mount_imafs):
+    """A measured mount is a bind of the emulator's filesystem, but not
+    securityfs: /proc/mounts and findmnt show its source as imafs."""
+    src, dst = ramfs()
+    (src / "f").write_text("f\n")
+    m = mount_imafs(measure=[(src, dst)])
+    assert _mount_lines(m.path, dst) == {str(m.path): [("securityfs", "fuse.imafs")],
+                                         str(dst): [("imafs", "fuse.imafs")]}
+    r = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(dst)], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.split() == ["imafs[/.imafs-measured-0]", "fuse.imafs"]  # findmnt's way with a bind
+    assert (dst / "f").read_text() == "f\n"
+    assert os.stat(dst).st_dev == os.stat(m.path).st_dev  # one filesystem
+    subprocess.run([sys.executable, "-m", "imafs", "umount", str(m.path)], check=True, timeout=60)
+    assert _mount_lines(m.path, dst) == {str(m.path): [], str(dst): []}
