@@ -35,12 +35,12 @@ from dataclasses import dataclass
 
 SOURCE = "imafs"  # the source the binds show in /proc/mounts
 FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse (FUSE_MINOR of the misc major)
-# mount(2) data: rootmode, user_id and group_id are required by the parser,
-# and ignored when the connection exists (its own options stay)
+# mount(2) data: rootmode, user_id and group_id are required by the parser;
+# the connection exists, so its own options stay and these are ignored
 OPTIONS = "fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other"
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
+MS_NOSUID, MS_NODEV, MS_PRIVATE = 2, 4, 1 << 18
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
 MOVE_MOUNT_F_EMPTY_PATH = 4
 AT_FDCWD = -100
@@ -98,14 +98,14 @@ class FuseDaemon:
         os.close(self.pidfd)
 
 
-def clone(fuse_fd: int, mountpoint: str, device: str, paths: list[str]) -> list[int]:
+def clone(fuse_fd: int, mountpoint: str, paths: list[str]) -> list[int]:
     """Detached mounts (descriptors) of ``paths``, relative to the root of the
     connection of ``fuse_fd`` (which is closed), whose source is imafs.
     ``mountpoint`` is where the connection is mounted in the caller's
-    namespace and ``device`` its ``major:minor`` in mountinfo: a descriptor
-    of another connection is refused before anything is looked up."""
+    namespace: a descriptor of another connection is refused before anything
+    is looked up."""
     result: list = []
-    thread = threading.Thread(target=_clone, args=(fuse_fd, mountpoint, device, paths, result),
+    thread = threading.Thread(target=_clone, args=(fuse_fd, mountpoint, paths, result),
                               name="imafs-binds", daemon=True)
     thread.start()
     thread.join()
@@ -114,12 +114,15 @@ def clone(fuse_fd: int, mountpoint: str, device: str, paths: list[str]) -> list[
     return result[0]
 
 
-def _clone(fuse_fd: int, mountpoint: str, device: str, paths: list[str], result: list) -> None:
+def _clone(fuse_fd: int, mountpoint: str, paths: list[str], result: list) -> None:
     trees: list[int] = []
     try:
         try:
+            device = _top_device(mountpoint)
             _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-            _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing of this namespace propagates
+            # the copy of the emulator's mount is a peer of the original if that
+            # is shared: private, nothing mounted on it propagates
+            _mount(None, mountpoint, None, MS_PRIVATE)
             # the kernel refuses a filesystem over its own mount at the same place (EBUSY)
             _mount("tmpfs", mountpoint, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k")
             _mount(SOURCE, mountpoint, "fuse.imafs", MS_NOSUID | MS_NODEV, OPTIONS.format(fd=fuse_fd))

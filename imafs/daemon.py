@@ -311,8 +311,7 @@ class Binds:
         if not self.dsts:
             return
         try:
-            top = _top_mount(self.mountpoint)
-            trees = binds.clone(os.dup(binds.fuse_descriptor()), self.mountpoint, top and top[0], self.paths)
+            trees = binds.clone(os.dup(binds.fuse_descriptor()), self.mountpoint, self.paths)
         except OSError as e:
             raise MountError(f"cannot bind the measured mounts: {_reason(e)}") from None
         try:

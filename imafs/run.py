@@ -201,8 +201,6 @@ def _init(spec: RunSpec, daemon: binds.FuseDaemon | None, alive_r: int, old_mask
         env = _setup(spec, daemon)
     except (RunError, OSError, ControlError) as e:
         print(f"imafs run: {_describe(e)}", file=sys.stderr)
-        if not spec.attach:
-            _abort_connection()
         return EXIT_RUN_FAILED
     blocked = set(FORWARDED) | {signal.SIGCHLD}
     try:
@@ -418,8 +416,7 @@ def _views(tpm: bool, daemon: binds.FuseDaemon) -> None:
         if not os.path.isdir("/sys/class/tpm"):
             _make_dir("/sys/class", "tpm", "class")
         views["tpm"] = "/sys/class/tpm"  # hides a host TPM
-    trees = binds.clone(daemon.copy(), SECURITYFS, _top_mount(SECURITYFS)[0],
-                        [f"{HIDDEN_NAME}/{name}" for name in views])
+    trees = binds.clone(daemon.copy(), SECURITYFS, [f"{HIDDEN_NAME}/{name}" for name in views])
     try:
         for tree, target in zip(trees, views.values()):
             binds.attach(tree, target)
