@@ -362,3 +362,22 @@ def test_dst_is_not_securityfs_and_umount_takes_it_away(ramfs, mount_imafs):
     assert os.stat(dst).st_dev == os.stat(m.path).st_dev  # one filesystem
     subprocess.run([sys.executable, "-m", "imafs", "umount", str(m.path)], check=True, timeout=60)
     assert _mount_lines(m.path, dst) == {str(m.path): [], str(dst): []}
+
+
+def test_nothing_of_the_second_mount_reaches_a_shared_host(tmp_path, mount_imafs):
+    """systemd makes every mount shared: the second mount of the connection
+    the binds come from, made in a thread's namespace, must not propagate
+    back (the test's own namespace, made shared, stands for such a host)."""
+    mount_imafs  # the fixture's checks: /dev/fuse, root
+    src, dst, mp = tmp_path / "src", tmp_path / "dst", tmp_path / "mnt"
+    for d in (src, dst, mp):
+        d.mkdir()
+    imafs = f"{sys.executable} -m imafs"
+    script = (f"mount --make-rshared / && {imafs} mount {mp} --measure {src}:{dst} && "
+              f"grep -E ' ({mp}|{dst}) ' /proc/self/mountinfo | cut -d' ' -f3-5,9; {imafs} umount {mp}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (dev_mp, root_mp, point_mp, type_mp), (dev_dst, root_dst, point_dst, type_dst) = (
+        line.split() for line in r.stdout.splitlines())
+    assert (root_mp, point_mp, type_mp) == ("/", str(mp), "fuse.imafs")
+    assert (dev_dst, root_dst, point_dst, type_dst) == (dev_mp, "/.imafs-measured-0", str(dst), "fuse.imafs")
