@@ -367,8 +367,8 @@ def test_dst_is_not_securityfs_and_umount_takes_it_away(ramfs, mount_imafs):
 def test_nothing_of_the_second_mount_reaches_a_shared_host(tmp_path, mount_imafs):
     """systemd makes every mount shared: the second mount of the connection
     the binds come from, made in a thread's namespace, must not propagate
-    back (the test's own namespace, made shared, stands for such a host)."""
-    mount_imafs  # the fixture's checks: /dev/fuse, root
+    back (the test's own namespace, made shared, stands for such a host).
+    ``mount_imafs`` is asked for its checks (/dev/fuse, root) only."""
     src, dst, mp = tmp_path / "src", tmp_path / "dst", tmp_path / "mnt"
     for d in (src, dst, mp):
         d.mkdir()

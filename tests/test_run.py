@@ -273,7 +273,9 @@ def test_the_emulator_is_the_only_securityfs(fuse, mount_imafs, tmp_path, how):
     src.mkdir()
     dst.mkdir()
     (src / "x").write_text("x\n")
-    host = mount_imafs()  # another emulator of the host: gone inside the run
+    (tmp_path / "hsrc").mkdir()
+    (tmp_path / "hdst").mkdir()
+    host = mount_imafs(measure=[(tmp_path / "hsrc", tmp_path / "hdst")])  # another emulator: gone in the run
     script = "cat /proc/mounts; echo ---; findmnt -n -o SOURCE /sys/kernel/security; cat " + str(dst / "x")
     if how == "join":
         m = mount_imafs(measure=[(src, dst)])
@@ -290,7 +292,7 @@ def test_the_emulator_is_the_only_securityfs(fuse, mount_imafs, tmp_path, how):
     imafs_points = {li[1]: li[0] for li in lines if li[2] == "fuse.imafs"}
     expected = {*VIEWS, str(dst)} | ({"/sys/class/tpm"} if how == "swtpm" else set())
     assert imafs_points == {"/sys/kernel/security": "securityfs", **{p: "imafs" for p in expected}}
-    assert str(host.path) not in mounts
+    assert str(host.path) not in mounts and str(tmp_path / "hdst") not in mounts
     host.cli("status")
 
 
