@@ -343,7 +343,7 @@ def _hide_emulators(keep=lambda dev, root, point: False) -> None:
 
 
 def _join(mountpoint: str) -> int:
-    """Move the emulator at ``mountpoint`` to /sys/kernel security; its
+    """Move the emulator at ``mountpoint`` to /sys/kernel/security; its
     measured mounts stay, every other securityfs or imafs mount goes.
     Returns an O_PATH descriptor of its control socket, bound into the
     private runtime directory later."""
