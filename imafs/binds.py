@@ -12,7 +12,8 @@ connection reuses that connection's superblock (the kernel's
 
 That second mount is made where nobody sees it and nothing can outlive it:
 in a private mount namespace of a thread made for it (``unshare(CLONE_NEWNS)``
-acts on the calling thread only), over the emulator's own mount point.  The
+acts on the calling thread only), over a tmpfs over the emulator's own mount
+point (the kernel refuses a superblock over its own mount there).  The
 paths wanted are taken from it as detached mounts (``open_tree`` with
 ``OPEN_TREE_CLONE``, which looks them up through the daemon) and the thread
 ends, taking its namespace with it; the caller attaches each detached mount
@@ -22,6 +23,9 @@ nothing: a detached mount is a descriptor and goes with it.
 The descriptor of ``/dev/fuse`` handed in is closed as soon as the second
 mount exists, before any lookup: while a copy of it is open, the death of
 the daemon does not abort the connection, and a lookup would wait for ever.
+
+Needs Linux 5.6 (``open_tree``/``move_mount`` 5.2, ``pidfd_getfd`` 5.6) and
+glibc 2.36 (the ``open_tree``/``move_mount`` wrappers), as Debian 12 has.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ def _clone(fuse_fd: int, mountpoint: str, paths: list[str], result: list) -> Non
             # the copy of the emulator's mount is a peer of the original if that
             # is shared: private, nothing mounted on it propagates
             _mount(None, mountpoint, None, MS_PRIVATE)
-            # the kernel refuses a filesystem over its own mount at the same place (EBUSY)
+            # the kernel refuses a superblock over its own mount at the same place (EBUSY)
             _mount("tmpfs", mountpoint, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k")
             _mount(SOURCE, mountpoint, "fuse.imafs", MS_NOSUID | MS_NODEV, OPTIONS.format(fd=fuse_fd))
         finally:
