@@ -25,13 +25,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import threading
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from . import binds
 from .blocking import Runner
 from .control import Client, ControlError, NoAnswer, Server, mount_path, socket_path
 from .ima import Ima
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 ANSWER_TIMEOUT = 2.0  # seconds a daemon has to answer `status` when `imafs mount` finds its mount
 STATFS_TIMEOUT = 2.0  # seconds a FUSE mount has to answer statfs(2) in diagnose()
 DETACH_TIMEOUT = 2.0  # seconds shutdown gives the binds' detach before it ends the loop anyway
-BIND_TIMEOUT = 30.0  # seconds mount(8) has to bind a measured mount
 RESTART_DELAY = 1.0  # seconds before a failed background task is started again
 
 # diagnose(): why an imafs mount's daemon does not answer
@@ -65,10 +64,10 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
 
 
-def _mounts() -> list[tuple[str, str, str, str]]:
+def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
     """(device, root, mount point, fstype) of each mount of this namespace, bottom to top."""
     mounts = []
-    with open("/proc/self/mountinfo", "rb") as f:
+    with open(mountinfo, "rb") as f:
         for line in f:
             parts = line.split()
             fstype = parts[parts.index(b"-") + 1].decode()
@@ -222,6 +221,11 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
+def _reason(e: OSError) -> str:
+    """An OSError for a human: the system call's message without "[Errno N]"."""
+    return e.strerror if e.filename is None and e.strerror else str(e)
+
+
 class _ErrorCount(logging.Handler):
     """Counts the records logged at ERROR or above."""
 
@@ -292,24 +296,34 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
 
 
 class Binds:
-    """The bind mounts of the measured mounts."""
+    """The bind mounts of the measured mounts, made from a second mount of
+    the connection whose source is imafs (:mod:`imafs.binds`): a measured
+    mount is not securityfs, and /proc/mounts says so."""
 
     def __init__(self, mountpoint: str, dsts: list[str]):
-        self.sources = [os.path.join(mountpoint, f"{HIDDEN_PREFIX}{i}") for i in range(len(dsts))]
+        self.mountpoint = mount_path(mountpoint)
+        self.paths = [f"{HIDDEN_PREFIX}{i}" for i in range(len(dsts))]
         self.dsts = dsts
         self.done: list[str] = []
 
     def attach(self) -> None:
-        """Runs in a thread: mount(8) looks the source up through the FUSE loop."""
-        for src, dst in zip(self.sources, self.dsts):
-            try:
-                r = subprocess.run(["mount", "--bind", src, dst], capture_output=True, text=True,
-                                   timeout=BIND_TIMEOUT)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise MountError(f"cannot bind the measured mount at {dst}: {e}") from None
-            if r.returncode != 0:
-                raise MountError(f"cannot bind the measured mount at {dst}: {r.stderr.strip()}")
-            self.done.append(dst)
+        """Runs in a thread: the clones are looked up through the FUSE loop."""
+        if not self.dsts:
+            return
+        try:
+            trees = binds.clone(os.dup(binds.fuse_descriptor()), self.mountpoint, self.paths)
+        except OSError as e:
+            raise MountError(f"cannot bind the measured mounts: {_reason(e)}") from None
+        try:
+            for tree, dst in zip(trees, self.dsts):
+                try:
+                    binds.attach(tree, dst)
+                except OSError as e:
+                    raise MountError(f"cannot bind the measured mount at {dst}: {_reason(e)}") from None
+                self.done.append(dst)
+        finally:
+            for tree in trees:
+                os.close(tree)
 
     def detach(self) -> None:
         """Lazy unmounts by path: nothing here waits on the FUSE loop.  Shutdown

@@ -35,12 +35,16 @@ import errno
 import os
 import select
 import signal
+import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .control import Client, ControlError, socket_path
-from .daemon import _detach, _libc, _mounts, _unescape
+from . import binds
+from .control import Client, ControlError, mount_path, socket_path
+from .daemon import _detach, _libc, _mounts, _top_mount, _unescape
+from .passthrough import HIDDEN_PREFIX
 from .views import HIDDEN_NAME
 
 SECURITYFS = "/sys/kernel/security"
@@ -108,6 +112,14 @@ def run(spec: RunSpec, prepare=None, started=None) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         print(f"imafs run: {_describe(e)} (imafs run needs root)", file=sys.stderr)
         return EXIT_RUN_FAILED
+    daemon = None
+    if spec.attach:
+        try:
+            daemon = _daemon_of(spec.attach)
+        except (RunError, OSError, ControlError) as e:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            print(f"imafs run: {_describe(e)}", file=sys.stderr)
+            return EXIT_RUN_FAILED
     alive_r, alive_w = os.pipe()  # the init sees EOF on it once the runner is gone
     sys.stdout.flush()
     sys.stderr.flush()
@@ -116,7 +128,7 @@ def run(spec: RunSpec, prepare=None, started=None) -> int:
         os.close(alive_w)
         code = EXIT_RUN_FAILED
         try:
-            code = _init(spec, alive_r, old_mask, prepare, started)
+            code = _init(spec, daemon, alive_r, old_mask, prepare, started)
         except BaseException as e:  # noqa: BLE001 -- the init must exit, never return
             print(f"imafs run: {e}", file=sys.stderr)
         finally:
@@ -124,7 +136,35 @@ def run(spec: RunSpec, prepare=None, started=None) -> int:
             sys.stderr.flush()
             os._exit(code)
     os.close(alive_r)
+    if daemon is not None:
+        daemon.close()
     return _wait(pid, blocked, forward_to=pid)
+
+
+def _daemon_of(mountpoint: str) -> binds.FuseDaemon:
+    """The daemon serving the imafs mount at ``mountpoint``, reached now, in
+    the runner: the run's init is in a new PID namespace where a daemon of
+    the host has no pid.  Its control socket names it (SO_PEERCRED: the
+    kernel's word for who listens, not the daemon's); the pidfd taken here
+    is what the init copies the daemon's /dev/fuse from, at the last moment
+    (a pidfd holds no descriptor of the daemon).  The daemon never hands its
+    /dev/fuse out itself: a copy serves or hijacks the filesystem, so only
+    those allowed to ptrace the daemon get one (pidfd_getfd checks that)."""
+    mp = mount_path(mountpoint)
+    top = _top_mount(mp)
+    if top is None or top[1] != "fuse.imafs":
+        raise RunError(f"--mount {mountpoint}: no imafs mount there")
+    try:
+        Client(mountpoint, timeout=5).call("status")
+    except ControlError as e:
+        raise RunError(f"--mount {mountpoint}: its daemon does not answer ({e})") from None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(socket_path(mountpoint)))
+        pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+    if pid == 0:
+        raise RunError(f"--mount {mountpoint}: its daemon runs in a PID namespace this one cannot see")
+    return binds.FuseDaemon.of(pid)
 
 
 def _wait(child: int, blocked: set, forward_to: int, reap_all: bool = False) -> int:
@@ -153,12 +193,12 @@ def _wait(child: int, blocked: set, forward_to: int, reap_all: bool = False) -> 
 
 
 # -- the init ----------------------------------------------------------------------------------
-def _init(spec: RunSpec, alive_r: int, old_mask, prepare, started) -> int:
+def _init(spec: RunSpec, daemon: binds.FuseDaemon | None, alive_r: int, old_mask, prepare, started) -> int:
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if select.select([alive_r], [], [], 0)[0]:  # the runner died before prctl
         return EXIT_RUN_FAILED
     try:
-        env = _setup(spec)
+        env = _setup(spec, daemon)
     except (RunError, OSError, ControlError) as e:
         print(f"imafs run: {_describe(e)}", file=sys.stderr)
         return EXIT_RUN_FAILED
@@ -231,10 +271,10 @@ def launch(argv: list[str], env: dict[str, str], mask, prepare=None) -> int:
     return pid
 
 
-def _setup(spec: RunSpec) -> dict[str, str]:
+def _setup(spec: RunSpec, daemon: binds.FuseDaemon | None) -> dict[str, str]:
     """The run's mount namespace: the emulator at /sys/kernel/security, the
-    first securityfs; the kernel's views; a private runtime directory.
-    Returns CMD's environment."""
+    only securityfs; the kernel's views; a private runtime directory.
+    ``daemon`` is the daemon of ``--mount``.  Returns CMD's environment."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing of the run reaches the host
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace's
@@ -250,8 +290,8 @@ def _setup(spec: RunSpec) -> dict[str, str]:
         _bind(f"/proc/self/fd/{sock_fd}", str(sock))
         os.close(sock_fd)
     else:
-        _hide_securityfs(keep=None)
-        _start_daemon(spec)
+        _hide_emulators()
+        daemon = binds.FuseDaemon.of(_start_daemon(spec))
     env = dict(os.environ)
     client = Client(SECURITYFS)
     status = client.call("status")
@@ -260,7 +300,10 @@ def _setup(spec: RunSpec) -> dict[str, str]:
         tpm = True
     except ControlError:
         tpm = False
-    _views(tpm)
+    try:
+        _views(tpm, daemon)
+    finally:
+        daemon.close()
     env["IMAFS_RUNTIME_DIR"] = RUNTIME
     env["IMAFS_MOUNT"] = SECURITYFS
     env["IMAFS_UTS_RELEASE"] = status["profile"]["uts_release"] or _release()
@@ -273,23 +316,25 @@ def _release() -> str:
         return f.read().strip()
 
 
-def _securityfs_mounts() -> list[tuple[str, str, str]]:
-    """(device, root, mount point) of every mount whose source is securityfs."""
+def _emulator_mounts() -> list[tuple[str, str, str]]:
+    """(device, root, mount point) of every mount whose source is securityfs
+    (the kernel's, an imafs mount) or whose type is fuse.imafs (also the
+    measured mounts and views of imafs mounts, whose source is imafs)."""
     out = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             parts = line.split()
             sep = parts.index(b"-")
-            if parts[sep + 2] == b"securityfs":
+            if parts[sep + 2] == b"securityfs" or parts[sep + 1] == b"fuse.imafs":
                 out.append((parts[2].decode(), _unescape(parts[3]), _unescape(parts[4])))
     return out
 
 
-def _hide_securityfs(keep: str | None) -> None:
-    """Detach every mount whose source is securityfs except those of device
-    ``keep`` (tools take the first such line of /proc/mounts), topmost first."""
-    for dev, _, point in reversed(_securityfs_mounts()):
-        if dev != keep:
+def _hide_emulators(keep=lambda dev, root, point: False) -> None:
+    """Detach every securityfs and imafs mount except those ``keep`` names,
+    topmost first (tools take the first securityfs line of /proc/mounts)."""
+    for dev, root, point in reversed(_emulator_mounts()):
+        if not keep(dev, root, point):
             try:
                 _detach(point)
             except OSError as e:
@@ -298,54 +343,25 @@ def _hide_securityfs(keep: str | None) -> None:
 
 
 def _join(mountpoint: str) -> int:
-    """Bind the emulator at ``mountpoint`` at /sys/kernel/security, with its
-    measured mounts bound again after it so that /sys/kernel/security is the
-    first securityfs line; the others go.  Returns an O_PATH descriptor of
-    its control socket, bound into the private runtime directory later."""
-    from .control import mount_path
+    """Move the emulator at ``mountpoint`` to /sys/kernel/security; its
+    measured mounts stay, every other securityfs or imafs mount goes.
+    Returns an O_PATH descriptor of its control socket, bound into the
+    private runtime directory later."""
     mp = mount_path(mountpoint)
-    top = [(dev, root) for dev, root, point, fstype in _mounts() if point == mp]
-    if not top or _mounts_fstype(mp) != "fuse.imafs":
-        raise RunError(f"--mount {mountpoint}: no imafs mount there")
-    dev = top[-1][0]
-    try:
-        Client(mountpoint, timeout=5).call("status")
-    except ControlError as e:
-        raise RunError(f"--mount {mountpoint}: its daemon does not answer ({e})") from None
+    dev = _top_mount(mp)[0]  # checked by the runner (_daemon_of)
     sock_fd = os.open(socket_path(mountpoint), os.O_PATH | os.O_CLOEXEC)
-    measured = [(root, point) for d, root, point in _securityfs_mounts() if d == dev and point != mp]
-    _detach_ignoring(point for _, point in measured)
-    _bind(mp, SECURITYFS)
-    for root, point in measured:
-        _bind(SECURITYFS + root, point)
-    _detach(mp)
-    keep_points = {SECURITYFS, *(p for _, p in measured)}
-    for d, _, point in reversed(_securityfs_mounts()):
-        if point not in keep_points:
-            _detach_ignoring([point])
+    tree = binds.clone_mount(mp)
+    try:
+        _hide_emulators(keep=lambda d, root, point: d == dev and root.startswith("/" + HIDDEN_PREFIX))
+        binds.attach(tree, SECURITYFS)
+    finally:
+        os.close(tree)
     return sock_fd
 
 
-def _mounts_fstype(point: str) -> str | None:
-    found = None
-    for _, _, p, fstype in _mounts():
-        if p == point:
-            found = fstype
-    return found
-
-
-def _detach_ignoring(points) -> None:
-    for point in points:
-        try:
-            _detach(point)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-
-
-def _start_daemon(spec: RunSpec) -> None:
+def _start_daemon(spec: RunSpec) -> int:
     """Fork the daemon (its own session: the terminal's ^C is CMD's, not
-    its) and wait until it has mounted and answers."""
+    its) and wait until it has mounted and answers; its pid."""
     from .daemon import run as serve
     log_file = str(socket_path(SECURITYFS).with_suffix(".log"))
     r, w = os.pipe()
@@ -379,26 +395,34 @@ def _start_daemon(spec: RunSpec) -> None:
             log = Path(log_file).read_text(errors="replace").strip()
         except OSError:
             log = ""
-        raise RunError((answer or f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s")
-                       + (f"\n{log}" if log else ""))
+        if answer is None:
+            answer = f"the daemon did not say it was mounted within {READY_TIMEOUT:g} s"
+        raise RunError((answer or "the daemon died before it was mounted") + (f"\n{log}" if log else ""))
+    return pid
 
 
-def _views(tpm: bool) -> None:
-    """Bind the daemon's views (:mod:`imafs.views`) over the kernel's files."""
-    views = f"{SECURITYFS}/{HIDDEN_NAME}"
-    _bind(f"{views}/cmdline", "/proc/cmdline")
-    _bind(f"{views}/osrelease", "/proc/sys/kernel/osrelease")
-    _bind(f"{views}/kmsg", "/dev/kmsg")
+def _views(tpm: bool, daemon: binds.FuseDaemon) -> None:
+    """Bind the daemon's views (:mod:`imafs.views`) over the kernel's files,
+    from a mount of its connection whose source is imafs (:mod:`imafs.binds`):
+    /sys/kernel/security stays the only securityfs."""
+    views = {"cmdline": "/proc/cmdline", "osrelease": "/proc/sys/kernel/osrelease", "kmsg": "/dev/kmsg",
+             "audit.log": "/var/log/audit/audit.log"}
     if os.path.isdir("/var/log/audit"):  # the host's audit records are not the run's kernel's
         _mount("tmpfs", "/var/log/audit", "tmpfs", MS_NOSUID | MS_NODEV, "mode=700")
     else:
         _make_dir("/var/log", "audit", "log")
     Path("/var/log/audit/audit.log").touch(0o600)
-    _bind(f"{views}/audit.log", "/var/log/audit/audit.log")
     if tpm:
         if not os.path.isdir("/sys/class/tpm"):
             _make_dir("/sys/class", "tpm", "class")
-        _bind(f"{views}/tpm", "/sys/class/tpm")  # hides a host TPM
+        views["tpm"] = "/sys/class/tpm"  # hides a host TPM
+    trees = binds.clone(daemon.copy(), SECURITYFS, [f"{HIDDEN_NAME}/{name}" for name in views])
+    try:
+        for tree, target in zip(trees, views.values()):
+            binds.attach(tree, target)
+    finally:
+        for tree in trees:
+            os.close(tree)
 
 
 def _make_dir(parent: str, name: str, tag: str) -> None:

@@ -177,6 +177,42 @@ def test_kill_9_then_umount_clears_and_mount_works(mount_imafs, runtime_dir, tmp
     assert os.listdir(m.path) == ["integrity", "ima"]
 
 
+def _devices_at(*points) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[2] for line in f if line.split()[4] in map(str, points)}
+
+
+def _mounts_of(device: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[2] == device]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.002, 0.004, 0.02])
+def test_kill_9_while_binding_the_measured_mounts(runtime_dir, tmp_path, delay):
+    """The measured mounts are bound from a second mount of the connection,
+    made in a namespace of the binding thread: a daemon killed at any moment
+    of it leaves no mount but the ones `imafs umount` clears."""
+    src, dst, mp = tmp_path / "src", tmp_path / "dst", tmp_path / "mnt"
+    for d in (src, dst, mp):
+        d.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "mount", "--foreground", mp, "--measure",
+                          f"{src}:{dst}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not _devices_at(mp):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.001)
+        time.sleep(delay)
+    finally:
+        p.kill()
+        p.wait()
+    (device,) = _devices_at(mp)
+    assert set(_mounts_of(device)) <= {str(mp), str(dst)}
+    _wait_aborted(mp)
+    imafs("umount", mp, check=False)
+    assert _mounts_of(device) == []
+
+
 def test_umount_of_a_stopped_daemon(mount_imafs):
     m = mount_imafs()
     pid = m.client.call("status")["pid"]

@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -333,3 +334,50 @@ def test_suspended_measurements_drop_records_not_opens(measured):
     (dst / "late.txt").read_bytes()
     assert entries(m) == [ng_line(f"{dst}/late.txt", b"late\n")]
 
+
+
+def _mount_lines(*points) -> dict[str, list[str]]:
+    """The /proc/mounts lines (source, type) at each of ``points``, bottom to top."""
+    found = {str(p): [] for p in points}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            source, point, fstype = line.split()[:3]
+            if point in found:
+                found[point].append((source, fstype))
+    return found
+
+
+def test_dst_is_not_securityfs_and_umount_takes_it_away(ramfs, mount_imafs):
+    """A measured mount is a bind of the emulator's filesystem, but not
+    securityfs: /proc/mounts and findmnt show its source as imafs."""
+    src, dst = ramfs()
+    (src / "f").write_text("f\n")
+    m = mount_imafs(measure=[(src, dst)])
+    assert _mount_lines(m.path, dst) == {str(m.path): [("securityfs", "fuse.imafs")],
+                                         str(dst): [("imafs", "fuse.imafs")]}
+    r = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(dst)], capture_output=True,
+                       text=True, check=True)
+    assert r.stdout.split() == ["imafs[/.imafs-measured-0]", "fuse.imafs"]  # findmnt's way with a bind
+    assert (dst / "f").read_text() == "f\n"
+    assert os.stat(dst).st_dev == os.stat(m.path).st_dev  # one filesystem
+    subprocess.run([sys.executable, "-m", "imafs", "umount", str(m.path)], check=True, timeout=60)
+    assert _mount_lines(m.path, dst) == {str(m.path): [], str(dst): []}
+
+
+def test_nothing_of_the_second_mount_reaches_a_shared_host(tmp_path, mount_imafs):
+    """systemd makes every mount shared: the second mount of the connection
+    the binds come from, made in a thread's namespace, must not propagate
+    back (the test's own namespace, made shared, stands for such a host).
+    ``mount_imafs`` is asked for its checks (/dev/fuse, root) only."""
+    src, dst, mp = tmp_path / "src", tmp_path / "dst", tmp_path / "mnt"
+    for d in (src, dst, mp):
+        d.mkdir()
+    imafs = f"{sys.executable} -m imafs"
+    script = (f"mount --make-rshared / && {imafs} mount {mp} --measure {src}:{dst} && "
+              f"grep -E ' ({mp}|{dst}) ' /proc/self/mountinfo | cut -d' ' -f3-5,9; {imafs} umount {mp}")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (dev_mp, root_mp, point_mp, type_mp), (dev_dst, root_dst, point_dst, type_dst) = (
+        line.split() for line in r.stdout.splitlines())
+    assert (root_mp, point_mp, type_mp) == ("/", str(mp), "fuse.imafs")
+    assert (dev_dst, root_dst, point_dst, type_dst) == (dev_mp, "/.imafs-measured-0", str(dst), "fuse.imafs")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,6 +93,27 @@ def test_mount_t_fuse_imafs_and_umount(mount_env, runtime_dir):
     r = subprocess.run(["umount", str(mp)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     wait_unmounted(mp, runtime_dir)
+
+
+def test_measured_mount_of_the_helper_is_not_securityfs(mount_env, runtime_dir, tmp_path):
+    """The helper run as mount(8) runs it (`mount.fuse.imafs SOURCE TARGET -o
+    OPTIONS`).  `imafs umount` takes both mounts away (umount(8) of the
+    mount point alone leaves the daemon serving DST, the superblock's other
+    mount)."""
+    env, mp = mount_env
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "f").write_text("f\n")
+    r = subprocess.run([sys.executable, "-m", "imafs.mount_helper", "imafs", str(mp), "-o",
+                        f"measure={src}:{dst}"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = {li.split()[1]: li.split()[0::2][:2] for li in open("/proc/self/mounts")}
+    assert (lines[str(mp)], lines[str(dst)]) == (["securityfs", "fuse.imafs"], ["imafs", "fuse.imafs"])
+    assert (dst / "f").read_text() == "f\n"
+    imafs("umount", mp)
+    wait_unmounted(mp, runtime_dir)
+    assert mounted_at(str(dst)) is None
 
 
 def test_fstab_line_mount_by_mount_point(mount_env, runtime_dir, tmp_path):

@@ -249,17 +249,51 @@ def test_join_a_running_emulator_and_leave_it_running(fuse, mount_imafs, tmp_pat
     m = mount_imafs("ima_policy=tcb", measure=[(src, dst)])
     m.cli("record", "--name", "from-the-host", "--digest", "sha256:" + "ab" * 32)
     r = imafs_run("--mount", m.path, "--", "sh", "-c",
-                  "grep ^securityfs /proc/mounts | head -2 | cut -d' ' -f2; "
+                  "grep ^securityfs /proc/mounts | cut -d' ' -f2; "
                   f"cat {dst}/x >/dev/null; "
                   "grep -c from-the-host /sys/kernel/security/ima/ascii_runtime_measurements; "
                   f"{sys.executable} -m imafs record --mount /sys/kernel/security --name from-the-run "
                   "--digest sha256:" + "cd" * 32)
     assert r.returncode == 0, r.stderr
-    # the emulator first, its measured mount bound again after it
-    assert r.stdout.splitlines() == ["/sys/kernel/security", str(dst), "1"]
+    assert r.stdout.splitlines() == ["/sys/kernel/security", "1"]  # the only securityfs
     listed = m.read("ascii_runtime_measurements")
     assert b"from-the-run" in listed and f" {dst}/x\n".encode() in listed
     m.cli("status")
+
+
+VIEWS = ("/proc/cmdline", "/proc/sys/kernel/osrelease", "/dev/kmsg", "/var/log/audit/audit.log")
+
+
+@pytest.mark.parametrize("how", ["new", "swtpm", "join"])
+def test_the_emulator_is_the_only_securityfs(fuse, mount_imafs, tmp_path, how):
+    """Tools take the first securityfs line of /proc/mounts: inside a run
+    there is one, the emulator; its measured mounts and the kernel views are
+    binds of the same filesystem whose source is imafs."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "x").write_text("x\n")
+    (tmp_path / "hsrc").mkdir()
+    (tmp_path / "hdst").mkdir()
+    host = mount_imafs(measure=[(tmp_path / "hsrc", tmp_path / "hdst")])  # another emulator: gone in the run
+    script = "cat /proc/mounts; echo ---; findmnt -n -o SOURCE /sys/kernel/security; cat " + str(dst / "x")
+    if how == "join":
+        m = mount_imafs(measure=[(src, dst)])
+        r = imafs_run("--mount", m.path, "--", "sh", "-c", script)
+    else:
+        r = imafs_run(*(["--set", "tpm=swtpm"] if how == "swtpm" else []), "--measure", f"{src}:{dst}",
+                      "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    mounts, rest = r.stdout.split("---\n")
+    lines = [line.split() for line in mounts.splitlines()]
+    assert [(li[0], li[1], li[2]) for li in lines if li[0] == "securityfs"] == [
+        ("securityfs", "/sys/kernel/security", "fuse.imafs")]
+    assert rest == "securityfs\nx\n"
+    imafs_points = {li[1]: li[0] for li in lines if li[2] == "fuse.imafs"}
+    expected = {*VIEWS, str(dst)} | ({"/sys/class/tpm"} if how == "swtpm" else set())
+    assert imafs_points == {"/sys/kernel/security": "securityfs", **{p: "imafs" for p in expected}}
+    assert str(host.path) not in mounts and str(tmp_path / "hdst") not in mounts
+    host.cli("status")
 
 
 # -- nothing left behind --------------------------------------------------------------------
@@ -315,6 +349,111 @@ def test_sigkill_at_any_moment_leaves_nothing(fuse, tmp_path, moment):
     os.rmdir(base / "src")
     os.rmdir(base / "dst")
     os.rmdir(base)
+
+
+def _fuse_holder(pids: list[int]) -> int | None:
+    """The process among ``pids`` that holds /dev/fuse: the run's daemon."""
+    for pid in pids:
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{pid}/fd")):
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+def _mounts_of(device: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[2] == device]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.003, 0.01, 0.03])
+def test_the_runs_daemon_killed_while_the_run_binds(fuse, tmp_path, delay):
+    """The daemon dies while the init binds the views from a copy of its
+    /dev/fuse: the copy is closed before any lookup, so the lookups fail
+    (the connection aborts) instead of waiting for ever; the run ends and
+    leaves nothing."""
+    base = shared_dir()
+    (base / "src").mkdir()
+    (base / "dst").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "run", "--measure", f"{base}/src:{base}/dst", "--",
+                          "true"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        ns, daemon = None, None
+        deadline = time.monotonic() + 60
+        while ns is None or ns == os.readlink("/proc/self/ns/pid"):
+            try:
+                ns = os.readlink(f"/proc/{p.pid}/ns/pid_for_children")
+            except FileNotFoundError:
+                pass
+            assert time.monotonic() < deadline and p.poll() is None
+        while daemon is None:
+            daemon = _fuse_holder(pid_ns_members(ns))
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+        time.sleep(delay)
+        try:
+            os.kill(daemon, signal.SIGKILL)
+        except ProcessLookupError:  # the run has ended already
+            pass
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+        p.wait()
+    assert "Traceback" not in err, err  # whatever the moment: a clean end (CMD may not even start)
+    while pid_ns_members(ns):
+        assert time.monotonic() < deadline, pid_ns_members(ns)
+        time.sleep(0.02)
+    assert host_mounts_of_a_run(base / "dst") == []
+    os.rmdir(base / "src")
+    os.rmdir(base / "dst")
+    os.rmdir(base)
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.15, 0.2, 0.25])
+def test_a_joined_daemon_killed_while_the_run_binds(fuse, mount_imafs, tmp_path, delay):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    m = mount_imafs(measure=[(src, dst)])
+    pid = m.client.call("status")["pid"]
+    with open("/proc/self/mountinfo") as f:
+        device = next(line.split()[2] for line in f if line.split()[4] == str(m.path))
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "run", "--mount", m.path, "--", "true"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+        p.wait()
+    assert "Traceback" not in err, err  # whatever the moment: a clean end (CMD may not even start)
+    assert sorted(_mounts_of(device)) == sorted([str(m.path), str(dst)])  # the dead daemon's own
+    r = subprocess.run([sys.executable, "-m", "imafs", "umount", m.path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert _mounts_of(device) == [] and host_mounts_of_a_run(dst) == []
+
+
+def test_uid_1000_cannot_take_a_daemons_fuse_descriptor(fuse, mount_imafs):
+    """Binding from a second mount of the connection needs a copy of the
+    daemon's /dev/fuse (which serves or hijacks the filesystem): uid 1000
+    gets none, and `imafs run --mount` as uid 1000 fails as any run does."""
+    m = mount_imafs(reachable=True)
+    pid = m.client.call("status")["pid"]
+    from imafs.binds import fuse_descriptor
+    number = fuse_descriptor(pid)
+    probe = ("import errno, os, sys; sys.path.insert(0, sys.argv[3]); from imafs.binds import FuseDaemon\n"
+             "d = FuseDaemon(os.pidfd_open(int(sys.argv[1])), int(sys.argv[2]))\n"
+             "try:\n    d.copy()\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n")
+    r = subprocess.run([*SETPRIV_1000, sys.executable, "-c", probe, str(pid), str(number),
+                        str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "EPERM\n"), r.stderr
+    r = subprocess.run([*SETPRIV_1000, sys.executable, "-m", "imafs", "run", "--mount", m.path, "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (125, "imafs run: unshare(CLONE_NEWPID): Operation not permitted "
+                                             "(imafs run needs root)\n")
+    m.cli("status")
 
 
 # -- the views, driven on a mount -----------------------------------------------------------
