@@ -33,7 +33,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import json
+import re
 import stat
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -165,9 +169,88 @@ def _mount(source, target, fstype, flags, data=None) -> None:
 
 def _top_device(point: str) -> str | None:
     """major:minor of the topmost mount at ``point`` in the calling thread's namespace."""
-    from .daemon import _mounts
     found = None
-    for dev, _, p, _ in _mounts("/proc/thread-self/mountinfo"):
+    for dev, _, p, _ in mounts("/proc/thread-self/mountinfo"):
         if p == point:
             found = dev
     return found
+
+
+def unescape(field: bytes) -> str:
+    """A path field of mountinfo, whose space, tab, newline and backslash are octal escapes."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
+
+
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
+    """(device, root, mount point, fstype) of each mount of this namespace, bottom to top."""
+    out = []
+    with open(mountinfo, "rb") as f:
+        for line in f:
+            parts = line.split()
+            fstype = parts[parts.index(b"-") + 1].decode()
+            out.append((parts[2].decode(), unescape(parts[3]), unescape(parts[4]), fstype))
+    return out
+
+
+# -- the daemon's own binds, made by a child process -------------------------------------------
+BIND_TIMEOUT = 30.0  # seconds the child has to look the measured mounts up and attach them
+
+
+class BindError(Exception):
+    """A bind the child could not make; ``done`` the targets it attached before."""
+
+    def __init__(self, message: str, done: list[str]):
+        super().__init__(message)
+        self.done = done
+
+
+def bind_from_child(fuse_fd: int, mountpoint: str, binds: list[tuple[str, str]]) -> list[str]:
+    """Bind each (path in the connection, target) by a child process given a
+    copy of ``fuse_fd``; the targets attached, in order.
+
+    Not in the daemon itself: a thread of the daemon that looks a path up
+    through its own connection shares the daemon's descriptors, so a daemon
+    killed while the lookup waits for its answer would keep its /dev/fuse
+    open through that thread, which waits for ever (the connection is never
+    aborted, the mount hangs). The child closes its copy before any lookup,
+    and a daemon that dies aborts the connection: the child's lookup fails."""
+    request = json.dumps({"fd": fuse_fd, "mountpoint": mountpoint, "binds": binds})
+    try:
+        r = subprocess.run([sys.executable, "-m", "imafs.binds", request], pass_fds=(fuse_fd,),
+                           capture_output=True, text=True, timeout=BIND_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        raise BindError(f"cannot bind the measured mounts: no answer within {BIND_TIMEOUT:g} s",
+                        [json.loads(line) for line in out.splitlines()]) from None
+    done = [json.loads(line) for line in r.stdout.splitlines()]
+    if r.returncode != 0:
+        raise BindError(r.stderr.strip() or f"the binding process ended with status {r.returncode}", done)
+    return done
+
+
+def _child(request: dict) -> int:
+    """``python -m imafs.binds REQUEST``: the binds of :func:`bind_from_child`;
+    prints each target attached (a JSON string per line), says what failed."""
+    binds = request["binds"]
+    try:
+        trees = clone(request["fd"], request["mountpoint"], [path for path, _ in binds])
+    except OSError as e:
+        print(f"cannot bind the measured mounts: {reason(e)}", file=sys.stderr)
+        return 1
+    for tree, (_, target) in zip(trees, binds):
+        try:
+            attach(tree, target)
+        except OSError as e:
+            print(f"cannot bind the measured mount at {target}: {reason(e)}", file=sys.stderr)
+            return 1
+        print(json.dumps(target), flush=True)
+    return 0
+
+
+def reason(e: OSError) -> str:
+    """An OSError for a human: the system call's message without "[Errno N]"."""
+    return e.strerror if e.filename is None and e.strerror else str(e)
+
+
+if __name__ == "__main__":
+    sys.exit(_child(json.loads(sys.argv[1])))

@@ -22,7 +22,6 @@ import ctypes.util
 import errno
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -32,6 +31,7 @@ import pyfuse3
 import trio
 
 from . import binds
+from .binds import mounts as _mounts, reason as _reason
 from .blocking import Runner
 from .control import Client, ControlError, NoAnswer, Server, mount_path, socket_path
 from .ima import Ima
@@ -57,22 +57,6 @@ ELSEWHERE = "elsewhere"  # the filesystem answers; its control socket is elsewhe
 
 class MountError(Exception):
     """The tree cannot be mounted; the message is for a human."""
-
-
-def _unescape(field: bytes) -> str:
-    """A path field of mountinfo, whose space, tab, newline and backslash are octal escapes."""
-    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field))
-
-
-def _mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
-    """(device, root, mount point, fstype) of each mount of this namespace, bottom to top."""
-    mounts = []
-    with open(mountinfo, "rb") as f:
-        for line in f:
-            parts = line.split()
-            fstype = parts[parts.index(b"-") + 1].decode()
-            mounts.append((parts[2].decode(), _unescape(parts[3]), _unescape(parts[4]), fstype))
-    return mounts
 
 
 def _top_mount(mountpoint: str) -> tuple[str, str] | None:
@@ -221,9 +205,6 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _reason(e: OSError) -> str:
-    """An OSError for a human: the system call's message without "[Errno N]"."""
-    return e.strerror if e.filename is None and e.strerror else str(e)
 
 
 class _ErrorCount(logging.Handler):
@@ -311,19 +292,13 @@ class Binds:
         if not self.dsts:
             return
         try:
-            trees = binds.clone(os.dup(binds.fuse_descriptor()), self.mountpoint, self.paths)
+            self.done.extend(binds.bind_from_child(binds.fuse_descriptor(), self.mountpoint,
+                                                   list(zip(self.paths, self.dsts))))
         except OSError as e:
             raise MountError(f"cannot bind the measured mounts: {_reason(e)}") from None
-        try:
-            for tree, dst in zip(trees, self.dsts):
-                try:
-                    binds.attach(tree, dst)
-                except OSError as e:
-                    raise MountError(f"cannot bind the measured mount at {dst}: {_reason(e)}") from None
-                self.done.append(dst)
-        finally:
-            for tree in trees:
-                os.close(tree)
+        except binds.BindError as e:
+            self.done.extend(e.done)
+            raise MountError(str(e)) from None
 
     def detach(self) -> None:
         """Lazy unmounts by path: nothing here waits on the FUSE loop.  Shutdown

@@ -83,7 +83,7 @@ def _start_time(pid: int) -> str | None:
 
 def _mounted_under(base: Path) -> list[str]:
     """Mount points of this namespace at or below ``base``, deepest first."""
-    from .daemon import _mounts
+    from .binds import mounts as _mounts
     top = os.fspath(base)
     return sorted({mp for _, _, mp, _ in _mounts() if mp == top or mp.startswith(top + "/")},
                   key=len, reverse=True)

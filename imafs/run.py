@@ -43,7 +43,8 @@ from pathlib import Path
 
 from . import binds
 from .control import Client, ControlError, mount_path, socket_path
-from .daemon import _detach, _libc, _mounts, _top_mount, _unescape
+from .binds import mounts as _mounts, unescape as _unescape
+from .daemon import _detach, _libc, _top_mount
 from .passthrough import HIDDEN_PREFIX
 from .views import HIDDEN_NAME
 

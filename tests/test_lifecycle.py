@@ -213,6 +213,69 @@ def test_kill_9_while_binding_the_measured_mounts(runtime_dir, tmp_path, delay):
     assert _mounts_of(device) == []
 
 
+def _binder_of(pid: int) -> int | None:
+    """The daemon's child that makes its binds (``python -m imafs.binds``), if any."""
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rpartition(")")[2].split()[1]) != pid:
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"imafs.binds" in f.read():
+                    return int(entry)
+        except (OSError, ValueError):
+            pass
+    return None
+
+
+def _wchans(pid: int) -> list[str]:
+    """Where each thread of ``pid`` sleeps in the kernel."""
+    out = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+                out.append(f.read())
+    except OSError:
+        pass
+    return out
+
+
+def test_daemon_killed_while_its_binder_waits_on_a_lookup(runtime_dir, tmp_path):
+    """The binds are made by a child process whose lookups go through the
+    daemon: the daemon stopped while the child waits on its answer (or has
+    its answer from the dentry cache), then killed, aborts the connection
+    (nobody else holds /dev/fuse): the child's lookup fails, the child ends,
+    no mount is left but what `imafs umount` clears. (When a thread of the
+    daemon looked the paths up, a daemon killed in that window kept its own
+    /dev/fuse open through that thread, waiting for ever: a hung mount.)"""
+    src, dst, mp = tmp_path / "src", tmp_path / "dst", tmp_path / "mnt"
+    for d in (src, dst, mp):
+        d.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "imafs", "mount", "--foreground", mp, "--measure",
+                          f"{src}:{dst}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    binder = None
+    try:
+        deadline = time.monotonic() + 30
+        while binder is None:
+            assert time.monotonic() < deadline and p.poll() is None
+            binder = _binder_of(p.pid)
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        # its lookups wait on the stopped daemon, or were answered from the dentry cache: it is done
+        while "request_wait_answer" not in _wchans(binder) and _alive(binder):
+            assert time.monotonic() < deadline, _wchans(binder)
+            time.sleep(0.005)
+    finally:
+        p.kill()
+        p.wait()
+    _wait_aborted(mp)
+    _wait_dead(binder, 10)
+    (device,) = _devices_at(mp)
+    assert set(_mounts_of(device)) <= {str(mp), str(dst)}
+    imafs("umount", mp, check=False)
+    assert _mounts_of(device) == []
+
+
 def test_umount_of_a_stopped_daemon(mount_imafs):
     m = mount_imafs()
     pid = m.client.call("status")["pid"]
