@@ -194,16 +194,17 @@ n, where, pcrs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
 a = open_archive(where)
 boot = a.new_boot(None, True)
-have = 1  # the boot_aggregate
-while have <= n:
-    ima.generate(min(500_000, n - have))
+made, stored = 1, 0  # the boot_aggregate is made at boot
+while stored < n:  # 500k records at a time, then dropped from the emulator (A, D)
+    ima.generate(min(500_000, n - made))
+    made = min(made + 500_000, n)
     recs = Records.check(ima.store.current.sha1_bytes())
     ima.store.stage()
     ima.store.delete_staged()
     while ima.store.reap(1000):
         pass
-    a.store(boot, have - 1, recs, "stage")
-    have += len(recs)
+    a.store(boot, stored, recs, "stage")
+    stored += len(recs)
 a.close()
 for bank in ("sha1", "sha256"):
     with open(f"{pcrs}.{bank}", "w") as f:
