@@ -631,7 +631,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "keeper-load", "keeper-export", "run",
                                        "hooks"),
                     help="one part: the list figures, the inode cache, the measured mount, extends "
-                         "through swtpm, the keeper (keeper-load: only under imafs generate), the start "
+                         "through swtpm, the keeper (keeper-load: only under imafs generate; keeper-export: only "
+                         "keep export and verify over large archives), the start "
                          "of imafs run, or the seccomp hooks")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
     ap.add_argument("--keeper-memory-records", type=int,
