@@ -1,7 +1,8 @@
 """Measure imafs against the numbers of DESIGN.md; prints JSON.
 
     .venv/bin/python scripts/bench.py [--records 1000000] [--inodes 1000000]
-                                      [--only list|iint|mount|tpm|keeper|keeper-load|run|hooks] [--tpm-records N] [--out FILE]
+                                      [--only list|iint|mount|tpm|keeper|keeper-load|keeper-export|run|hooks]
+                                      [--tpm-records N] [--export-records N,N] [--out FILE]
 
 Run as root on a machine with /dev/fuse.  Every figure is measured in this
 run, next to its baseline: a minimal pyfuse3 server of the same bytes
@@ -196,6 +197,71 @@ def _samples(who: str, rss: list[int]) -> dict:
     return {f"{who}_rss_mib_start": mib[0], f"{who}_rss_mib_mid": mib[len(mib) // 2],
             f"{who}_rss_mib_end": mib[-1], f"{who}_rss_mib_max": max(mib),
             f"{who}_rss_mib_samples": mib[::max(1, len(mib) // 10)]}
+
+
+EXPORT_ARCHIVE = r"""
+import sys
+from imafs.ima import Ima
+from imafs.profile import load_profile
+from imafs.keeper.archive import open_archive
+from imafs.keeper.trim import Records
+n, where, pcrs = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ima = Ima(load_profile(None, ["ima_template=ima-ng", "tpm_banks=sha1,sha256"]))
+a = open_archive(where)
+boot = a.new_boot(None, True)
+made, stored = 1, 0  # the boot_aggregate is made at boot
+while stored < n:  # 500k records at a time, then dropped from the emulator (A, D)
+    ima.generate(min(500_000, n - made))
+    made = min(made + 500_000, n)
+    recs = Records.check(ima.store.current.sha1_bytes())
+    ima.store.stage()
+    ima.store.delete_staged()
+    while ima.store.reap(1000):
+        pass
+    a.store(boot, stored, recs, "stage")
+    stored += len(recs)
+a.close()
+for bank in ("sha1", "sha256"):
+    with open(f"{pcrs}.{bank}", "w") as f:
+        f.writelines(f"PCR-{i:02d}: {v.hex()}\n" for i, v in enumerate(ima.pcrs.values(bank)))
+"""
+
+# the peak RSS of a command, taken by a small parent: a child forked from a big
+# process starts with its pages, and ru_maxrss keeps them across exec
+PEAK = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:], stdout=subprocess.DEVNULL); "
+        "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
+
+
+def keeper_export(sizes: list[int]) -> dict:
+    """`imafs keep export` (binary sha1, ascii sha256) and `imafs keep verify`
+    (sha1 and sha256 in one pass) over archives of each size, SQLite and
+    PostgreSQL: seconds and peak RSS, which must not grow with the records."""
+    sys.path.insert(0, str(HERE.parent))
+    from tests.postgres import Server, binaries
+    server = Server() if binaries() is not None else None
+    runs = [("export_binary", ["export"]), ("export_ascii_sha256", ["export", "--format", "ascii", "--bank", "sha256"]),
+            ("verify_sha1_sha256", ["verify", "--pcrs", "sha1,{p}.sha1", "--pcrs", "sha256,{p}.sha256"])]
+    out: dict = {"target": "peak RSS flat (the same at every size)"}
+    try:
+        for kind in ("sqlite", "postgresql") if server else ("sqlite",):
+            for n in sizes:
+                with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+                    where = server.new_database() if kind == "postgresql" else os.path.join(tmp, "a.db")
+                    pcrs = os.path.join(tmp, "pcrs")
+                    subprocess.run([PY, "-c", EXPORT_ARCHIVE, str(n), where, pcrs], check=True, cwd=HERE.parent)
+                    r = out.setdefault(kind, {})[str(n)] = {}
+                    for name, args in runs:
+                        peak = os.path.join(tmp, "peak")
+                        t = time.perf_counter()
+                        subprocess.run([PY, "-c", PEAK, peak, PY, "-m", "imafs", "keep", args[0], "--archive", where,
+                                        *(a.format(p=pcrs) for a in args[1:])], check=True, cwd=HERE.parent)
+                        dt = time.perf_counter() - t
+                        r[name] = {"seconds": round(dt, 1), "records_per_s": round(n / dt),
+                                   "peak_rss_mib": round(int(Path(peak).read_text()) / 1024, 1)}
+    finally:
+        if server:
+            server.stop()
+    return out
 
 
 def list_count(mp: Path) -> int:
@@ -577,15 +643,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--inodes", type=int, default=1_000_000)
-    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "keeper-load", "run", "hooks"),
+    ap.add_argument("--only", choices=("list", "iint", "mount", "tpm", "keeper", "keeper-load", "keeper-export", "run",
+                                       "hooks"),
                     help="one part: the list figures, the inode cache, the measured mount, extends "
-                         "through swtpm, the keeper (keeper-load: only under imafs generate), the start "
+                         "through swtpm, the keeper (keeper-load: only under imafs generate; keeper-export: only "
+                         "keep export and verify over large archives), the start "
                          "of imafs run, or the seccomp hooks")
     ap.add_argument("--tpm-records", type=int, default=50_000, help="records extended through swtpm")
     ap.add_argument("--keeper-memory-records", type=int,
                     default=int(os.environ.get("IMAFS_BENCH_KEEPER_RECORDS", 10_000_000)),
                     help="records passed through the keeper service for its memory figure "
                          "(default $IMAFS_BENCH_KEEPER_RECORDS or 10M)")
+    ap.add_argument("--export-records", default=os.environ.get("IMAFS_BENCH_EXPORT_RECORDS", "1000000,5000000"),
+                    help="archive sizes for keep export/verify's memory figure (default "
+                         "$IMAFS_BENCH_EXPORT_RECORDS or 1000000,5000000)")
     ap.add_argument("--keeper-chunk", type=int, default=100_000, help="records per keeper trim (one transaction)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -606,6 +677,8 @@ def main() -> None:
     if args.only in (None, "keeper"):
         result["keeper"] = keeper(n, args.keeper_chunk)
         result["keeper_memory"] = keeper_memory(args.keeper_memory_records)
+    if args.only in (None, "keeper", "keeper-export"):
+        result["keeper_export"] = keeper_export([int(x) for x in args.export_records.split(",")])
     if args.only in (None, "keeper", "keeper-load"):
         result["keeper_under_load"] = keeper_under_load()
     if args.only in (None, "run"):

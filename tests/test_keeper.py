@@ -1050,6 +1050,6 @@ def test_a_trim_between_reading_the_live_list_and_the_archive(mnt, tmp_path, mon
         return out
 
     monkeypatch.setattr(Ima, "read_live", read_live)
-    boot, recs = whole_log(Archive(archive), Ima(mnt.path))
+    log = whole_log(Archive(archive), Ima(mnt.path))
     assert trims == [40] and count(mnt) == 0
-    assert_replays(mnt, b"".join(r.raw for r in recs), full_count(mnt))
+    assert_replays(mnt, b"".join(log), full_count(mnt))

@@ -129,40 +129,80 @@ def _whole(args):
     return whole_log(archive, ima, args.boot)
 
 
+OUT_BUFFER = 256 << 10  # bytes written to stdout at a time
+
+
+class ExportStopped(Exception):
+    """Writing to stdout failed: the reader went away (EPIPE), a full disk…"""
+
+
+class _Stdout:
+    """stdout's file descriptor, buffered. After a failed write, what is still
+    buffered goes to /dev/null (its flush at exit must not fail again)."""
+
+    def __init__(self):
+        self.fd = sys.stdout.fileno()
+        self.out = open(self.fd, "wb", buffering=OUT_BUFFER, closefd=False)
+
+    def _do(self, fn, *args):
+        try:
+            fn(*args)
+        except OSError as e:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.fd)
+            raise ExportStopped(e.strerror) from None
+
+    def write(self, data: bytes) -> None:
+        self._do(self.out.write, data)
+
+    def flush(self) -> None:
+        self._do(self.out.flush)
+
+
 def cmd_export(args) -> int:
+    from .. import templates as T
     from .trim import BadRecord
     from .whole import render
+    if sys.stdout is None:  # fd 1 was closed at start: a file opened since may hold that number
+        return _fail("stdout is closed")
     try:
-        _, recs = _whole(args)
-        sys.stdout.buffer.write(render(recs, args.format, args.bank))
-    except (KeeperFatal, Busy, BadRecord, ArchiveError, ValueError) as e:
+        T.hasher(args.bank)
+        log = _whole(args)
+        out = _Stdout()
+        for recs in log.batches():
+            out.write(render(recs, args.format, args.bank))
+        out.flush()
+    except ExportStopped as e:
+        return _fail(f"writing to stdout: {e}: the export is incomplete")
+    except (KeeperFatal, Busy, BadRecord, ArchiveError, OSError, ValueError) as e:
         return _fail(str(e))
     return 0
 
 
 def cmd_verify(args) -> int:
+    from itertools import chain
+
     from .trim import BadRecord
-    from .whole import read_pcr_file, replay
+    from .whole import read_pcr_file, replay, whole_log
     try:
         pcr_files = [read_pcr_file(spec) for spec in args.pcrs]
-        boot, recs = _whole(args)
+        log = _whole(args)
+        n, verdicts = replay(log.batches(), pcr_files)
+        if not n:
+            return _fail("no records")
+        bad = [why for why in verdicts if why]
+        for why in bad:
+            print(f"imafs keep verify: {why}", file=sys.stderr)
+        if bad and log.boot is not None and log.boot > 1:
+            # the ambiguous case of docs/keeper.md: a kexec after a complete trim looks like a reboot
+            before = whole_log(log.archive, None, log.boot - 1)
+            if not any(replay(chain(before.batches(), log.batches()), pcr_files)[1]):
+                print(f"imafs keep verify: boot {log.boot} replays as the continuation of boot {log.boot - 1}: "
+                      f"it began with a kexec after a complete trim, not a reboot (docs/keeper.md, the ambiguous "
+                      f"case); the whole log is boot {log.boot - 1} followed by boot {log.boot}", file=sys.stderr)
     except (KeeperFatal, Busy, BadRecord, ArchiveError, OSError, ValueError) as e:
         return _fail(str(e))
-    if not recs:
-        return _fail("no records")
-    bad = [why for bank, values in pcr_files if (why := replay(recs, bank, values))]
-    for why in bad:
-        print(f"imafs keep verify: {why}", file=sys.stderr)
-    if bad and boot is not None and boot > 1:
-        # the ambiguous case of docs/keeper.md: a kexec after a complete trim looks like a reboot
-        from .whole import whole_log as _whole_log
-        _, before = _whole_log(_archive(args), None, boot - 1)
-        if all(replay(before + recs, bank, values) is None for bank, values in pcr_files):
-            print(f"imafs keep verify: boot {boot} replays as the continuation of boot {boot - 1}: it began "
-                  f"with a kexec after a complete trim, not a reboot (docs/keeper.md, the ambiguous case); "
-                  f"the whole log is boot {boot - 1} followed by boot {boot}", file=sys.stderr)
     if not bad:
-        print(f"boot {boot}: {len(recs)} records replay to the PCRs of "
+        print(f"boot {log.boot}: {n} records replay to the PCRs of "
               f"{', '.join(b for b, _ in pcr_files)}")
     return 1 if bad else 0
 

@@ -29,15 +29,14 @@ import signal
 import stat
 from array import array
 from collections import OrderedDict
-from itertools import islice
 
 import pyfuse3
 import trio
 
 from .. import templates as T
 from .abi import Ima, KeeperFatal
-from .trim import split
-from .whole import placed_live, render
+from .trim import Records
+from .whole import archived, parsed, render, stored, whole_log
 
 log = logging.getLogger("imafs.keeper")
 
@@ -51,7 +50,7 @@ class Snapshot:
     (read in blocks when asked for), then the live records not archived at the
     open (held). Offsets never move: the archive only grows."""
 
-    def __init__(self, log: WholeLog, view: tuple[str, str] | None, archived: int, live: list):
+    def __init__(self, log: WholeLog, view: tuple[str, str] | None, archived: int, live: Records):
         self.log, self.view, self.archived, self.live = log, view, archived, live
         self.index = log.index
         if view is None:
@@ -92,10 +91,11 @@ class Index:
         self.marks = {"binary": array("Q", [0]), "ascii": array("Q", [0])}  # at record k*BLOCK
         self.total = {"binary": 0, "ascii": 0}                              # after record n-1
 
-    def add(self, recs) -> None:
-        for r in recs:
-            self.total["binary"] += len(r.raw)
-            self.total["ascii"] += len(T.ascii_record(r.pcr, r.digest, r.template, r.fields))
+    def add(self, recs: Records) -> None:
+        s = recs.starts
+        for k, (pcr, digest, tmpl, fields) in enumerate(parsed(recs)):
+            self.total["binary"] += s[k + 1] - s[k]
+            self.total["ascii"] += len(T.ascii_record(pcr, digest, tmpl, fields))
             self.n += 1
             if self.n % BLOCK == 0:
                 for fmt in ("binary", "ascii"):
@@ -148,31 +148,23 @@ class WholeLog:
     def snapshot(self, view) -> Snapshot:
         """Blocking: the archive and the live list as of now."""
         a = self.archive
-        live = []
         if self.fixed_boot is not None:
-            boot = self.fixed_boot
-            if boot not in [b[0] for b in a.boots()]:
-                raise KeeperFatal(f"the archive has no boot {boot}")
+            if self.fixed_boot not in [b[0] for b in a.boots()]:
+                raise KeeperFatal(f"the archive has no boot {self.fixed_boot}")
+            whole = whole_log(a, None, self.fixed_boot)
         else:
-            boot = a.last_boot()
-            if self.ima is not None:
-                live, p = placed_live(a, self.ima)
-                if p is not None:  # None: a live list that starts a boot the archive has not stored
-                    boot = p.boot if p.boot is not None else ("new", boot)
+            whole = whole_log(a, self.ima)
+        # None: a live list that starts a boot the archive has not stored (or nothing at all)
+        boot = whole.boot if whole.boot is not None else ("new", a.last_boot())
         if boot != self.index.boot:
             if self.index.n:
                 log.info("keeper serve: a new boot (%s): the files start over", boot)
             self.index = Index(boot)
             self.blocks.clear()
-        archived = 0
-        if isinstance(boot, int):
-            archived = a.count(boot)
-            if live:
-                live = live[archived - p.first:]  # what the archive holds is served from it
-            if archived > self.index.n:
-                more = islice(a.iter_records(boot, self.index.n), archived - self.index.n)
-                self.index.add(split(raw, f"archive boot {boot} record {pos}")[0] for pos, raw in more)
-        return Snapshot(self, view, archived, live)
+        if whole.archived > self.index.n:
+            for recs in archived(a, whole.boot, self.index.n, whole.archived):
+                self.index.add(recs)
+        return Snapshot(self, view, whole.archived, whole.live)
 
     def _block(self, index: Index, k: int, view, archived: int) -> bytes:
         key = (index.boot, k, view)
@@ -180,8 +172,7 @@ class WholeLog:
         if data is None:
             first = k * BLOCK
             n = min(BLOCK, archived - first)
-            recs = [split(raw, f"archive boot {index.boot} record {first + i}")[0]
-                    for i, raw in enumerate(self.archive.records(index.boot, first, n))]
+            recs = stored(index.boot, list(enumerate(self.archive.records(index.boot, first, n), first)))
             data = render(recs, *view)
             if n == BLOCK:  # a whole block never changes; a partial one grows
                 self.blocks[key] = data
