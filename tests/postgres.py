@@ -46,6 +46,10 @@ class Server:
             c.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def restart(self):
+        """Stopped at once (connections cut, as a crash or a failover does), then started again."""
+        self._run("pg_ctl", "-D", self.data, "-l", self.dir / "log", "-m", "immediate", "-w", "-t", "60", "restart")
+
     def stop(self):
         try:
             self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")

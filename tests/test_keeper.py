@@ -998,6 +998,29 @@ def test_serve_an_agent_keeps_its_offset_across_trims(mnt, tmp_path, archive, se
         assert "Matched per TPM bank calculated digest(s)." in r.stdout + r.stderr, r.stderr[-2000:]
 
 
+def test_a_restarted_database_server_is_reconnected(mnt, postgres_server, keeper_service, serve_whole):
+    """A fleet's PostgreSQL server restarts (connections cut): the keeper's
+    next cycle and the whole-log server's next read make a new connection;
+    nothing is deleted that was not stored, the served log stays whole."""
+    archive = postgres_server.new_database()
+    p, ctl = keeper_service(archive, "--poll", "30")
+    mnt.client.call("generate", count=500)
+    assert json.loads(request(ctl, "trim").stdout)["error"] is None
+    whole = serve_whole(archive, mnt)
+    before = (whole / "binary_runtime_measurements").read_bytes()
+    postgres_server.restart()
+    mnt.client.call("generate", count=500)
+    answer = json.loads(request(ctl, "trim").stdout)
+    assert answer["error"] is None and answer["deleted"] >= 500, answer
+    served = (whole / "binary_runtime_measurements").read_bytes()  # its connection was cut too
+    assert served.startswith(before) and len(served) > len(before)
+    assert_replays(mnt, served, full_count(mnt))
+    assert count(mnt) < 10
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == 0
+    assert "reconnected" in p.stderr.read()
+
+
 def test_serve_an_earlier_boot(mnt, tmp_path, serve_whole):
     archive = tmp_path / "a.db"
     mnt.client.call("generate", count=300)

@@ -165,6 +165,10 @@ class Archive:
     def close(self):
         self.db.close()
 
+    def reconnect_if_lost(self, probe: bool = False) -> bool:
+        """A file has no connection to lose."""
+        return False
+
     # -- statements, scoped to the host -----------------------------------------------
     def _sql(self, sql: str) -> str:
         return sql.format(h="", hc="", hv="")
@@ -315,13 +319,10 @@ class PostgresArchive(Archive):
         self.crash_hook = crash_hook or (lambda step: None)
         if not host or len(host) > 255 or not host.isprintable():
             raise ValueError(f"host id {host!r}: 1 to 255 printable characters")
-        try:
-            self.db = psycopg.connect(url, autocommit=True, connect_timeout=30)
-        except psycopg.Error as e:
-            raise ArchiveError(f"archive {_safe_url(url)}: {e}") from None
+        self.url = url
         self.path = _safe_url(url)
         self._scope = {}
-        self._x("SET synchronous_commit = on")
+        self._connect()
         if self._one("SELECT to_regclass('chunks_host_boot')")[0] is None:  # the last thing the schema makes
             self._x("SELECT pg_advisory_lock(7226212)")  # keepers of a fleet creating the tables at once
             try:
@@ -334,6 +335,33 @@ class PostgresArchive(Archive):
         hid = self._one("SELECT id FROM hosts WHERE name=?", (host,))[0]
         self._scope = {"h": f"host={hid:d} AND", "hc": "host,", "hv": f"{hid:d},"}
         self.host_number = hid
+
+    def _connect(self) -> None:
+        import psycopg
+        try:
+            self.db = psycopg.connect(self.url, autocommit=True, connect_timeout=30)
+        except psycopg.Error as e:
+            raise ArchiveError(f"archive {self.path}: {e}") from None
+        self._x("SET synchronous_commit = on")
+
+    def reconnect_if_lost(self, probe: bool = False) -> bool:
+        """A new connection if the last one broke (the server restarted, the
+        network went away): psycopg marks it broken at the failed statement,
+        whose transaction is gone with it; with ``probe``, a round trip finds
+        out first (a connection cut while idle looks whole until used).
+        Whether it reconnected."""
+        import psycopg
+        if not (self.db.broken or self.db.closed):
+            if not probe:
+                return False
+            try:
+                self.db.execute("SELECT 1")
+                return False
+            except psycopg.OperationalError:
+                pass
+        self.db.close()
+        self._connect()
+        return True
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s").format(**self._scope)

@@ -35,6 +35,7 @@ import trio
 
 from .. import templates as T
 from .abi import Ima, KeeperFatal
+from .archive import ArchiveError
 from .trim import Records
 from .whole import archived, parsed, render, stored, whole_log
 
@@ -267,13 +268,31 @@ class ServeFs(pyfuse3.Operations):
 
     async def _blocking(self, fn, *args):
         """Archive and list reads, in a worker thread, one at a time (one archive
-        connection, one render cache); any failure is EIO, the server lives on."""
+        connection, one render cache); any failure is EIO, the server lives on.
+        A connection to the archive that broke (its server restarted) is made
+        again and the read tried once more."""
         async with self.lock:
-            try:
-                return await trio.to_thread.run_sync(fn, *args)
-            except Exception as e:  # noqa: BLE001 - the kernel's answer to a list it cannot read
-                log.error("keeper serve: cannot read the whole log: %s", e)
+            for attempt in (1, 2):
+                try:
+                    return await trio.to_thread.run_sync(fn, *args)
+                except ArchiveError as e:
+                    error = e
+                    if attempt == 1 and await trio.to_thread.run_sync(self._reconnect):
+                        continue
+                except Exception as e:  # noqa: BLE001 - the kernel's answer to a list it cannot read
+                    error = e
+                log.error("keeper serve: cannot read the whole log: %s", error)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _reconnect(self) -> bool:
+        try:
+            if self.whole.archive.reconnect_if_lost():
+                log.warning("keeper serve: the archive's connection was lost: reconnected to %s",
+                            self.whole.archive.path)
+                return True
+        except ArchiveError as e:
+            log.error("keeper serve: cannot reconnect to the archive: %s", e)
+        return False
 
 
 def serve(open_archive, securityfs: str | None, mountpoint: str, boot: int | None = None) -> int:

@@ -324,6 +324,8 @@ class Keeper:
         """One trim; returns how many records left the kernel's memory (stored first)."""
         self.last_error = None
         self.archived = 0
+        if self.archive.reconnect_if_lost(probe=True):
+            log.warning("keeper: the archive's connection was lost: reconnected to %s", self.archive.path)
         staged = Records.check(self.ima.read_staged(), "staged list") if self.ima.can_stage else []
         if staged:  # left by a killed keeper or another agent: archive it, finish the delete
             log.info("keeper: %d records already staged: storing and deleting them", len(staged))
