@@ -36,6 +36,16 @@ class Mount:
         with open(self.ima / name, mode) as f:
             return f.read()
 
+    def count(self) -> int:
+        """runtime_measurements_count in one read(2): the kernel prints the
+        number at each read, so while records arrive a read to EOF can join
+        the head of one number to the tail of a newer one ("1\n" + "1\n")."""
+        fd = os.open(self.ima / "runtime_measurements_count", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 64))
+        finally:
+            os.close(fd)
+
     def pcr_file(self, bank: str, tmp: Path) -> Path:
         out = tmp / f"pcrs-{bank}.txt"
         out.write_text(self.cli("pcrs", "--bank", bank, "--format", "evmctl").stdout)
