@@ -314,7 +314,6 @@ class PostgresArchive(Archive):
     def __init__(self, url: str, crash_hook, host: str):
         import psycopg
         self.driver_errors = (psycopg.Error,)
-        self.path = url
         self.host = host
         self.crash_hook = crash_hook or (lambda step: None)
         if not host or len(host) > 255 or not host.isprintable():
