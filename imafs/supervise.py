@@ -46,6 +46,7 @@ import select
 import socket
 import struct
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -891,6 +892,22 @@ class Supervised:
         return rc
 
 
+def _let_go_of_pipes(null: int) -> None:
+    """Point every inherited pipe and socket at /dev/null: a helper forked
+    beside a command whose input is a pipe must not hold that pipe's write
+    end (the command would never read its end of file, and the helpers wait
+    for the command).  The numbers stay taken, so that no object inherited
+    from the parent closes a descriptor of the helper's own."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            kind = os.fstat(fd).st_mode
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if fd > 2 and (stat.S_ISFIFO(kind) or stat.S_ISSOCK(kind)):
+            os.dup2(null, fd)
+
+
 def _fork(body, log_file: str | None) -> int:
     """A helper process running ``body()``: forked, not a new interpreter
     (``imafs run`` starts in a fraction of a second), in its own session,
@@ -909,6 +926,7 @@ def _fork(body, log_file: str | None) -> int:
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
+        _let_go_of_pipes(null)
         logging.basicConfig(level=logging.WARNING, format="imafs supervise[%(process)d]: %(message)s", force=True)
         body()
         code = 0

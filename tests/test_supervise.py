@@ -388,6 +388,19 @@ def test_supervisor_killed_calls_continue(measured, hookcalls):
     assert entries(m) == [ng_line(f"{dst}/lib.so", b"lib\n")]  # measured before the kill
 
 
+def test_a_command_reading_a_pipe_sees_its_end(measured):
+    """The helpers, forked beside the command, do not hold the write end of
+    its input pipe: the command reads end of file when its parent closes it
+    (before, both waited for each other forever)."""
+    m, src, dst = measured()
+    s = supervise.spawn(["cat"], str(m.path), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        out, _ = s.process.communicate(b"to the end\n", timeout=30)
+    finally:
+        s.process.kill()  # if it still waits: the helpers end with it
+    assert out == b"to the end\n" and s.wait(30) == 0
+
+
 def test_hostile_targets(measured, hookcalls):
     m, src, dst = measured()
     assert run(m, [hookcalls, "bogus-mmap"]).stdout == "errno=9\n"  # EBADF, as the host says
