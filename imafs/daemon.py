@@ -230,7 +230,7 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     it and the kernel log beside the control socket are removed when the
     daemon ends cleanly without having logged an error.
     """
-    pcrs = None
+    pcrs = ima = None
     try:
         check_mountpoint(mountpoint)
         measured = [parse_measure(spec, mountpoint) for spec in measure]
@@ -241,6 +241,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
         pcrs, profile = open_backend(profile, sock.with_suffix(".tpm"), klog)  # may start swtpm
         ima = Ima(profile, klog, pcrs)
         ima.measured_dirs = measured
+        if measured:  # for the supervisors of imafs run (imafs/epoch.py)
+            ima.epoch.share(sock.with_suffix(".epoch"))
         runner = Runner()
         ops = SecurityFs(Tree(ima), runner,
                         MeasuredFs(Passthrough(ima.measurer, measured), runner) if measured else None)
@@ -251,6 +253,8 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
     except (MountError, ControlError, RuntimeError, OSError) as e:
         if pcrs is not None:
             pcrs.close()
+        if ima is not None:
+            ima.epoch.close()
         ready(str(e))
         return
     # a kernel_log the profile names is the user's file: never removed
@@ -270,6 +274,7 @@ def run(mountpoint: str, profile: Profile, ready=lambda error: None, measure: li
             pyfuse3.close(unmount=True)
         finally:
             binds.detach()
+            ima.epoch.close()
             if pcrs is not None:
                 pcrs.close()  # stops imafs's swtpm
                 if clean:  # its state and log live as long as the mount

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import struct
 import sys
+from typing import Callable
+
 from sortedcontainers import SortedDict
 
 from . import templates as T
@@ -136,9 +138,12 @@ class IintCache:
     again on its next access, and the duplicate table keeps an unchanged file
     from being listed twice.  The victim is the next closed inode after a clock
     hand that walks the keys in order.
+
+    ``changed`` is called on every change of an entry and of an inode's
+    writers (the hook epoch, imafs/epoch.py).
     """
 
-    def __init__(self, limit: int = 100_000):
+    def __init__(self, limit: int = 100_000, changed: Callable[[], None] = lambda: None):
         if limit < 1:
             raise ValueError("the iint cache needs room for at least one inode")
         self.limit = limit
@@ -147,6 +152,7 @@ class IintCache:
         self._hand = 0
         self.opens: dict[tuple[int, int], list[int]] = {}  # key -> [readers, writers]
         self.hits = self.misses = self.evictions = 0
+        self.changed = changed
 
     def __len__(self) -> int:
         return len(self._map)
@@ -172,18 +178,24 @@ class IintCache:
 
     def put(self, iint: Iint) -> None:
         k = _int_key(iint.key)
-        if k not in self._map and len(self._map) >= self.limit:
+        rec = iint.record()
+        old = self._get(k)
+        if old is None and len(self._map) >= self.limit:
             self._evict_one()
-        self._map[k] = iint.record()
+        if rec != old:
+            self._map[k] = rec
+            self.changed()
 
     def remove(self, key: tuple[int, int]) -> None:
         """The inode is gone (its last link removed and nobody has it open)."""
-        self._map.pop(_int_key(key), None)
+        if self._map.pop(_int_key(key), None) is not None:
+            self.changed()
 
     def clear(self) -> None:
         """A new kernel: no inode has IMA state any more."""
         self._map.clear()
         self._hand = 0
+        self.changed()
 
     def _evict_one(self) -> None:
         n = len(self._map)
@@ -194,6 +206,7 @@ class IintCache:
                 del self._map[k]
                 self._hand = i
                 self.evictions += 1
+                self.changed()
                 return
         # every cached inode is open: grow past the bound rather than lose state in use
 
@@ -207,6 +220,8 @@ class IintCache:
         c = self.opens.setdefault(key, [0, 0])
         c[0] += reader
         c[1] += writer
+        if writer:
+            self.changed()
 
     def closed(self, key: tuple[int, int], reader: bool, writer: bool) -> None:
         c = self.opens.get(key)
@@ -216,6 +231,8 @@ class IintCache:
         c[1] -= writer
         if c[0] <= 0 and c[1] <= 0:
             del self.opens[key]
+        if writer:
+            self.changed()
 
     def stats(self) -> dict:
         size = len(self._map)

@@ -17,6 +17,7 @@ from .blocking import Blocking, Steps
 from .errors import FsError, RequestError
 from .appraise import Appraiser
 from .digsig import Verifier
+from .epoch import Epoch
 from .klog import KernelLog
 from .fsinfo import fs_info
 from .iint import IintCache
@@ -106,7 +107,8 @@ class Ima:
         self._synthetic = 0  # synthetic records made so far
         self.last_events: deque = deque(maxlen=16)  # how the latest hook events were decided
         self.measured_dirs: list[tuple[str, str]] = []  # (SRC, DST) of the measured mounts
-        self.iint = IintCache(profile.iint_cache_size)
+        self.epoch = Epoch()  # moves with whatever a file hook's decision depends on
+        self.iint = IintCache(profile.iint_cache_size, self.epoch.bump)
         self.appraiser = Appraiser(profile.ima_appraise, Verifier(lambda: self.keyrings, self.klog.kernel),
                                    profile.kernel_version)
         self.measurer = Measurer(self, self.iint, profile.violation_limits)
@@ -130,7 +132,7 @@ class Ima:
                                  Parser(p.kernel_version, p.appraise_modsig, self.template),
                                  read_policy=p.read_policy, write_policy=p.write_policy, log=self.klog,
                                  measure_policy_file=self._policy_check,
-                                 real_path=self.real_path, on_update=self._process_queued_keys)
+                                 real_path=self.real_path, on_update=self._policy_updated)
         self.store = MeasurementStore(tpm_banks=self.profile.tpm_banks, ima_hash=self.ima_hash,
                                       pcrs=self.pcrs, disable_htable=self.profile.disable_htable,
                                       # Debian's 6.1 has no sha384/sha512 at IMA init (F-19)
@@ -202,9 +204,10 @@ class Ima:
             return dict(QUEUED)
         return {"queued": False, **self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=uid)}
 
-    def _process_queued_keys(self) -> None:
-        """A custom policy was loaded: measure the queued keys against it
-        (as the policy writer, root)."""
+    def _policy_updated(self) -> None:
+        """A custom policy was loaded: hooks decide anew; the queued keys are
+        measured against it (as the policy writer, root)."""
+        self.epoch.bump()
         for keyring, payload in self.key_queue.process():
             self.measure_buffer("KEY_CHECK", keyring, payload, keyring=keyring, uid=0)
 

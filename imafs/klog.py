@@ -73,9 +73,11 @@ class KernelLog:
         self.path = path
         self.boot = time.monotonic_ns()
         self.serial = 0
+        self.lines = 0  # printk lines so far, written or not
 
     def kernel(self, text: str) -> None:
         """One printk line; ``text`` carries its prefix (``ima: …``)."""
+        self.lines += 1
         if self.path is None:
             return
         secs, nsecs = divmod(time.monotonic_ns() - self.boot, 10**9)

@@ -179,6 +179,7 @@ class Passthrough:
 
     def attributes_changed(self, key: tuple[int, int], st: os.stat_result) -> None:
         """A setattr through the mount: the open handles of the inode see it."""
+        self.measurer.cache.changed()  # the owner, group and mode are in hook decisions
         for h in self.handles.values():
             if h.file.key == key:
                 h.file.st = st
@@ -532,14 +533,18 @@ class MeasuredFs:
             raise pyfuse3.FUSEError(denied)
         return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT))
 
-    async def hook(self, nodeid: int, funcs: list[str], mask: int, task: Task, flags: int) -> list[dict]:
+    async def hook(self, nodeid: int, funcs: list[str], mask: int, task: Task,
+                   flags: int) -> tuple[list[dict], bool]:
         """A hook FUSE does not see (mmap, finit_module, kexec_file_load: see
         imafs/supervise.py) on a file of a measured mount, reached by its node
         id (the st_ino the task's descriptor shows), for ``task``, whose
         descriptor was opened with ``flags``.  The file is the open's: same
         iint, same recorded name; its content is read through a live handle
-        (the task holds the file open), so a later unlink does not matter."""
-        f = await self._hooked_file(nodeid, flags)
+        (the task holds the file open), so a later unlink does not matter.
+        Returns the events, and whether the file was decided on the
+        attributes of an open with no writer (nothing read from the real file
+        but what the hook's work needed: a decision the hook epoch covers)."""
+        f, steady = await self._hooked_file(nodeid, flags)
 
         def steps():  # one path: the hooks of one call run in order, as the kernel's; a denial ends the call
             done = []
@@ -548,22 +553,24 @@ class MeasuredFs:
                 if "denied" in done[-1]:
                     break
             return done
-        return await self.runner.run(steps())
+        return await self.runner.run(steps()), steady
 
     async def mprotect(self, nodeid: int, task: Task) -> int:
         """ima_file_mprotect for a mapping of a file of a measured mount that
         is being made executable: 0 or the errno (EPERM) the call fails with."""
-        f = await self._hooked_file(nodeid, os.O_RDONLY)
+        f, _ = await self._hooked_file(nodeid, os.O_RDONLY)
         return self.pt.measurer.file_mprotect(f, task)
 
-    async def _hooked_file(self, nodeid: int, flags: int) -> OpenedFile:
-        """The file of a hook the supervisor reports, by its node id."""
+    async def _hooked_file(self, nodeid: int, flags: int) -> tuple[OpenedFile, bool]:
+        """The file of a hook the supervisor reports, by its node id, and
+        whether its attributes are those of an open with no writer."""
         node = self.pt.nodes.get(nodeid)
         if node is None:
             raise RequestError(f"hook: no file of a measured mount has node {nodeid}")
         name, path = node.mount.recorded(node), self.pt.path(node)
         h = self.pt.alive(node)
-        if h is not None and not self.pt.measurer.cache.counts(node.key)[1]:
+        steady = h is not None and not self.pt.measurer.cache.counts(node.key)[1]
+        if steady:
             # an open of the inode and no writer: its attributes are those of the open, kept up to
             # date by setattr; no stat in a worker thread
             st, fs = h.file.st, h.file.fs
@@ -573,7 +580,7 @@ class MeasuredFs:
         if not stat.S_ISREG(st.st_mode):
             raise RequestError(f"hook: node {nodeid} is not a regular file")
         return OpenedFile(key=node.key, name=name, st=st, fs=fs, flags=flags & ~FMODE_EXEC,
-                          fd=h.fd if h else None, path=os.fsdecode(path))
+                          fd=h.fd if h else None, path=os.fsdecode(path)), steady
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         """From the page cache on the loop if it is all there (RWF_NOWAIT

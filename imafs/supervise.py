@@ -52,10 +52,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import seccomp
 
 from .control import Client, ControlError
+from .epoch import EpochView
 from .passthrough import FIRST_NODE
 from .profile import Profile
 
@@ -85,6 +87,7 @@ UTS_FIELD = 65  # __NEW_UTS_LEN + 1
 CLONE_NEWUTS = 0x04000000
 SLOTS = 16  # notifications answered at once
 SWEEP = 64  # ids after the last recorded one that a dying supervisor may have received
+QUIET_ANSWERS = 4096  # file hooks' quiet answers kept at most (imafs/epoch.py)
 
 HOOKED = ("mmap", "mprotect", "uname", "add_key", "request_key", "keyctl", "finit_module", "kexec_file_load")
 ARCH = seccomp.Arch.NATIVE
@@ -250,11 +253,21 @@ def _read_proc(pid: int, name: str) -> bytes:
         os.close(fd)
 
 
-def _task(pid: int) -> dict:
+def _creds(status: dict[bytes, list[bytes]]) -> tuple[bytes, ...]:
+    """What of a task's status a file hook's decision depends on: its ids
+    and capabilities (the comm, pid and audit identity only go into what it
+    records and logs)."""
+    try:
+        return (*status[b"Uid"][:3], *status[b"Gid"][:3], status[b"CapEff"][0])
+    except (KeyError, IndexError):
+        raise TargetGone from None
+
+
+def _task(pid: int, status: dict[bytes, list[bytes]] | None = None) -> dict:
     """The task's credentials and audit identity, read here: the daemon's
     PID namespace may not be ours (imafs run --mount), so it gets the values,
     not the pid to look up (measure.Task.reported)."""
-    status = _status(pid)
+    status = status or _status(pid)
     try:
         uid, gid = [int(x) for x in status[b"Uid"][:3]], [int(x) for x in status[b"Gid"][:3]]
         name = status.get(b"Name", [b"\\"])[0]
@@ -493,6 +506,8 @@ class Hooks:
         self.fuse_dev = fuse_dev
         self.release = release
         self._by_nr = {NR[name]: getattr(self, name) for name in HOOKED}
+        self._epoch: EpochView | None = None  # the daemon's hook epoch, once opened
+        self._quiet: dict[tuple, int] = {}  # a file hook's question -> the epoch its quiet answer holds for
 
     def answer(self, listener: int, n: Notification) -> None:
         """Answer ``n``; whatever fails, the call continues."""
@@ -531,15 +546,34 @@ class Hooks:
         flags = _fd_flags(n.pid, fd)
         if flags is None or flags & O_PATH:  # fdget() refuses an O_PATH descriptor: EBADF, no hook
             return None
-        task = _task(n.pid)
+        status = _status(n.pid)
+        question = (node, flags, mask, *funcs, *_creds(status))
+        epoch = self._epoch_now()
+        if epoch is not None and self._quiet.get(question) == epoch:
+            return None  # asked at this epoch: nothing to record, log or refuse (imafs/epoch.py)
+        task = _task(n.pid, status)
         if not id_valid(listener, n.id):
             return None
         try:
-            events = self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)["events"]
+            answer = self.client.call("hook", node=node, task=task, funcs=funcs, mask=mask, flags=flags)
         except ControlError as e:
             log.warning("hook %s of task %d: %s", ",".join(funcs), n.pid, e)
             return None
-        return next((e["denied"] for e in events if "denied" in e), None)
+        if "epoch" in answer:
+            if len(self._quiet) >= QUIET_ANSWERS:
+                self._quiet.clear()
+            self._quiet[question] = answer["epoch"]
+        return next((e["denied"] for e in answer["events"] if "denied" in e), None)
+
+    def _epoch_now(self) -> int | None:
+        """The daemon's hook epoch; None if it has none to read (then every
+        file hook asks)."""
+        if self._epoch is None:
+            try:
+                self._epoch = EpochView(Path(self.client.path).with_suffix(".epoch"))
+            except OSError:
+                return None
+        return self._epoch.read()
 
     def _measure_buffer(self, func: str, name: str, data: bytes, **kw) -> None:
         try:

@@ -441,17 +441,22 @@ def hooks(root: Path, n: int = 1_000_000) -> dict:
     """System calls per call, bare and under the seccomp filter of
     imafs/supervise.py: calls it does not stop (getpid, read, mmap without
     PROT_EXEC) and calls it stops (uname; mmap PROT_EXEC of a file outside
-    any measured mount and of one under DST, already measured)."""
+    any measured mount; of one under DST, already measured, which the
+    supervisor answers alone once the daemon said it changes nothing
+    (imafs/epoch.py); and of one under DST that another process holds open
+    for write, which the daemon is asked about each time)."""
     from imafs import supervise
     exe = root / "hookbench"
     subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "hookbench.c")], check=True)
     src, dst, mp = root / "hsrc", root / "hdst", root / "hmp"
     for d in (src, dst, mp):
         d.mkdir()
-    (src / "lib.so").write_bytes(b"\x7fELF" + bytes(8188))
+    for name in ("lib.so", "busy.so"):
+        (src / name).write_bytes(b"\x7fELF" + bytes(8188))
     (root / "outside.so").write_bytes(b"\x7fELF" + bytes(8188))
-    argv = [str(exe), str(n), str(root / "outside.so"), str(dst / "lib.so")]
+    argv = [str(exe), str(n), str(root / "outside.so"), str(dst / "lib.so"), str(dst / "busy.so")]
     imafs("mount", mp, "--set", "ima_policy=tcb", "--measure", f"{src}:{dst}")
+    busy = os.open(dst / "busy.so", os.O_WRONLY)  # a writer: no answer about it is kept
     try:
         runs = {"bare": [], "filtered": []}
         for _ in range(3):
@@ -461,6 +466,7 @@ def hooks(root: Path, n: int = 1_000_000) -> dict:
             s.wait(60)
             runs["filtered"].append(json.loads(out))
     finally:
+        os.close(busy)
         imafs("umount", mp)
     best = {k: {op: min(r[op] for r in v) for op in v[0]} for k, v in runs.items()}
     ns = {op: {"bare_ns": best["bare"][op], "filtered_ns": best["filtered"][op]} for op in best["bare"]}

@@ -1,7 +1,7 @@
 /* Per-call cost of system calls, for scripts/bench.py's "hooks" section:
  * run once bare and once under imafs's seccomp filter.  Prints JSON:
  * nanoseconds per call of each loop.
- *   hookbench N FILE_OUTSIDE FILE_MEASURED */
+ *   hookbench N FILE_OUTSIDE FILE_MEASURED FILE_ASKED */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdio.h>
@@ -30,7 +30,7 @@ int main(int argc, char **argv)
 {
 	long n = atol(argv[1]), stopped = n / 100 ? n / 100 : 1;
 	int first = 1, zero = open("/dev/zero", O_RDONLY);
-	int outside = open(argv[2], O_RDONLY), measured = open(argv[3], O_RDONLY);
+	int outside = open(argv[2], O_RDONLY), measured = open(argv[3], O_RDONLY), asked = open(argv[4], O_RDONLY);
 	char c;
 	struct utsname u;
 	void *p;
@@ -43,6 +43,7 @@ int main(int argc, char **argv)
 	LOOP("uname", stopped, uname(&u));
 	LOOP("mmap_exec_outside_munmap", stopped, p = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, outside, 0); munmap(p, 4096));
 	LOOP("mmap_exec_measured_munmap", stopped, p = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, measured, 0); munmap(p, 4096));
+	LOOP("mmap_exec_asked_munmap", stopped, p = mmap(NULL, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE, asked, 0); munmap(p, 4096));
 	printf("}\n");
 	return 0;
 }

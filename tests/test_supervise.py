@@ -373,6 +373,81 @@ def test_threads_map_at_once(measured):
     assert sorted(entries(m)) == sorted(ng_line(f"{dst}/lib{i}.so", b"lib %d\n" % i) for i in range(8))
 
 
+class Mapper:
+    """A uid-1000 task under the filter that maps a file executable each
+    time it is told to, with a fresh open: one long-lived supervisor
+    answers all of its calls."""
+
+    PROG = ("import mmap, sys\n"
+            "for path in sys.stdin:\n"
+            "    with open(path.rstrip('\\n'), 'rb') as f:\n"
+            "        mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ | mmap.PROT_EXEC).close()\n"
+            "    print('ok', flush=True)\n")
+
+    def __init__(self, m):
+        self.s = supervise.spawn([*SETPRIV_1000, "/usr/bin/python3", "-c", self.PROG], str(m.path),
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def map(self, path) -> None:
+        self.s.process.stdin.write(f"{path}\n")
+        self.s.process.stdin.flush()
+        assert self.s.process.stdout.readline() == "ok\n"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The task ends with its input; killed if the test failed first."""
+        p = self.s.process
+        if exc[0] is not None:
+            p.kill()
+        p.stdin.close()
+        assert p.wait(30) == 0 or exc[0] is not None
+        self.s.wait(30)
+
+
+def mmap_events(m) -> int:
+    return sum(e["func"] == "MMAP_CHECK" for e in m.client.call("status")["last_events"])
+
+
+def test_quiet_mmap_answers_are_kept_until_something_changes(measured):
+    """The supervisor keeps the daemon's quiet answer to an mmap (nothing
+    recorded, logged or refused) while the hook epoch stands still, and asks
+    again after each change the decision depends on: a policy update, a
+    write through the mount, an owner change (fowner=), a reboot."""
+    m, src, dst = measured("write_policy=true")
+    lib = dst / "lib.so"
+    lib.write_bytes(b"v1\n")
+    write_policy(m, "measure func=FILE_CHECK mask=MAY_READ uid=0")  # no MMAP_CHECK rule yet
+    with Mapper(m) as mapper:
+        mapper.map(lib)
+        asked = mmap_events(m)
+        assert asked == 1 and entries(m) == []
+        for _ in range(10):
+            mapper.map(lib)
+        assert mmap_events(m) == asked  # answered by the supervisor alone
+        write_policy(m, "measure func=MMAP_CHECK mask=MAY_EXEC fowner=1000")
+        mapper.map(lib)
+        assert entries(m) == []  # root's file
+        os.chown(lib, 1000, 1000)  # an owner change through the mount
+        mapper.map(lib)
+        mapper.map(lib)  # measured once, then quiet again
+        assert entries(m) == [ng_line(str(lib), b"v1\n")]
+        os.chown(lib, 0, 0)
+        mapper.map(lib)  # no rule: quiet
+        write_policy(m, "measure func=MMAP_CHECK mask=MAY_EXEC pcr=11")  # a policy update
+        mapper.map(lib)
+        assert entries(m)[1:] == [ng_line(str(lib), b"v1\n", pcr=11)]
+        with open(lib, "r+b") as f:  # a write through the mount: the last writer's close resets the iint
+            f.write(b"v2")
+        mapper.map(lib)
+        assert entries(m)[2:] == [ng_line(str(lib), b"v2\n", pcr=11)]
+        m.cli("reboot")  # a new kernel: the tcb policy measures the mapping again
+        mapper.map(lib)
+        assert entries(m) == [ng_line(str(lib), b"v2\n")]
+        assert mmap_events(m) > asked
+
+
 # -- fail safe, hostile targets ------------------------------------------------------------------
 def test_supervisor_killed_calls_continue(measured, hookcalls):
     m, src, dst = measured()
