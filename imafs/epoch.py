@@ -11,16 +11,20 @@ kernel's own fast path, where process_measurement finds the iint's work
 done under the inode's lock and returns.
 
 The file holds the counter twice, the second copy inverted, written in one
-piece: a reader that ever sees the two disagree (a torn read) takes the
-epoch as unknown and asks the daemon.
+``pwrite``: a reader that ever sees the two disagree (a torn read) takes the
+epoch as unknown and asks the daemon.  Both sides use plain reads and writes,
+not a shared mapping: a file that someone truncates cannot fault either of
+them (SIGBUS), it only reads as unknown until the next bump writes it again.
 """
 
 from __future__ import annotations
 
-import mmap
+import logging
 import os
 import struct
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _PAIR = struct.Struct("<QQ")
 _MASK = (1 << 64) - 1
@@ -32,35 +36,39 @@ class Epoch:
     def __init__(self):
         self.value = 0
         self.path: Path | None = None
-        self._map: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def bump(self) -> None:
         self.value += 1
-        if self._map is not None:
-            self._map[:_PAIR.size] = _PAIR.pack(self.value, self.value ^ _MASK)  # one memcpy
+        if self._fd is not None:
+            self._write(self.value ^ _MASK)
+
+    def _write(self, check: int) -> None:
+        try:
+            os.pwrite(self._fd, _PAIR.pack(self.value, check), 0)
+        except OSError as e:  # readers must not keep the old epoch: a short read is unknown to them
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                log.error("hook epoch %s: cannot write it (%s) nor empty it", self.path, e.strerror)
 
     def share(self, path: Path) -> None:
         """Publish the counter at ``path`` (mode 0644: anyone who may reach
         the control socket's directory may read it; it tells nothing but a
         number), created under a private name and renamed into place."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.fchmod(fd, 0o644)
-            os.ftruncate(fd, _PAIR.size)
-            self._map = mmap.mmap(fd, _PAIR.size)
-        finally:
-            os.close(fd)
+        self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        os.fchmod(self._fd, 0o644)
         self.path = path
         self.bump()
         os.replace(tmp, path)
 
     def close(self) -> None:
-        """Unpublish: a reader still mapping the file reads no epoch from now on."""
-        if self._map is not None:
-            self._map[:_PAIR.size] = _PAIR.pack(self.value, self.value)
-            self._map.close()
-            self._map = None
+        """Unpublish: a reader still holding the file reads no epoch from now on."""
+        if self._fd is not None:
+            self._write(self.value)  # a pair that does not check
+            os.close(self._fd)
+            self._fd = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
@@ -70,13 +78,12 @@ class EpochView:
     """A reader's view of a published epoch (the supervisor's)."""
 
     def __init__(self, path: Path):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self._map = mmap.mmap(fd, _PAIR.size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
     def read(self) -> int | None:
-        """The epoch now; None if the read was torn."""
-        value, check = _PAIR.unpack(self._map[:_PAIR.size])
+        """The epoch now; None if unknown (a torn or short read)."""
+        data = os.pread(self._fd, _PAIR.size, 0)
+        if len(data) != _PAIR.size:
+            return None
+        value, check = _PAIR.unpack(data)
         return value if value ^ check == _MASK else None

@@ -36,6 +36,21 @@ def test_a_torn_pair_reads_as_unknown(tmp_path):
     assert view.read() == 2
 
 
+def test_a_truncated_file_reads_as_unknown_until_the_next_bump(tmp_path):
+    """Someone empties the file: neither side faults (no shared mapping), the
+    reader asks the daemon, the next bump publishes again."""
+    path = tmp_path / "x.epoch"
+    e = Epoch()
+    e.share(path)
+    view = EpochView(path)
+    os.truncate(path, 0)
+    assert view.read() is None
+    e.bump()
+    assert view.read() == 2
+    os.truncate(path, 3)
+    assert view.read() is None
+
+
 def test_the_iint_cache_calls_changed_on_each_change_and_only_then():
     calls = []
     cache = IintCache(limit=2, changed=lambda: calls.append(1))
